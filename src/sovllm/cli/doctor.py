@@ -1,0 +1,37 @@
+"""`sovllm doctor`: environment, bundled model and sovereignty checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+_STYLE = {"ok": "green", "warn": "yellow", "fail": "red"}
+
+
+def doctor(
+    directory: Path = typer.Argument(Path("."), help="Project folder whose sovllm.yaml to check (optional)."),
+    set_: list[str] = typer.Option([], "--set", help="Config override, as for 'sovllm run'."),
+) -> None:
+    """Check versions, CPU/GPU, disk, the bundled model and endpoints outside the allow-list."""
+    from sovllm.doctor import run_checks
+
+    checks = run_checks(directory, tuple(set_))
+    table = Table(title="sovllm doctor")
+    table.add_column("check")
+    table.add_column("status")
+    table.add_column("detail", overflow="fold")
+    for check in checks:
+        table.add_row(check.name, f"[{_STYLE[check.status]}]{check.status}[/]", check.detail)
+    console.print(table)
+    failed = [c.name for c in checks if c.status == "fail"]
+    if failed:
+        console.print(f"[red]{len(failed)} check(s) failed:[/] {', '.join(failed)}")
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(doctor)

