@@ -157,8 +157,8 @@ def _check(kind: str, host, port=None) -> None:
     port = port if isinstance(port, int) or port is None else str(port)
     _record(kind, host, port, allowed)
     if not allowed:
-        raise EgressBlockedError(host, port if isinstance(port, int) else None,
-                                 action="name lookup" if kind == "lookup" else kind)
+        action = "name lookup" if kind == "lookup" and ip is None else ("send" if kind == "send" else "connection")
+        raise EgressBlockedError(host, port if isinstance(port, int) else None, action=action)
 
 
 def _check_address(kind: str, address) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
 
 from sovllm import __version__, egress
@@ -54,20 +53,15 @@ _register()
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: runs the app, printing sovllm errors as `error: ...` lines."""
+    """Console entry point: runs the app, printing sovllm errors as `error: ...` lines.
+
+    Usage errors, --help and Ctrl-C are handled by typer (standalone mode); sovllm's own errors
+    become one line per problem on stderr and the error's exit code, never a traceback.
+    """
     guard()
     try:
-        result = app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="sovllm")
     except SovllmError as exc:
         for line in exc.lines():
             print(f"error: {line}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(result if isinstance(result, int) else 0)

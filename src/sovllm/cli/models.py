@@ -26,8 +26,10 @@ def list_(as_json: bool = typer.Option(False, "--json", help="Print JSON instead
         table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(row["name"], "yes" if row["installed"] else f"no: {row['install']}",
-                      "yes" if row["prepared"] else "no", (row["base_id"] or "-")[:16], f"{row['summary']}; {row['note']}")
+                      "yes" if row["prepared"] else "no", (row["base_id"] or "-")[:16], row["summary"])
     console.print(table)
+    for row in rows:
+        console.print(f"note: {row['name']} is {row['note']}")
 
 
 @app.command()

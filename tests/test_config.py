@@ -1,0 +1,110 @@
+"""Config loading: strict keys with suggestions, all problems at once, dotted overrides."""
+
+from __future__ import annotations
+
+import pytest
+
+from sovllm.config import Config, load_config
+from sovllm.errors import ConfigError
+from sovllm.project import init_project, render_template
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "sovllm.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults_without_a_file():
+    cfg = load_config(None)
+    assert cfg.ingest.chunk_size == 512 and cfg.ingest.chunk_overlap == 64
+    assert cfg.model.base == "smollm2-135m-instruct" and cfg.egress.allow == []
+
+
+def test_init_template_is_commented_and_equals_the_defaults(tmp_path):
+    path = init_project(tmp_path / "acme")
+    text = path.read_text()
+    assert text.count("#") > 10 and (tmp_path / "acme" / "documents").is_dir()
+    loaded = load_config(path)
+    expected = Config()
+    expected.project.name = "acme"
+    assert loaded == expected
+
+
+def test_init_refuses_to_overwrite(tmp_path):
+    init_project(tmp_path)
+    with pytest.raises(ConfigError, match="already exists.*--force"):
+        init_project(tmp_path)
+    init_project(tmp_path, force=True)
+
+
+def test_unknown_key_names_key_file_line_and_closest_key(tmp_path):
+    path = write(tmp_path, "project:\n  name: x\ningest:\n  chunk_size: 256\n  chunk_sise: 300\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [f"{path}:5: ingest.chunk_sise: unknown key; did you mean 'chunk_size'?"]
+
+
+def test_unknown_section_suggests_section(tmp_path):
+    path = write(tmp_path, "modle:\n  base: x\n")
+    with pytest.raises(ConfigError, match=r"sovllm.yaml:1: modle: unknown key; did you mean 'model'\?"):
+        load_config(path)
+
+
+def test_all_problems_are_reported_at_once(tmp_path):
+    path = write(tmp_path, (
+        "ingest:\n  chunk_size: big\n  chunk_overlap: -1\n"
+        "egress:\n  allow: [https://vllm.internal]\n"
+        "endpoint:\n  base_url: ftp://x\n"
+        "extra_section: 1\n"
+    ))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    problems = info.value.problems
+    assert len(problems) == 5, problems
+    joined = "\n".join(problems)
+    for fragment in (":2: ingest.chunk_size", ":3: ingest.chunk_overlap", ":5: egress.allow",
+                     "is a URL; list only its host name", ":7: endpoint.base_url", ":8: extra_section"):
+        assert fragment in joined
+    assert str(info.value).startswith(f"{path}: 5 config problems")
+
+
+def test_overrides_are_typed_and_validated(tmp_path):
+    path = write(tmp_path, "ingest:\n  chunk_size: 256\n")
+    cfg = load_config(path, ["ingest.chunk_size=128", "egress.allow=[vllm.internal, 10.0.0.0/8]"])
+    assert cfg.ingest.chunk_size == 128
+    assert cfg.egress.allow == ["vllm.internal", "10.0.0.0/8"]
+    with pytest.raises(ConfigError, match=r"--set: ingest.chunk_sise: unknown key; did you mean 'chunk_size'"):
+        load_config(path, ["ingest.chunk_sise=1"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(path, ["ingest.chunk_size"])
+    with pytest.raises(ConfigError, match="'chunk_size' is not a section"):
+        load_config(path, ["ingest.chunk_size.x=1"])
+
+
+def test_cross_field_rule_and_invalid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="chunk_overlap \\(512\\) must be smaller than chunk_size"):
+        load_config(write(tmp_path, "ingest:\n  chunk_overlap: 512\n"))
+    with pytest.raises(ConfigError, match=r"sovllm.yaml:2: invalid YAML"):
+        load_config(write(tmp_path, "ingest:\n\tchunk_size: 1\n"))
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match="no such config file.*sovllm init"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_endpoints_outside_allow_list():
+    cfg = load_config(None, ["endpoint.base_url=http://vllm.internal:8000/v1"])
+    assert cfg.endpoints_outside_allow_list() == {"endpoint.base_url": "http://vllm.internal:8000/v1"}
+    cfg = load_config(None, ["endpoint.base_url=http://vllm.internal:8000/v1", "egress.allow=[vllm.internal]"])
+    assert cfg.endpoints_outside_allow_list() == {}
+    assert load_config(None, ["endpoint.base_url=http://127.0.0.1:8000/v1"]).endpoints_outside_allow_list() == {}
+
+
+def test_config_hash_is_stable_and_sensitive():
+    assert Config().hash() == load_config(None).hash()
+    assert Config().hash() != load_config(None, ["ingest.chunk_size=256"]).hash()
+
+
+def test_template_sanitises_project_name():
+    assert "name: my-docs" in render_template("my docs")

@@ -1,0 +1,232 @@
+"""The sovereignty guard, tested with loopback stand-ins only: 127.0.0.2 plays a forbidden outside
+host, 127.0.0.3 an allow-listed one. No test sends traffic beyond this machine even if the guard
+were broken."""
+
+from __future__ import annotations
+
+import _socket
+import json
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+
+import httpx
+import pytest
+
+from sovllm import egress
+from sovllm.errors import EgressBlockedError
+
+
+class Listener:
+    """A TCP listener that records every connection it accepts and the first bytes sent."""
+
+    def __init__(self, host: str):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(8)
+        self.sock.settimeout(0.2)
+        self.host, self.port = self.sock.getsockname()
+        self.received: list[bytes] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self):
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            with conn:
+                conn.settimeout(1)
+                try:
+                    self.received.append(conn.recv(100))
+                except OSError:
+                    self.received.append(b"")
+
+    def close(self) -> list[bytes]:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+        return self.received
+
+
+@pytest.fixture
+def outside():
+    listener = Listener("127.0.0.2")
+    yield listener
+    listener.close()
+
+
+@pytest.fixture
+def allowed_host():
+    listener = Listener("127.0.0.3")
+    yield listener
+    listener.close()
+
+
+@pytest.fixture
+def resolver_calls(monkeypatch):
+    """Patch the real resolver under socket.getaddrinfo; record every host it is asked for."""
+    calls = []
+
+    def spy(host, port, *args, **kwargs):
+        calls.append(host)
+        if host in ("intranet.test",):  # the stand-in DNS answer for an allow-listed name
+            return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.3", int(port or 0)))]
+        raise socket.gaierror(socket.EAI_NONAME, "stand-in resolver: no such host")
+
+    monkeypatch.setattr(_socket, "getaddrinfo", spy)
+    return calls
+
+
+def test_outside_listener_gets_nothing_and_caller_gets_sovllm_error(outside):
+    egress.install([])
+    with pytest.raises(EgressBlockedError) as info:
+        socket.create_connection((outside.host, outside.port), timeout=2)
+    message = str(info.value)
+    assert "127.0.0.2" in message and "egress.allow" in message
+    assert not isinstance(info.value, ConnectionRefusedError)
+    with pytest.raises(EgressBlockedError):  # a raw connect, bypassing create_connection's lookup
+        socket.socket().connect((outside.host, outside.port))
+    with pytest.raises(httpx.ConnectError, match="egress blocked.*127.0.0.2.*egress.allow"):
+        httpx.get(f"http://127.0.0.2:{outside.port}/v1/models", timeout=2)
+    assert outside.close() == []
+    blocked = [e for e in egress.events() if not e["allowed"]]
+    assert {(e["host"], e["port"]) for e in blocked} == {("127.0.0.2", outside.port)}
+
+
+def test_udp_send_to_outside_host_is_blocked():
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.2", 0))
+    receiver.settimeout(0.3)
+    egress.install([])
+    with pytest.raises(EgressBlockedError):
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", receiver.getsockname())
+    with pytest.raises(TimeoutError):
+        receiver.recv(10)
+    receiver.close()
+
+
+@pytest.mark.parametrize("address", ["127.0.0.2", "127.1.2.3", "::ffff:127.0.0.2", "10.0.0.1", "0.0.0.0"])
+def test_rest_of_loopback_and_private_ranges_are_not_allowed(address):
+    assert not egress.Policy([]).allows(address)
+
+
+def test_only_exact_loopback_hosts_are_allowed_by_default():
+    policy = egress.Policy([])
+    assert policy.allows("127.0.0.1") and policy.allows("::1") and policy.allows("localhost")
+    assert policy.allows("[::1]") and policy.allows("LOCALHOST.")
+
+
+def test_unlisted_name_triggers_no_dns_lookup(resolver_calls):
+    egress.install([])
+    with pytest.raises(EgressBlockedError, match="name lookup to huggingface.co"):
+        socket.create_connection(("huggingface.co", 443), timeout=2)
+    with pytest.raises(EgressBlockedError):
+        socket.gethostbyname("api.openai.com")
+    with pytest.raises(httpx.ConnectError, match="egress blocked"):
+        httpx.get("https://huggingface.co/api/models", timeout=2)
+    assert resolver_calls == []
+    # Control: an allow-listed name does reach the (patched) resolver, so the spy is in the path.
+    egress.install(["intranet.test"])
+    socket.getaddrinfo("intranet.test", 80)
+    assert resolver_calls == ["intranet.test"]
+
+
+def test_allow_listed_host_is_reached_and_recorded(allowed_host):
+    egress.install(["127.0.0.3"])
+    with socket.create_connection((allowed_host.host, allowed_host.port), timeout=2) as conn:
+        conn.sendall(b"hello")
+    assert allowed_host.close() == [b"hello"]
+    assert {"kind": "connection", "host": "127.0.0.3", "port": allowed_host.port, "allowed": True}.items() <= \
+        egress.events()[-1].items()
+
+
+def test_allow_listed_name_allows_the_addresses_it_resolves_to(allowed_host, resolver_calls):
+    egress.install(["intranet.test"])
+    with socket.create_connection(("intranet.test", allowed_host.port), timeout=2) as conn:
+        conn.sendall(b"by-name")
+    assert allowed_host.close() == [b"by-name"]
+
+
+def test_cidr_and_wildcard_entries():
+    policy = egress.Policy(["127.0.0.0/30", "*.corp.example", "vllm.internal"])
+    assert policy.allows("127.0.0.2") and not policy.allows("127.0.0.5")
+    assert policy.allows("gpu1.corp.example") and not policy.allows("corp.example.evil.com")
+    assert policy.allows("VLLM.internal") and not policy.allows("vllm.internal.evil.com")
+
+
+@pytest.mark.parametrize("entry", ["https://vllm.internal", "not a host!", "", "10.0.0.0/99"])
+def test_invalid_allow_entries_are_rejected(entry):
+    with pytest.raises(ValueError):
+        egress.Policy([entry])
+
+
+def test_install_sets_offline_and_telemetry_opt_outs(monkeypatch):
+    egress.install(["127.0.0.3"])
+    import os
+
+    for key, value in egress.PRIVACY_ENV.items():
+        assert os.environ[key] == value
+    assert json.loads(os.environ[egress.ENV_ALLOW]) == ["127.0.0.3"]
+
+
+CHILD = textwrap.dedent("""
+    import _socket, json, os, socket, sys
+    out = {"allow": os.environ.get("SOVLLM_EGRESS_ALLOW"), "hf_offline": os.environ.get("HF_HUB_OFFLINE")}
+    try:
+        socket.create_connection(("127.0.0.2", int(sys.argv[1])), timeout=2)
+        out["outside"] = "connected"
+    except Exception as exc:
+        out["outside"] = f"{type(exc).__name__}: {exc}"
+    calls, real = [], _socket.getaddrinfo
+    _socket.getaddrinfo = lambda *a, **k: calls.append(a[0])
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=2)
+    except Exception as exc:
+        out["name"] = type(exc).__name__
+    _socket.getaddrinfo = real
+    out["resolver_calls"] = calls
+    with socket.create_connection(("127.0.0.3", int(sys.argv[2])), timeout=2) as conn:
+        conn.sendall(b"child")
+    out["allowed"] = "sent"
+    print(json.dumps(out))
+""")
+
+
+def test_child_processes_are_guarded_too(outside, allowed_host, tmp_path, monkeypatch):
+    log = tmp_path / "egress.jsonl"
+    monkeypatch.setenv(egress.ENV_LOG, str(log))
+    egress.install(["127.0.0.3"])
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(outside.port), str(allowed_host.port)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["outside"].startswith("EgressBlockedError: egress blocked")
+    assert "egress.allow" in out["outside"]
+    assert out["name"] == "EgressBlockedError" and out["resolver_calls"] == []
+    assert out["allowed"] == "sent" and out["hf_offline"] == "1"
+    assert outside.close() == []
+    assert allowed_host.close() == [b"child"]
+    child_events = [e for e in egress.read_log(log) if e["pid"] != __import__("os").getpid()]
+    assert any(e["host"] == "127.0.0.2" and not e["allowed"] for e in child_events)
+    assert any(e["host"] == "127.0.0.3" and e["allowed"] for e in child_events)
+
+
+def test_sovllm_cli_process_refuses_outside_host(outside, allowed_host, tmp_path):
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "sovllm.yaml").write_text("egress:\n  allow: [127.0.0.3]\n")
+    cli = [sys.executable, "-m", "sovllm", "egress", "check", "--project", str(project), "--connect"]
+    blocked = subprocess.run([*cli, f"127.0.0.2:{outside.port}"], capture_output=True, text=True, timeout=60)
+    assert blocked.returncode == 3
+    assert blocked.stderr.startswith("error: egress blocked") and "egress.allow" in blocked.stderr
+    assert len(blocked.stderr.strip().splitlines()) == 1
+    reached = subprocess.run([*cli, f"127.0.0.3:{allowed_host.port}"], capture_output=True, text=True, timeout=60)
+    assert reached.returncode == 0, reached.stderr
+    assert outside.close() == []
+    assert len(allowed_host.close()) == 1
