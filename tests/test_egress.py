@@ -230,3 +230,26 @@ def test_sovllm_cli_process_refuses_outside_host(outside, allowed_host, tmp_path
     assert reached.returncode == 0, reached.stderr
     assert outside.close() == []
     assert len(allowed_host.close()) == 1
+
+
+def test_async_and_openai_clients_get_the_egress_error(outside):
+    import asyncio
+
+    import openai
+
+    egress.install([])
+
+    async def fetch():
+        async with httpx.AsyncClient() as client:
+            await client.get(f"http://127.0.0.2:{outside.port}/v1/models", timeout=2)
+
+    # anyio reports "All connection attempts failed"; the egress error is kept as the cause.
+    with pytest.raises(httpx.ConnectError) as info:
+        asyncio.run(fetch())
+    assert "127.0.0.2" in str(egress.explain(info.value)) and "egress.allow" in str(egress.explain(info.value))
+    client = openai.OpenAI(base_url=f"http://127.0.0.2:{outside.port}/v1", api_key="k", max_retries=0)
+    with pytest.raises(openai.APIConnectionError) as info:
+        client.models.list()
+    assert egress.explain(info.value).host == "127.0.0.2"
+    assert egress.explain(RuntimeError("unrelated")) is None
+    assert outside.close() == []

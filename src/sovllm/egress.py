@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 
-from sovllm.errors import EgressBlockedError  # noqa: F401 - re-exported
+from sovllm.errors import EgressBlockedError
 
 ENV_ALLOW = "SOVLLM_EGRESS_ALLOW"
 ENV_LOG = "SOVLLM_EGRESS_LOG"
@@ -266,6 +266,25 @@ def uninstall() -> None:
 def active_policy() -> Policy | None:
     """The policy in force, or None when the guard is not installed."""
     return _policy
+
+
+def explain(exc: BaseException | None) -> EgressBlockedError | None:
+    """The EgressBlockedError behind a wrapped network error, if any.
+
+    Async clients (anyio, hence httpx.AsyncClient and openai.AsyncOpenAI) report "All connection
+    attempts failed" and keep the real reason as the cause; sovllm's clients use this to show it.
+    """
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, EgressBlockedError):
+            return current
+        stack.extend([current.__cause__, current.__context__, *getattr(current, "exceptions", ())])
+    return None
 
 
 def mark() -> int:
