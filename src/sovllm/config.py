@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 import typing
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -89,6 +90,16 @@ class EndpointSection(Section):
 class IngestSection(Section):
     chunk_size: int = Field(512, ge=32, le=8192)
     chunk_overlap: int = Field(64, ge=0)
+    languages: list[str] = Field(default_factory=lambda: ["en", "de", "fr", "es", "it", "nl", "pt", "pl"])
+    quick_documents: int = Field(4, ge=1, description="documents ingested under --quick")
+
+    @field_validator("languages")
+    @classmethod
+    def _iso_codes(cls, codes: list[str]) -> list[str]:
+        for code in codes:
+            if not re.fullmatch(r"[a-z]{2,3}", code):
+                raise ValueError(f"'{code}' is not an ISO 639-1 language code such as en or de")
+        return codes
 
     @model_validator(mode="after")
     def _overlap_below_size(self) -> "IngestSection":

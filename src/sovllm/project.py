@@ -46,7 +46,9 @@ endpoint:
 
 ingest:
   chunk_size: 512           # tokens of the base model's tokenizer
-  chunk_overlap: 64
+  chunk_overlap: 64         # tokens repeated from the previous chunk of the same section
+  languages: [en, de, fr, es, it, nl, pt, pl]   # languages the detector may choose from
+  quick_documents: 4        # documents ingested by 'sovllm run --quick'
 """
 
 

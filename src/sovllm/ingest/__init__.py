@@ -1,0 +1,1 @@
+"""Ingestion: documents (Markdown, text, HTML, PDF, DOCX) → structure-aware sections → token-sized chunks."""

@@ -1,0 +1,195 @@
+"""Structure-aware, token-based recursive chunking in linear time.
+
+Each section is tokenised once with character offsets. Token counts of any character span then
+come from a binary search over token start offsets, so the chunker never re-tokenises a growing
+text (the tutorial's chunker did, and was quadratic in the length of a document). A section that
+is too long is split on paragraphs, then lines, sentences, words and finally raw tokens; pieces
+are merged greedily up to the budget; each chunk after the first in a section starts with about
+`overlap` tokens of the previous one, cut at a word boundary. Small neighbouring sections are
+merged into one chunk under their common heading path, with the inner headings kept as lines.
+Finally every chunk is re-tokenised (bounded work per chunk) for its exact `n_tokens`, and a
+chunk that boundary effects pushed over the size is split on tokens.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from dataclasses import dataclass, field
+
+from sovllm.ingest.document import Section
+
+# Separators from coarse to fine; each is a regex whose matches are the places to cut.
+_LEVELS = [
+    re.compile(r"\n\s*\n"),  # paragraphs
+    re.compile(r"\n"),  # lines
+    re.compile(r"(?<=[.!?;:])\s+(?=\S)"),  # sentences
+    re.compile(r"\s+"),  # words
+]
+
+
+@dataclass
+class Chunk:
+    text: str
+    heading_path: list[str]
+    page: int | None
+    n_tokens: int
+    whole_section: bool = False
+    # (heading path, body, tokens) of each whole section merged into this chunk
+    parts: list[tuple[list[str], str, int]] = field(default_factory=list)
+
+
+class _Counter:
+    """Token counts of character spans of one text, from a single tokenisation."""
+
+    def __init__(self, tokenizer, text: str):
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        self.starts = [start for start, _ in encoding["offset_mapping"]]
+        self.ends = [end for _, end in encoding["offset_mapping"]]
+
+    def count(self, a: int, b: int) -> int:
+        return bisect.bisect_left(self.starts, b) - bisect.bisect_left(self.starts, a)
+
+    def offset_back(self, end: int, n_tokens: int) -> int:
+        """Character offset where the last `n_tokens` tokens before `end` begin."""
+        i = bisect.bisect_left(self.starts, end) - n_tokens
+        return self.starts[max(i, 0)] if self.starts else 0
+
+    def token_spans(self, a: int, b: int, size: int) -> list[tuple[int, int]]:
+        lo, hi = bisect.bisect_left(self.starts, a), bisect.bisect_left(self.starts, b)
+        spans = []
+        for i in range(lo, hi, size):
+            j = min(i + size, hi)
+            spans.append((max(self.starts[i], a), b if j == hi else self.starts[j]))
+        return spans
+
+
+def _split(text: str, counter: _Counter, a: int, b: int, budget: int, level: int = 0) -> list[tuple[int, int]]:
+    """Character spans covering [a, b), each within `budget` tokens, cut at the coarsest separators."""
+    if counter.count(a, b) <= budget:
+        return [(a, b)]
+    if level >= len(_LEVELS):
+        return counter.token_spans(a, b, budget)
+    cuts = [m.end() for m in _LEVELS[level].finditer(text, a, b)]
+    pieces, start = [], a
+    for cut in cuts:
+        if cut > start:
+            pieces.append((start, cut))
+            start = cut
+    if start < b:
+        pieces.append((start, b))
+    if len(pieces) <= 1:
+        return _split(text, counter, a, b, budget, level + 1)
+    spans: list[tuple[int, int]] = []
+    current: tuple[int, int] | None = None
+    for piece in pieces:
+        if counter.count(*piece) > budget:
+            if current:
+                spans.append(current)
+                current = None
+            spans.extend(_split(text, counter, piece[0], piece[1], budget, level + 1))
+        elif current and counter.count(current[0], piece[1]) <= budget:
+            current = (current[0], piece[1])
+        else:
+            if current:
+                spans.append(current)
+            current = piece
+    if current:
+        spans.append(current)
+    return spans
+
+
+def _word_start(text: str, offset: int, limit: int) -> int:
+    """Move `offset` forward to the start of a word (never past `limit`)."""
+    if offset <= 0 or text[offset - 1].isspace():
+        return offset
+    match = re.compile(r"\s+").search(text, offset, limit)
+    return match.end() if match else offset
+
+
+def chunk_section(section: Section, tokenizer, size: int, overlap: int) -> list[Chunk]:
+    """Chunks of one section: each ≤ `size` tokens, with ~`overlap` tokens carried over."""
+    text = section.text
+    counter = _Counter(tokenizer, text)
+    total = counter.count(0, len(text))
+    if total <= size:
+        body = text.strip()
+        return [Chunk(body, section.heading_path, section.page_at(0), total, True,
+                      [(section.heading_path, body, total)])] if body else []
+    spans = _split(text, counter, 0, len(text), size - overlap)
+    chunks = []
+    for index, (a, b) in enumerate(spans):
+        start = a
+        if index and overlap:
+            start = _word_start(text, counter.offset_back(a, overlap), a)
+        body = text[start:b].strip()
+        if body:
+            chunks.append(Chunk(body, section.heading_path, section.page_at(a), counter.count(start, b)))
+    return chunks
+
+
+def _common_prefix(paths: list[list[str]]) -> list[str]:
+    prefix = list(paths[0])
+    for path in paths[1:]:
+        n = 0
+        while n < min(len(prefix), len(path)) and prefix[n] == path[n]:
+            n += 1
+        prefix = prefix[:n]
+    return prefix
+
+
+def _merged_text(parts: list[tuple[list[str], str, int]], prefix: list[str]) -> str:
+    blocks = []
+    for path, body, _ in parts:
+        inner = path[len(prefix):]
+        blocks.append(("\n".join(inner) + "\n" + body) if inner else body)
+    return "\n\n".join(blocks)
+
+
+def merge_small_sections(chunks: list[Chunk], tokenizer, size: int) -> list[Chunk]:
+    """Merge runs of whole, small sections into one chunk under their common heading path.
+
+    The merged size is estimated from the parts' token counts plus their inner heading lines
+    (no re-tokenising of the growing text); `chunk_document` measures the result exactly.
+    """
+    merged: list[Chunk] = []
+    for chunk in chunks:
+        last = merged[-1] if merged else None
+        if last is not None and last.whole_section and chunk.whole_section:
+            parts = last.parts + chunk.parts
+            prefix = _common_prefix([path for path, _, _ in parts])
+            estimate = sum(n for _, _, n in parts) + 2 * len(parts)
+            for path, _, _ in parts:
+                inner = path[len(prefix):]
+                if inner:
+                    estimate += len(tokenizer("\n".join(inner), add_special_tokens=False)["input_ids"]) + 1
+            if estimate <= size:
+                merged[-1] = Chunk(_merged_text(parts, prefix), prefix, last.page, estimate, True, parts)
+                continue
+        merged.append(chunk)
+    return merged
+
+
+def chunk_document(sections: list[Section], tokenizer, size: int = 512, overlap: int = 64) -> list[Chunk]:
+    """All chunks of a document, in order, each with its exact token count (never empty)."""
+    if not 0 <= overlap < size:
+        raise ValueError(f"overlap ({overlap}) must be >= 0 and smaller than size ({size})")
+    chunks: list[Chunk] = []
+    for section in sections:
+        chunks.extend(chunk_section(section, tokenizer, size, overlap))
+    chunks = merge_small_sections(chunks, tokenizer, size)
+    exact: list[Chunk] = []
+    for chunk in chunks:
+        n = len(tokenizer(chunk.text, add_special_tokens=False)["input_ids"])
+        if n <= size:
+            chunk.n_tokens = n
+            exact.append(chunk)
+            continue
+        # Token boundaries at a cut can differ from the whole-text tokenisation; split on tokens.
+        counter = _Counter(tokenizer, chunk.text)
+        for a, b in counter.token_spans(0, len(chunk.text), size):
+            body = chunk.text[a:b].strip()
+            if body:
+                n = len(tokenizer(body, add_special_tokens=False)["input_ids"])
+                exact.append(Chunk(body, chunk.heading_path, chunk.page, n))
+    return exact

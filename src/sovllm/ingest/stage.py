@@ -1,0 +1,252 @@
+"""The ingest stage: a documents folder → `chunks.jsonl`, `stats.json` and `manifest.json`.
+
+Files are discovered in sorted order (hidden files and `*.meta.yaml` sidecars excluded), loaded
+by suffix, chunked with the base model's tokenizer and written atomically. A file that cannot be
+used is skipped with a warning naming it and the reason, and listed in the manifest; a folder
+without any usable document is an `InputError` (exit code 2). Exact-duplicate chunks (same text
+after case folding and whitespace normalisation) are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from sovllm.artifacts import StageContext, StageResult, run_stage, sha256_file, write_atomic, write_jsonl
+from sovllm.config import Config
+from sovllm.errors import InputError
+from sovllm.ingest.chunk import chunk_document
+from sovllm.ingest.document import SkipDocument
+from sovllm.ingest.language import detect_language
+from sovllm.ingest.loaders import LOADERS, loader_for
+
+SIDECAR = ".meta.yaml"
+
+
+def doc_id_for(relative_path: str) -> str:
+    """Stable document id: hash of the path relative to the documents folder (POSIX form)."""
+    return hashlib.sha256(relative_path.encode("utf-8")).hexdigest()[:16]
+
+
+def chunk_id_for(doc_id: str, position: int) -> str:
+    """Stable chunk id: the document id and the chunk's position in it (unique by construction)."""
+    return f"{doc_id}-{position:05d}"
+
+
+def discover(folder: Path) -> list[Path]:
+    """Document candidates below `folder`, sorted; hidden entries and sidecars excluded."""
+    if not folder.is_dir():
+        raise InputError(f"{folder}: documents folder not found",
+                         hint="put your files there or set project.documents in sovllm.yaml")
+    found = []
+    for directory, subdirs, files in os.walk(folder):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        for name in files:
+            if not name.startswith(".") and not name.endswith(SIDECAR):
+                found.append(Path(directory) / name)
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def pick_quick(files: list[Path], n: int) -> list[Path]:
+    """A few documents for --quick, round-robin over formats so every loader is exercised."""
+    by_suffix: dict[str, list[Path]] = defaultdict(list)
+    for f in files:
+        by_suffix[f.suffix.lower()].append(f)
+    picked: list[Path] = []
+    queues = [by_suffix[s] for s in sorted(by_suffix)]
+    while len(picked) < n and any(queues):
+        for queue in queues:
+            if queue and len(picked) < n:
+                picked.append(queue.pop(0))
+    return sorted(picked)
+
+
+def sidecar_metadata(path: Path) -> tuple[dict, str | None]:
+    """Metadata from `name.ext.meta.yaml` or `name.meta.yaml` next to a document."""
+    for candidate in (path.with_name(path.name + SIDECAR), path.with_name(path.stem + SIDECAR)):
+        if candidate.is_file():
+            try:
+                data = yaml.safe_load(candidate.read_text(encoding="utf-8")) or {}
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+                return {}, f"{candidate.name} ignored: {exc}"
+            if not isinstance(data, dict):
+                return {}, f"{candidate.name} ignored: not a mapping"
+            return {str(k): v for k, v in data.items()}, None
+    return {}, None
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)  # dates from YAML front matter and the like
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+def ingest_folder(folder: Path, tokenizer, cfg: Config, *, quick: bool = False,
+                  warn: Callable[[str], None] = print, progress: Callable | None = None) -> dict:
+    """Load and chunk every document in `folder`. Returns records, per-document stats and skips."""
+    files = discover(folder)
+    if quick:
+        files = pick_quick(files, cfg.ingest.quick_documents)
+    languages = tuple(cfg.ingest.languages)
+    records, documents, skipped = [], [], []
+    seen_text: set[str] = set()
+    seen_ids: dict[str, str] = {}
+    duplicates = 0
+    load_s = chunk_s = 0.0
+    for path in files:
+        rel = path.relative_to(folder).as_posix()
+        if progress:
+            progress(rel)
+        loader = loader_for(path)
+        if loader is None:
+            reason = f"unsupported format '{path.suffix or '(none)'}' (supported: {', '.join(sorted(LOADERS))})"
+            skipped.append({"path": rel, "reason": reason})
+            warn(f"skipped {rel}: {reason}")
+            continue
+        started = time.perf_counter()
+        try:
+            loaded = loader(path)
+            sha = sha256_file(path)
+        except SkipDocument as exc:
+            skipped.append({"path": rel, "reason": str(exc)})
+            warn(f"skipped {rel}: {exc}")
+            continue
+        except OSError as exc:
+            reason = f"unreadable ({exc.strerror or exc})"
+            skipped.append({"path": rel, "reason": reason})
+            warn(f"skipped {rel}: {reason}")
+            continue
+        load_s += time.perf_counter() - started
+        meta, sidecar_problem = sidecar_metadata(path)
+        for note in [*loaded.warnings, *([sidecar_problem] if sidecar_problem else [])]:
+            warn(f"{rel}: {note}")
+        metadata = _json_safe({**loaded.metadata, **meta})
+        started = time.perf_counter()
+        chunks = chunk_document(loaded.sections, tokenizer, cfg.ingest.chunk_size, cfg.ingest.chunk_overlap)
+        chunk_s += time.perf_counter() - started
+        if not chunks:
+            skipped.append({"path": rel, "reason": "no text after extraction"})
+            warn(f"skipped {rel}: no text after extraction")
+            continue
+        doc_id = doc_id_for(rel)
+        if doc_id in seen_ids:  # two paths with one 64-bit hash: never seen, but never silent
+            raise InputError(f"{rel}: document id {doc_id} collides with {seen_ids[doc_id]}",
+                             hint="rename one of the two files")
+        seen_ids[doc_id] = rel
+        doc_lang = detect_language("\n".join(s.text for s in loaded.sections), languages, fallback="und")
+        kept = 0
+        for position, chunk in enumerate(chunks):
+            key = _normalise(chunk.text)
+            if key in seen_text:
+                duplicates += 1
+                continue
+            seen_text.add(key)
+            kept += 1
+            records.append({
+                "id": chunk_id_for(doc_id, position),
+                "doc_id": doc_id,
+                "text": chunk.text,
+                "n_tokens": chunk.n_tokens,
+                "heading_path": chunk.heading_path,
+                "lang": detect_language(chunk.text, languages, fallback=doc_lang),
+                "source": {"path": rel, "sha256": sha, "page": chunk.page},
+                "meta": metadata,
+            })
+        documents.append({"path": rel, "doc_id": doc_id, "format": path.suffix.lower().lstrip("."),
+                          "lang": doc_lang, "sections": len(loaded.sections), "chunks": kept,
+                          "tokens": sum(r["n_tokens"] for r in records[len(records) - kept:])})
+    if not documents:
+        reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:3]) or "the folder is empty"
+        raise InputError(f"{folder}: no usable document ({len(skipped)} skipped: {reasons})",
+                         hint=f"add .md, .txt, .html, .pdf or .docx files to {folder}")
+    return {"records": records, "documents": documents, "skipped": skipped, "duplicates": duplicates,
+            "files": len(files), "load_s": load_s, "chunk_s": chunk_s}
+
+
+def histogram(lengths: list[int], size: int) -> dict[str, int]:
+    """Token-length histogram with edges at 1/8, 1/4, 1/2, 3/4 and 1× the chunk size."""
+    edges = sorted({0, size // 8, size // 4, size // 2, 3 * size // 4, size})
+    bins = {f"{lo + 1 if lo else 0}-{hi}": 0 for lo, hi in zip(edges, edges[1:])}
+    keys = list(bins)
+    for n in lengths:
+        for (lo, hi), key in zip(zip(edges, edges[1:]), keys):
+            if n <= hi:
+                bins[key] += 1
+                break
+    return bins
+
+
+def run(root: Path, cfg: Config, *, quick: bool = False, force: bool = False,
+        warn: Callable[[str], None] = print, progress_factory: Callable | None = None) -> StageResult:
+    """Run (or skip, when up to date) the ingest stage of the project at `root`."""
+    from sovllm.models import registry
+    from sovllm.models.tokenizer import load_tokenizer
+
+    folder = root / cfg.project.documents
+    out_dir = root / cfg.project.output_dir / "ingest"
+    model = registry.prepare(cfg.model.base)
+    config = {"ingest": cfg.ingest.model_dump(), "base_id": model.base_id, "quick": quick}
+    if not folder.is_dir():
+        discover(folder)  # raises the InputError
+
+    def work(ctx: StageContext) -> None:
+        tokenizer = load_tokenizer(model.path)
+        files = discover(folder)
+        total = min(len(files), cfg.ingest.quick_documents) if quick else len(files)
+        progress = progress_factory(total) if progress_factory else None
+        try:
+            result = ingest_folder(folder, tokenizer, cfg, quick=quick, warn=warn,
+                                   progress=progress.advance if progress else None)
+        finally:
+            if progress:
+                progress.close()
+        lengths = [r["n_tokens"] for r in result["records"]]
+        tokens = sum(lengths)
+        write_jsonl(ctx.out_dir / "chunks.jsonl", result["records"])
+        stats = {
+            "documents": len(result["documents"]),
+            "files": result["files"],
+            "skipped": result["skipped"],
+            "chunks": len(lengths),
+            "duplicates_removed": result["duplicates"],
+            "tokens": tokens,
+            "chunk_size": cfg.ingest.chunk_size,
+            "token_histogram": histogram(lengths, cfg.ingest.chunk_size),
+            "languages": dict(sorted(_count(d["lang"] for d in result["documents"]).items())),
+            "per_document": result["documents"],
+        }
+        import json
+
+        write_atomic(ctx.out_dir / "stats.json", json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
+        ctx.model.update(model.as_dict())
+        ctx.counts.update({"documents": stats["documents"], "skipped": len(result["skipped"]),
+                           "chunks": stats["chunks"], "duplicates_removed": result["duplicates"],
+                           "tokens": tokens})
+        chunk_s = max(result["chunk_s"], 1e-9)
+        ctx.timings.update({"load_s": round(result["load_s"], 3), "chunk_s": round(result["chunk_s"], 3),
+                            "chunk_tokens_per_s": round(tokens / chunk_s)})
+        ctx.extra.update({"skipped": result["skipped"], "documents_folder": str(folder)})
+
+    return run_stage("ingest", out_dir, work, inputs=[folder], config=config, force=force,
+                     verify=lambda m: (out_dir / "chunks.jsonl").is_file() and (out_dir / "stats.json").is_file())
+
+
+def _count(items) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    for item in items:
+        counts[item] += 1
+    return dict(counts)
