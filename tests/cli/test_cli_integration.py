@@ -22,6 +22,10 @@ def sovllm(*args, env=None):
 def test_init_then_quick_run_with_the_bundled_model(tmp_path, bundled_model):
     env = {**os.environ, "COLUMNS": "200"}
     assert sovllm("init", tmp_path / "acme", env=env).returncode == 0
+    empty = sovllm("run", tmp_path / "acme", "--quick", env=env)
+    assert empty.returncode == 2 and "no usable document" in empty.stderr  # nothing to ingest yet
+    (tmp_path / "acme" / "documents" / "vpn.md").write_text(
+        "# VPN\n\nTunnelwerk disconnects after 9 hours; reconnect with your blue FIDO2 key.\n", encoding="utf-8")
     proc = sovllm("run", tmp_path / "acme", "--quick", env=env)
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((tmp_path / "acme" / "out" / "manifest.json").read_text())
@@ -29,3 +33,17 @@ def test_init_then_quick_run_with_the_bundled_model(tmp_path, bundled_model):
     assert manifest["endpoints"]["blocked"] == []
     doctor = sovllm("doctor", tmp_path / "acme", env=env)
     assert doctor.returncode == 0 and "prepared at" in doctor.stdout
+
+
+def test_quick_run_of_the_example_project(tmp_path, bundled_model):
+    """What CI runs: `sovllm run examples/acme --quick` (on a copy, so the checkout stays clean)."""
+    example = Path(__file__).resolve().parents[2] / "examples" / "acme"
+    project = tmp_path / "acme"
+    shutil.copytree(example, project, ignore=shutil.ignore_patterns("out"))
+    proc = sovllm("run", project, "--quick", env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((project / "out" / "manifest.json").read_text())
+    assert [s["stage"] for s in manifest["extra"]["stages"]] == ["model", "ingest"]
+    ingest = json.loads((project / "out" / "ingest" / "manifest.json").read_text())
+    assert ingest["counts"]["documents"] == 4 and ingest["counts"]["chunks"] > 0
+    assert "chunk length (tokens)" in proc.stdout and "4 documents" in proc.stdout

@@ -32,18 +32,35 @@ def run(
     """Run the pipeline; up-to-date stages are skipped, so an interrupted run resumes."""
     from sovllm.pipeline.run import run_pipeline
 
+    from sovllm.progress import bar_factory
+
+    err = Console(stderr=True)
     report = run_pipeline(directory, overrides=tuple(set_), quick=quick, force=force,
-                          log=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+                          log=lambda msg: console.print(f"[dim]{msg}[/dim]"),
+                          warn=lambda msg: err.print(f"[yellow]warning:[/] {msg}"),
+                          progress_factory=bar_factory("ingest", err))
+    _print_stage_details(report)
     table = Table(title=f"sovllm run {report.root.name}" + (" --quick" if quick else ""))
     for column in ("stage", "status", "wall s", "details"):
         table.add_column(column)
     for name, result in report.stages:
-        details = ", ".join(f"{k}={v}" for k, v in result.manifest.counts.items())
+        details = ", ".join(f"{k}={v}" for k, v in result.manifest.counts.items() if k != "skipped")
         if name == "model":
             details = f"{result.manifest.model.get('name')} base_id={str(result.manifest.model.get('base_id'))[:12]}…"
         table.add_row(name, "skipped (up to date)" if result.skipped else "ran", f"{result.seconds:.1f}", details)
     console.print(table)
     console.print(f"Run manifest: {report.out_dir / 'manifest.json'}")
+
+
+def _print_stage_details(report) -> None:
+    """Per-stage tables (today: the ingest statistics)."""
+    import json
+
+    from sovllm.cli.ingest import print_stats
+
+    stats_file = report.out_dir / "ingest" / "stats.json"
+    if stats_file.is_file():
+        print_stats(json.loads(stats_file.read_text(encoding="utf-8")))
 
 
 def register(app: typer.Typer) -> None:

@@ -83,6 +83,10 @@ def _split(text: str, counter: _Counter, a: int, b: int, budget: int, level: int
     spans: list[tuple[int, int]] = []
     current: tuple[int, int] | None = None
     for piece in pieces:
+        if not text[piece[0]:piece[1]].strip():
+            if current:  # separators stay with the text before them; never a chunk of their own
+                current = (current[0], piece[1])
+            continue
         if counter.count(*piece) > budget:
             if current:
                 spans.append(current)
@@ -118,6 +122,7 @@ def chunk_section(section: Section, tokenizer, size: int, overlap: int) -> list[
                       [(section.heading_path, body, total)])] if body else []
     spans = _split(text, counter, 0, len(text), size - overlap)
     chunks = []
+    spans = [(a, b) for a, b in spans if text[a:b].strip()]
     for index, (a, b) in enumerate(spans):
         start = a
         if index and overlap:

@@ -3,8 +3,8 @@
 Each stage writes `out/<stage>/manifest.json`; the run writes `out/manifest.json` listing the
 stages, whether each ran or was skipped, and their wall times. A stage whose inputs and config
 hash to the same key as its last successful run is skipped, which makes re-running after an
-interruption cheap. So far the pipeline has one stage, `model` (prepare the base model); the
-ingest, synth, curate, train and eval stages join it as they are built.
+interruption cheap. Stages so far: `model` (prepare the base model) and `ingest` (documents →
+chunks); synth, curate, train and eval join them as they are built.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def check_endpoints(cfg: Config) -> None:
 
 
 def run_pipeline(directory: str | Path = ".", *, overrides: tuple[str, ...] = (), quick: bool = False,
-                 force: bool = False, log: Callable[[str], None] = print) -> RunReport:
+                 force: bool = False, log: Callable[[str], None] = print, warn: Callable[[str], None] = print,
+                 progress_factory: Callable | None = None) -> RunReport:
     """Run the project's pipeline; returns the run manifest and the per-stage results."""
     root = project_root(directory)
     cfg = load_config(root, overrides)
@@ -69,6 +70,11 @@ def run_pipeline(directory: str | Path = ".", *, overrides: tuple[str, ...] = ()
     work, verify = _model_stage(cfg, log)
     result = run_stage("model", out_dir / "model", work, config=cfg.model.model_dump(), force=force, verify=verify)
     report.stages.append(("model", result))
+
+    from sovllm.ingest import stage as ingest
+
+    report.stages.append(("ingest", ingest.run(root, cfg, quick=quick, force=force, warn=warn,
+                                               progress_factory=progress_factory)))
 
     report.manifest = Manifest(
         stage="run",

@@ -1,0 +1,1 @@
+"""Benchmarks: one script per benchmark, each printing JSON with ours, the baseline and the ratio."""
