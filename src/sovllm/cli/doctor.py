@@ -8,13 +8,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from sovllm.cli import options
+
 console = Console()
 _STYLE = {"ok": "green", "warn": "yellow", "fail": "red"}
 
 
 def doctor(
-    directory: Path = typer.Argument(Path("."), help="Project folder whose sovllm.yaml to check (optional)."),
-    set_: list[str] = typer.Option([], "--set", help="Config override, as for 'sovllm run'."),
+    directory: Path = options.project_dir(),
+    set_: list[str] = options.overrides(),
 ) -> None:
     """Check versions, CPU/GPU, disk, the bundled model and endpoints outside the allow-list."""
     from sovllm.doctor import run_checks

@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from sovllm.cli import options
+
 console = Console()
 err = Console(stderr=True)
 
@@ -41,10 +43,10 @@ def print_stats(stats: dict, title: str = "ingest") -> None:
 
 
 def ingest(
-    directory: Path = typer.Argument(Path("."), help="Project folder with sovllm.yaml."),
-    quick: bool = typer.Option(False, "--quick", help="Only a few documents (ingest.quick_documents)."),
-    set_: list[str] = typer.Option([], "--set", help="Override a config value, e.g. --set ingest.chunk_size=256."),
-    force: bool = typer.Option(False, "--force", help="Run even if the output is up to date."),
+    directory: Path = options.project_dir(),
+    quick: bool = options.quick(),
+    set_: list[str] = options.overrides(),
+    force: bool = options.force(),
 ) -> None:
     """Load the project's documents and split them into token-sized chunks (chunks.jsonl)."""
     from sovllm import egress

@@ -8,6 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from sovllm.cli import options
+
 console = Console()
 
 
@@ -24,14 +26,13 @@ def init(
 
 
 def run(
-    directory: Path = typer.Argument(Path("."), help="Project folder with sovllm.yaml."),
-    quick: bool = typer.Option(False, "--quick", help="Run every stage on a few documents (CI smoke run)."),
-    set_: list[str] = typer.Option([], "--set", help="Override a config value, e.g. --set ingest.chunk_size=256."),
-    force: bool = typer.Option(False, "--force", help="Re-run stages even if they are up to date."),
+    directory: Path = options.project_dir(),
+    quick: bool = options.quick("Run every stage on a few documents (the CI smoke run)."),
+    set_: list[str] = options.overrides(),
+    force: bool = options.force(),
 ) -> None:
     """Run the pipeline; up-to-date stages are skipped, so an interrupted run resumes."""
     from sovllm.pipeline.run import run_pipeline
-
     from sovllm.progress import bar_factory
 
     err = Console(stderr=True)
