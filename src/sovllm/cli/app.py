@@ -41,10 +41,11 @@ def root(
 
 
 def _register() -> None:
-    from sovllm.cli import doctor, egress_cmd, ingest, models, project
+    from sovllm.cli import doctor, egress_cmd, ingest, models, project, serve
 
     project.register(app)
     ingest.register(app)
+    serve.register(app)
     doctor.register(app)
     app.add_typer(models.app, name="models")
     app.add_typer(egress_cmd.app, name="egress")

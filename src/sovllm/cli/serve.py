@@ -1,0 +1,44 @@
+"""`sovllm serve`: the embedded OpenAI-compatible multi-LoRA server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def serve(
+    model: str = typer.Option(None, "--model", help="Registry name or local model directory "
+                                                     "(default: model.base of the project in --project, else the bundled model)."),
+    project: Path = typer.Option(Path("."), "--project", "-p", help="Project whose sovllm.yaml supplies defaults."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8000, "--port", help="Port (0: any free port; see --ready-file)."),
+    served_model_name: str = typer.Option(None, "--served-model-name", help="Name clients use for the base model."),
+    adapter: list[str] = typer.Option([], "--adapter", help="Load a LoRA adapter at start: NAME=PATH (repeatable)."),
+    adapter_root: list[Path] = typer.Option([], "--adapter-root",
+                                            help="Folders /v1/load_lora_adapter may load from (repeatable; default: cwd)."),
+    max_lora_rank: int = typer.Option(64, "--max-lora-rank", help="Refuse adapters of higher rank."),
+    max_num_seqs: int = typer.Option(16, "--max-num-seqs", help="Sequences decoded together (KV-cache slots)."),
+    max_model_len: int = typer.Option(2048, "--max-model-len", help="Prompt + completion tokens per sequence."),
+    ready_file: Path = typer.Option(None, "--ready-file", help="Write {host, port, pid, model} here when healthy."),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
+) -> None:
+    """Serve the base model and LoRA adapters with an OpenAI-compatible API (vLLM-style)."""
+    import logging
+
+    from sovllm import egress
+    from sovllm.config import CONFIG_FILE, load_config
+    from sovllm.serve.server import parse_adapter_specs, serve as run_server
+
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(project if (project / CONFIG_FILE).is_file() else None)
+    egress.install(cfg.egress.allow)
+    run_server(model or cfg.model.base, host=host, port=port, ready_file=str(ready_file) if ready_file else None,
+               log_level=log_level, served_name=served_model_name, adapters=parse_adapter_specs(adapter),
+               adapter_roots=list(adapter_root), max_lora_rank=max_lora_rank, max_num_seqs=max_num_seqs,
+               max_model_len=max_model_len)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(serve)

@@ -1,0 +1,115 @@
+"""The adapter directory contract: PEFT LoRA files that vLLM can serve unchanged.
+
+`inspect_adapter(path)` reads `adapter_config.json`, the weights' tensor names and sovllm's
+`manifest.json` (with the `base_id` the adapter was trained on) and returns what a server or a
+trainer needs to decide: rank, target modules, and the list of features vLLM cannot serve (DoRA,
+`modules_to_save`, trained biases, added or trainable tokens). Training refuses to write such an
+adapter and serving refuses to load it, through this one function.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sovllm.errors import AdapterError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass
+class AdapterInfo:
+    path: Path
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    base_id: str | None  # None when the adapter has no sovllm manifest
+    base_model_name_or_path: str | None
+    unservable: list[str] = field(default_factory=list)
+
+
+def validate_name(name: str) -> str:
+    """Adapter names: 1–64 characters of letters, digits, '.', '_', '-', starting alphanumeric."""
+    if not NAME_RE.match(name or ""):
+        raise AdapterError(f"invalid adapter name {name!r}",
+                           hint="use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return name
+
+
+def _tensor_names(weights: Path) -> list[str]:
+    if weights.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as fh:
+            return list(fh.keys())
+    return []  # pickled .bin weights are not opened here (arbitrary code); config checks still apply
+
+
+def inspect_adapter(path: str | Path) -> AdapterInfo:
+    """Read an adapter directory; AdapterError when it is not a PEFT LoRA adapter at all."""
+    path = Path(path)
+    config_file = path / ADAPTER_CONFIG
+    if not config_file.is_file():
+        raise AdapterError(f"{path}: no {ADAPTER_CONFIG}; not a PEFT adapter directory")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise AdapterError(f"{config_file}: unreadable ({exc})") from None
+    if str(config.get("peft_type", "")).upper() != "LORA":
+        raise AdapterError(f"{path}: peft_type is {config.get('peft_type')!r}; only LoRA adapters are served")
+    weights = next((path / w for w in ADAPTER_WEIGHTS if (path / w).is_file()), None)
+    if weights is None:
+        raise AdapterError(f"{path}: no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})")
+
+    unservable = []
+    if config.get("use_dora"):
+        unservable.append("DoRA (use_dora: true)")
+    if config.get("modules_to_save"):
+        unservable.append(f"modules_to_save {config['modules_to_save']}")
+    if config.get("bias", "none") != "none":
+        unservable.append(f"trained biases (bias: {config['bias']})")
+    if config.get("trainable_token_indices"):
+        unservable.append("trainable token embeddings (trainable_token_indices)")
+    names = _tensor_names(weights)
+    if any(re.search(r"(embed_tokens|lm_head|wte|embed_out)\.(weight|base_layer)", n) for n in names):
+        unservable.append("full embedding or output weights (added tokens)")
+    if any(n.endswith(".bias") and "lora_" in n for n in names):
+        unservable.append("LoRA bias tensors (lora_bias)")
+    if (path / "added_tokens.json").is_file():
+        unservable.append("added tokens (added_tokens.json)")
+
+    base_id = None
+    manifest = path / "manifest.json"
+    if manifest.is_file():
+        try:
+            data = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise AdapterError(f"{manifest}: unreadable manifest") from None
+        base_id = data.get("base_id") or (data.get("model") or {}).get("base_id")
+    targets = config.get("target_modules") or []
+    return AdapterInfo(
+        path=path,
+        rank=int(config.get("r", 0)),
+        alpha=float(config.get("lora_alpha", config.get("r", 1))),
+        target_modules=[targets] if isinstance(targets, str) else list(targets),
+        base_id=base_id,
+        base_model_name_or_path=config.get("base_model_name_or_path"),
+        unservable=unservable,
+    )
+
+
+def check_servable(info: AdapterInfo, *, base_id: str, max_rank: int) -> None:
+    """Refuse an adapter for another base, above the rank limit, or with features vLLM cannot serve."""
+    if info.unservable:
+        raise AdapterError(f"{info.path}: vLLM cannot serve this adapter: {', '.join(info.unservable)}",
+                           hint="retrain it without these options")
+    if info.base_id is not None and info.base_id != base_id:
+        raise AdapterError(f"{info.path}: trained on base_id {info.base_id[:12]}…, but this server runs {base_id[:12]}…",
+                           hint="serve it with the base model it was trained on")
+    if info.rank > max_rank:
+        raise AdapterError(f"{info.path}: LoRA rank {info.rank} exceeds --max-lora-rank {max_rank}",
+                           hint=f"start the server with --max-lora-rank {info.rank} or higher")

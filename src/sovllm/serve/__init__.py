@@ -1,0 +1,1 @@
+"""The embedded OpenAI-compatible server: engine, adapters, wire protocol, service, routes."""

@@ -1,0 +1,337 @@
+"""The embedded inference engine: continuous batching with mixed LoRA adapters, in its own thread.
+
+One base model (fp32 on CPU, transformers) is held in memory; LoRA adapters are PEFT weights
+injected into it. The engine thread runs iterations: it applies pending commands (adapter load and
+unload), admits waiting requests into free KV-cache slots (prefilling each prompt once, then
+copying the cache to the other slots when `n > 1`), and runs one decode step for every running
+sequence together, whatever adapter each uses (PEFT's `adapter_names` routes each row through its
+own adapter, `__base__` through none). Finished sequences leave the batch at once, new ones join
+at the next iteration.
+
+The KV cache is a preallocated tensor per layer, `[slots, kv_heads, max_model_len, head_dim]`;
+a custom attention function registered with transformers writes each row's new keys and values
+into its slot and attends over that slot's prefix (a view, no copy), so sequences of different
+lengths and positions share a batch without padding.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from sovllm.errors import AdapterError, BackendError, InputError
+from sovllm.serve.sampling import Detokenizer, SamplingParams, Sequence, sample_next
+
+log = logging.getLogger("sovllm.engine")
+BASE = "__base__"
+_ATTENTION = "sovllm_slots"
+
+
+@dataclass
+class Batch:
+    """Where each row of the current forward pass lives in the KV cache."""
+
+    keys: Any
+    values: Any
+    slots: list[int]
+    starts: list[int]
+    lengths: list[int]
+
+
+def _slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                    sovllm_batch: Batch | None = None, **kwargs):
+    """Attention over per-sequence cache slots (registered as a transformers attention function)."""
+    import torch
+    import torch.nn.functional as F
+
+    batch = sovllm_batch
+    layer = module.layer_idx
+    rows, heads, q_len, dim = query.shape
+    out = query.new_zeros(rows, q_len, heads, dim)
+    for r in range(rows):
+        slot, start, n = batch.slots[r], batch.starts[r], batch.lengths[r]
+        batch.keys[layer, slot, :, start:start + n] = key[r, :, :n]
+        batch.values[layer, slot, :, start:start + n] = value[r, :, :n]
+        k = batch.keys[layer, slot, :, :start + n].unsqueeze(0)
+        v = batch.values[layer, slot, :, :start + n].unsqueeze(0)
+        mask = None
+        if n > 1 and start > 0:  # a chunk after a cached prefix: causal within, full over the prefix
+            mask = torch.ones(n, start + n, dtype=torch.bool).tril(diagonal=start)
+        o = F.scaled_dot_product_attention(query[r:r + 1, :, :n], k, v, attn_mask=mask,
+                                           is_causal=(n > 1 and start == 0), scale=scaling, enable_gqa=True)
+        out[r, :n] = o[0].transpose(0, 1)
+    return out, None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(_ATTENTION, _slot_attention)
+    AttentionMaskInterface.register(_ATTENTION, lambda *args, **kwargs: None)  # the slots are the mask
+
+
+@dataclass
+class Request:
+    """A generation request as the engine sees it; `emit` receives events from the engine thread."""
+
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: str | None
+    emit: Callable[[dict], None]
+    grammar: Any = None  # a compiled grammar (structured output) or None
+    arrival: float = field(default_factory=time.monotonic)
+
+
+class Engine:
+    """Continuous-batching generator over one base model and any number of LoRA adapters."""
+
+    def __init__(self, model_dir, tokenizer, *, max_num_seqs: int = 16, max_model_len: int = 2048,
+                 threads: int | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        if threads:
+            torch.set_num_threads(threads)
+        _register_attention()
+        self.tokenizer = tokenizer
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        self.model.set_attn_implementation(_ATTENTION)
+        self.model.eval()
+        config = self.model.config
+        self.max_model_len = min(max_model_len, getattr(config, "max_position_embeddings", max_model_len))
+        self.max_num_seqs = max_num_seqs
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        shape = (config.num_hidden_layers, max_num_seqs, config.num_key_value_heads, self.max_model_len, head_dim)
+        self.keys = torch.zeros(shape, dtype=torch.float32)
+        self.values = torch.zeros(shape, dtype=torch.float32)
+        self.vocab_size = config.vocab_size
+        eos = self.model.generation_config.eos_token_id
+        self.stop_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if tokenizer.eos_token_id is not None:
+            self.stop_ids.add(tokenizer.eos_token_id)
+        self.peft = None  # the PeftModel wrapper once an adapter is loaded
+        self.adapters: set[str] = set()
+        self._free = list(range(max_num_seqs))
+        self._waiting: queue.Queue = queue.Queue()
+        self._commands: queue.Queue = queue.Queue()
+        self._pending: list[Request] = []
+        self._running: list[Sequence] = []
+        self._aborted: set[str] = set()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.step = 0  # decode iterations so far (sequences record the steps they join and leave)
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "requests": 0}
+
+    # --- public API (any thread) ---------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="sovllm-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout=30)
+
+    def submit(self, request: Request) -> None:
+        """Queue a request; raises InputError when it cannot fit the context window."""
+        total = len(request.prompt_ids) + request.params.max_tokens
+        if not request.prompt_ids:
+            raise InputError("the prompt is empty")
+        if total > self.max_model_len:
+            raise InputError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{total} tokens ({len(request.prompt_ids)} in the messages, {request.params.max_tokens} in the "
+                f"completion). Please reduce the length of the messages or completion.")
+        if request.params.n > self.max_num_seqs:
+            raise InputError(f"n={request.params.n} exceeds the server's --max-num-seqs {self.max_num_seqs}")
+        if request.adapter is not None and request.adapter not in self.adapters:
+            raise AdapterError(f"adapter {request.adapter!r} is not loaded")
+        self._waiting.put(request)
+        self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request (client went away); its slots are freed at the next iteration."""
+        self._aborted.add(request_id)
+        self._wake.set()
+
+    def call(self, fn: Callable[[], Any], timeout: float = 600) -> Any:
+        """Run `fn` on the engine thread between iterations (model changes) and return its result."""
+        future: Future = Future()
+        self._commands.put((fn, future))
+        self._wake.set()
+        return future.result(timeout=timeout)
+
+    def load_adapter(self, name: str, path) -> None:
+        self.call(lambda: self._load_adapter(name, str(path)))
+
+    def unload_adapter(self, name: str) -> None:
+        self.call(lambda: self._unload_adapter(name))
+
+    @property
+    def busy(self) -> int:
+        return len(self._running) + len(self._pending) + self._waiting.qsize()
+
+    # --- engine thread ----------------------------------------------------------------------------
+
+    def _load_adapter(self, name: str, path: str) -> None:
+        from peft import PeftModel
+
+        if self.peft is None:
+            self.peft = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=False)
+            self.peft.eval()
+        else:
+            self.peft.load_adapter(path, adapter_name=name, is_trainable=False)
+        self.adapters.add(name)
+
+    def _unload_adapter(self, name: str) -> None:
+        if any(s.request.adapter == name for s in self._running) or any(r.adapter == name for r in self._pending):
+            raise AdapterError(f"adapter {name!r} is in use by running requests; retry when they finish")
+        self.adapters.discard(name)
+        if self.adapters:
+            self.peft.delete_adapter(name)
+        else:  # the last one: take the LoRA layers out again, back to the plain base model
+            self.model = self.peft.unload()
+            self.peft = None
+
+    def _loop(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            while not self._stop.is_set():
+                try:
+                    self._iteration()
+                except Exception as exc:  # noqa: BLE001 - fail the requests in flight, keep serving
+                    log.exception("engine iteration failed")
+                    for seq in self._running:
+                        self._finish(seq, "error", error=f"engine error: {type(exc).__name__}: {exc}")
+                    self._running.clear()
+                if not self._running and not self._pending and self._waiting.empty() and self._commands.empty():
+                    self._wake.wait(timeout=1.0)
+                    self._wake.clear()
+
+    def _iteration(self) -> None:
+        while not self._commands.empty():
+            fn, future = self._commands.get()
+            try:
+                future.set_result(fn())
+            except Exception as exc:  # noqa: BLE001 - returned to the caller
+                future.set_exception(exc)
+        while not self._waiting.empty():
+            self._pending.append(self._waiting.get())
+        self._drop_aborted()
+        while self._pending and len(self._free) >= self._pending[0].params.n:
+            self._prefill(self._pending.pop(0))
+        if self._running:
+            self._decode()
+
+    def _drop_aborted(self) -> None:
+        if not self._aborted:
+            return
+        aborted, self._aborted = self._aborted, set()
+        self._pending = [r for r in self._pending if r.id not in aborted]
+        for seq in [s for s in self._running if s.request.id in aborted]:
+            self._finish(seq, "abort")
+
+    def _forward(self, input_ids, positions, batch: Batch, adapters: list[str | None]):
+        kwargs = {}
+        model = self.model
+        if self.peft is not None:
+            model = self.peft
+            kwargs["adapter_names"] = [a or BASE for a in adapters]
+        out = model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=1,
+                    sovllm_batch=batch, **kwargs)
+        return out.logits[:, -1, :].float()
+
+    def _prefill(self, request: Request) -> None:
+        import torch
+
+        ids = request.prompt_ids
+        slots = [self._free.pop(0) for _ in range(request.params.n)]
+        batch = Batch(self.keys, self.values, [slots[0]], [0], [len(ids)])
+        try:
+            logits = self._forward(torch.tensor([ids]), torch.arange(len(ids)).unsqueeze(0), batch, [request.adapter])
+        except Exception:
+            self._free.extend(slots)
+            raise
+        for slot in slots[1:]:  # n > 1: share the prompt's cache instead of recomputing it
+            self.keys[:, slot, :, :len(ids)] = self.keys[:, slots[0], :, :len(ids)]
+            self.values[:, slot, :, :len(ids)] = self.values[:, slots[0], :, :len(ids)]
+        self.stats["prompt_tokens"] += len(ids)
+        self.stats["requests"] += 1
+        for index, slot in enumerate(slots):
+            seq = Sequence(request=request, index=index, slot=slot, length=len(ids), joined_step=self.step,
+                           detok=Detokenizer(self.tokenizer, request.params.stop))
+            seq.setup(self.vocab_size)
+            self._running.append(seq)
+            self._accept(seq, logits[0])
+
+    def _decode(self) -> None:
+        import torch
+
+        running = list(self._running)
+        batch = Batch(self.keys, self.values, [s.slot for s in running], [s.length for s in running],
+                      [1] * len(running))
+        input_ids = torch.tensor([[s.last_token] for s in running])
+        positions = torch.tensor([[s.length] for s in running])
+        logits = self._forward(input_ids, positions, batch, [s.request.adapter for s in running])
+        self.step += 1
+        for row, seq in enumerate(running):
+            seq.length += 1
+            self._accept(seq, logits[row])
+
+    def _accept(self, seq: Sequence, logits) -> None:
+        """Sample the next token of `seq` from its logits, emit it, and finish the sequence if done."""
+        token, logprobs = sample_next(seq, logits, self.stop_ids)
+        seq.tokens.append(token)
+        seq.last_token = token
+        self.stats["generation_tokens"] += 1
+        params = seq.request.params
+        finish = None
+        is_stop_token = token in self.stop_ids or token in params.stop_token_ids
+        if is_stop_token and not params.ignore_eos and len(seq.tokens) > params.min_tokens:
+            finish = "stop"
+            delta = seq.detok.finish()
+        else:
+            delta = seq.detok.add(token)
+            if seq.detok.stopped and len(seq.tokens) >= params.min_tokens:
+                finish, delta = "stop", delta + seq.detok.finish()
+            elif seq.matcher is not None and seq.matcher.is_terminated():
+                finish, delta = "stop", delta + seq.detok.finish()
+            elif len(seq.tokens) >= params.max_tokens:
+                finish, delta = "length", delta + seq.detok.finish()
+            elif seq.length + 1 >= self.max_model_len:
+                finish, delta = "length", delta + seq.detok.finish()
+        seq.request.emit({"index": seq.index, "token": token, "text": delta, "logprobs": logprobs,
+                          "finish_reason": finish, "step": self.step})
+        if finish:
+            self._finish(seq, finish, emitted=True)
+
+    def _finish(self, seq: Sequence, reason: str, *, emitted: bool = False, error: str | None = None) -> None:
+        if seq in self._running:
+            self._running.remove(seq)
+        self._free.append(seq.slot)
+        seq.finished_step = self.step
+        if not emitted:
+            seq.request.emit({"index": seq.index, "token": None, "text": "", "logprobs": None,
+                              "finish_reason": reason, "error": error, "step": self.step})
+
+
+_ids = itertools.count()
+
+
+def next_request_id(prefix: str) -> str:
+    return f"{prefix}-{int(time.time() * 1000):x}{next(_ids):04x}"
+
+
+__all__ = ["Engine", "Request", "BackendError", "next_request_id"]

@@ -1,0 +1,100 @@
+"""The HTTP layer (FastAPI): thin routes over `Service`, OpenAI-style error JSON for every failure."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from sovllm import __version__
+from sovllm.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, LoadLoRARequest,
+                                   UnloadLoRARequest)
+from sovllm.serve.service import Service, sse
+
+log = logging.getLogger("sovllm.serve")
+
+
+def _error(message: str, status: int, type_: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(APIError(message, status, type_, param).body(), status_code=status)
+
+
+async def _sse_stream(chunks):
+    try:
+        async for body in chunks:
+            yield sse(body)
+    except APIError as exc:
+        yield sse(exc.body())
+    except Exception as exc:  # noqa: BLE001 - the stream has started; report in-band, never a traceback
+        log.exception("stream failed")
+        yield sse(APIError(f"internal error: {type(exc).__name__}", 500, "InternalServerError").body())
+    yield "data: [DONE]\n\n"
+
+
+def create_app(service: Service) -> FastAPI:
+    app = FastAPI(title="sovllm", version=__version__, docs_url=None, redoc_url=None)
+    app.state.service = service
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError):
+        problems = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            problems.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
+        first = exc.errors()[0].get("loc", ()) if exc.errors() else ()
+        param = ".".join(str(p) for p in first if p != "body") or None
+        return _error("; ".join(problems), 400, "BadRequestError", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException):
+        kind = {404: "NotFoundError", 405: "MethodNotAllowedError"}.get(exc.status_code, "BadRequestError")
+        return _error(str(exc.detail), exc.status_code, kind)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception):
+        log.exception("request failed")
+        return _error(f"internal error: {type(exc).__name__}", 500, "InternalServerError")
+
+    @app.get("/health")
+    async def health():
+        if not service.healthy:
+            return JSONResponse({"status": "starting"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
+
+    @app.get("/v1/models")
+    async def models():
+        return service.models()
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest):
+        result = await service.chat(body)
+        if body.stream:
+            return StreamingResponse(_sse_stream(result), media_type="text/event-stream")
+        return JSONResponse(result)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        result = await service.completions(body)
+        if body.stream:
+            return StreamingResponse(_sse_stream(result), media_type="text/event-stream")
+        return JSONResponse(result)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoRARequest):
+        return PlainTextResponse(await service.load_adapter(body.lora_name, body.lora_path))
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoRARequest):
+        return PlainTextResponse(await service.unload_adapter(body.lora_name))
+
+    return app

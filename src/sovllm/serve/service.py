@@ -1,0 +1,349 @@
+"""The server's logic, free of FastAPI: models, adapters, chat and text completions, streaming.
+
+Requests become engine requests; engine events (from the engine thread) are handed to the asyncio
+loop through a queue per request. Responses follow the OpenAI schema as vLLM produces it,
+including `usage` on every response and, with `stream_options.include_usage`, a last chunk with
+the usage and no choices. A request whose client goes away is aborted in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import AsyncIterator
+
+from sovllm.errors import AdapterError, InputError
+from sovllm.models.adapter import check_servable, inspect_adapter, validate_name
+from sovllm.serve.engine import Engine, Request, next_request_id
+from sovllm.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from sovllm.serve.sampling import SamplingParams
+from sovllm.serve.structured import GrammarCache
+
+log = logging.getLogger("sovllm.serve")
+
+
+class Service:
+    """Everything the HTTP routes call."""
+
+    def __init__(self, engine: Engine, tokenizer, *, served_name: str, base_path: str, base_id: str,
+                 adapter_roots: list[Path], max_lora_rank: int):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.served_name = served_name
+        self.base_path = base_path
+        self.base_id = base_id
+        self.adapter_roots = [Path(r).resolve() for r in adapter_roots]
+        self.max_lora_rank = max_lora_rank
+        self.adapters: dict[str, dict] = {}
+        self.healthy = False
+        self.created = int(time.time())
+        self.grammars = GrammarCache(tokenizer, engine.vocab_size, sorted(engine.stop_ids))
+        self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    # --- models and adapters -------------------------------------------------------------------
+
+    def models(self) -> dict:
+        base = {"id": self.served_name, "object": "model", "created": self.created, "owned_by": "sovllm",
+                "root": self.base_path, "parent": None, "max_model_len": self.engine.max_model_len,
+                "permission": []}
+        cards = [base] + [{"id": name, "object": "model", "created": a["created"], "owned_by": "sovllm",
+                           "root": a["path"], "parent": self.served_name,
+                           "max_model_len": self.engine.max_model_len, "permission": []}
+                          for name, a in self.adapters.items()]
+        return {"object": "list", "data": cards}
+
+    def _adapter_for(self, model: str) -> str | None:
+        if model == self.served_name:
+            return None
+        if model in self.adapters:
+            return model
+        raise APIError(f"The model `{model}` does not exist.", 404, "NotFoundError", "model")
+
+    def _check_root(self, path: Path) -> None:
+        resolved = path.resolve()
+        if not any(resolved == root or root in resolved.parents for root in self.adapter_roots):
+            roots = ", ".join(str(r) for r in self.adapter_roots) or "(none)"
+            raise APIError(f"lora_path {path} is outside the adapter roots ({roots}); start the server with "
+                           f"--adapter-root to allow it", 400, "BadRequestError", "lora_path")
+
+    def load_adapter_now(self, name: str, path: str, *, from_api: bool) -> None:
+        """Validate and load an adapter (blocking; used at start-up and by the async route)."""
+        try:
+            validate_name(name)
+        except AdapterError as exc:
+            raise APIError(str(exc), 400, "BadRequestError", "lora_name") from None
+        if name == self.served_name or name == "__base__":
+            raise APIError(f"lora_name {name!r} is reserved", 400, "BadRequestError", "lora_name")
+        if name in self.adapters:
+            raise APIError(f"The lora adapter '{name}' has already been loaded.", 400, "BadRequestError", "lora_name")
+        adapter_path = Path(path).expanduser()
+        if from_api:
+            self._check_root(adapter_path)
+        if not adapter_path.is_dir():
+            raise APIError(f"No adapter found at {adapter_path}", 404, "NotFoundError", "lora_path")
+        try:
+            info = inspect_adapter(adapter_path)
+            check_servable(info, base_id=self.base_id, max_rank=self.max_lora_rank)
+            self.engine.load_adapter(name, adapter_path)
+        except AdapterError as exc:
+            raise APIError(str(exc), 400, "BadRequestError", "lora_path") from None
+        if info.base_id is None:
+            log.warning("adapter %s has no sovllm manifest; its base model could not be verified", name)
+        self.adapters[name] = {"path": str(adapter_path.resolve()), "rank": info.rank, "created": int(time.time()),
+                               "base_id": info.base_id}
+
+    async def load_adapter(self, name: str, path: str) -> str:
+        async with self._locks[name]:
+            await asyncio.to_thread(self.load_adapter_now, name, path, from_api=True)
+        return f"Success: LoRA adapter '{name}' added successfully."
+
+    async def unload_adapter(self, name: str) -> str:
+        async with self._locks[name]:
+            if name not in self.adapters:
+                raise APIError(f"The lora adapter '{name}' cannot be found.", 404, "NotFoundError", "lora_name")
+            try:
+                await asyncio.to_thread(self.engine.unload_adapter, name)
+            except AdapterError as exc:
+                raise APIError(str(exc), 409, "ConflictError", "lora_name") from None
+            del self.adapters[name]
+        return f"Success: LoRA adapter '{name}' removed successfully."
+
+    # --- generation ------------------------------------------------------------------------------
+
+    def _params(self, req, prompt_len: int, max_tokens: int | None, logprobs: bool, top: int) -> SamplingParams:
+        room = self.engine.max_model_len - prompt_len
+        return SamplingParams(
+            max_tokens=max_tokens if max_tokens is not None else max(room, 1),
+            temperature=req.temperature, top_p=req.top_p, seed=req.seed, n=req.n, stop=list(req.stop or []),
+            stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
+            logprobs=logprobs, top_logprobs=top)
+
+    async def _events(self, prompt_ids, params, adapter, grammar, request_id) -> AsyncIterator[dict]:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        request = Request(request_id, prompt_ids, params, adapter,
+                          lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), grammar)
+        try:
+            self.engine.submit(request)
+        except (InputError, AdapterError) as exc:
+            raise APIError(str(exc), 400, "BadRequestError") from None
+        remaining = params.n
+        try:
+            while remaining:
+                event = await events.get()
+                if event.get("error"):
+                    raise APIError(event["error"], 500, "InternalServerError")
+                if event["finish_reason"]:
+                    remaining -= 1
+                yield event
+        finally:
+            if remaining:
+                self.engine.abort(request_id)
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _chat_logprob(self, entry: dict) -> dict:
+        def item(token_id, logprob):
+            text = self._token_text(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        return {**item(entry["token_id"], entry["logprob"]),
+                "top_logprobs": [item(t, lp) for t, lp in entry["top"]]}
+
+    def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=req.add_generation_prompt)
+        except Exception as exc:  # noqa: BLE001 - template errors are the caller's input problem
+            raise APIError(f"messages cannot be rendered with the model's chat template: {exc}", param="messages")
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    async def chat(self, req: ChatCompletionRequest):
+        """A chat completion (dict) or, with `stream`, an async iterator of SSE chunks (dicts)."""
+        req.refuse_unsupported()
+        adapter = self._adapter_for(req.model)
+        prompt = self._chat_prompt(req)
+        params = self._params(req, len(prompt), req.max_completion_tokens or req.max_tokens, req.logprobs,
+                              req.top_logprobs or 0)
+        grammar = self.grammars.for_format(req.response_format)
+        request_id = next_request_id("chatcmpl")
+        events = self._events(prompt, params, adapter, grammar, request_id)
+        if req.stream:
+            first = await anext(events)  # surfaces submit errors before the stream starts
+            return self._chat_stream(req, request_id, len(prompt), first, events)
+        choices = [{"index": i, "message": {"role": "assistant", "content": ""}, "logprobs": None,
+                    "finish_reason": None} for i in range(req.n)]
+        content = [[] for _ in range(req.n)]
+        generated = 0
+        async for event in events:
+            choice = choices[event["index"]]
+            if event["token"] is not None:
+                generated += 1
+            choice["message"]["content"] += event["text"]
+            if event["logprobs"]:
+                content[event["index"]].append(self._chat_logprob(event["logprobs"]))
+            if event["finish_reason"]:
+                choice["finish_reason"] = "stop" if event["finish_reason"] == "stop" else "length"
+        if req.logprobs:
+            for choice, entries in zip(choices, content):
+                choice["logprobs"] = {"content": entries}
+        return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": req.model,
+                "choices": choices, "usage": _usage(len(prompt), generated), "system_fingerprint": None}
+
+    async def _chat_stream(self, req, request_id, prompt_len, first, events):
+        created = int(time.time())
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def chunk(choices, usage=None):
+            body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": req.model,
+                    "choices": choices}
+            if include_usage:
+                body["usage"] = usage
+            return body
+
+        for i in range(req.n):
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
+        generated = 0
+        try:
+            event = first
+            while event is not None:
+                if event["token"] is not None:
+                    generated += 1
+                finish = event["finish_reason"]
+                logprobs = {"content": [self._chat_logprob(event["logprobs"])]} if event["logprobs"] else None
+                if event["text"] or logprobs or finish:
+                    delta = {"content": event["text"]} if event["text"] else {}
+                    yield chunk([{"index": event["index"], "delta": delta, "logprobs": logprobs,
+                                  "finish_reason": None if not finish else ("stop" if finish == "stop" else "length")}])
+                event = await anext(events, None)
+            if include_usage:
+                yield chunk([], _usage(prompt_len, generated))
+        finally:
+            await events.aclose()  # a client that went away aborts the request in the engine
+
+    def _completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
+        prompt = req.prompt
+        if isinstance(prompt, str):
+            prompts = [prompt]
+        elif prompt and all(isinstance(p, int) for p in prompt):
+            return [list(prompt)]
+        elif prompt and all(isinstance(p, list) for p in prompt):
+            return [list(p) for p in prompt]
+        else:
+            prompts = list(prompt)
+        if not prompts:
+            raise APIError("prompt must not be empty", param="prompt")
+        return [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+
+    async def completions(self, req: CompletionRequest):
+        """A text completion (dict) or, with `stream`, an async iterator of chunks."""
+        req.refuse_unsupported()
+        adapter = self._adapter_for(req.model)
+        prompts = self._completion_prompts(req)
+        top = req.logprobs or 0
+        request_id = next_request_id("cmpl")
+        streams = []
+        for p, prompt in enumerate(prompts):
+            params = self._params(req, len(prompt), req.max_tokens if req.max_tokens is not None else 16,
+                                  req.logprobs is not None, top)
+            streams.append(self._events(prompt, params, adapter, None, f"{request_id}-{p}"))
+        if req.stream:
+            firsts = [await anext(s) for s in streams]
+            return self._completion_stream(req, request_id, prompts, firsts, streams)
+        results = await asyncio.gather(*(self._collect(s, req.n) for s in streams))
+        choices, generated = [], 0
+        for p, (texts, logprobs, finishes, count) in enumerate(results):
+            generated += count
+            for i in range(req.n):
+                choices.append({"index": p * req.n + i, "text": texts[i],
+                                "logprobs": self._completion_logprobs(logprobs[i]) if req.logprobs is not None else None,
+                                "finish_reason": finishes[i]})
+        return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": req.model,
+                "choices": choices, "usage": _usage(sum(len(p) for p in prompts), generated),
+                "system_fingerprint": None}
+
+    async def _collect(self, events, n):
+        texts, logprobs, finishes, generated = [""] * n, [[] for _ in range(n)], [None] * n, 0
+        async for event in events:
+            i = event["index"]
+            texts[i] += event["text"]
+            if event["token"] is not None:
+                generated += 1
+            if event["logprobs"]:
+                logprobs[i].append(event["logprobs"])
+            if event["finish_reason"]:
+                finishes[i] = "stop" if event["finish_reason"] == "stop" else "length"
+        return texts, logprobs, finishes, generated
+
+    def _completion_logprobs(self, entries: list[dict], offset: int = 0) -> dict:
+        tokens, token_logprobs, top, offsets = [], [], [], []
+        for entry in entries:
+            text = self._token_text(entry["token_id"])
+            tokens.append(text)
+            token_logprobs.append(entry["logprob"])
+            top.append({self._token_text(t): lp for t, lp in entry["top"]})
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+    async def _completion_stream(self, req, request_id, prompts, firsts, streams):
+        created = int(time.time())
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        merged: asyncio.Queue = asyncio.Queue()
+        generated = 0
+
+        async def pump(p, first, stream):
+            await merged.put((p, first))
+            async for event in stream:
+                await merged.put((p, event))
+            await merged.put((p, None))
+
+        tasks = [asyncio.create_task(pump(p, f, s)) for p, (f, s) in enumerate(zip(firsts, streams))]
+        try:
+            open_streams = len(tasks)
+            while open_streams:
+                p, event = await merged.get()
+                if event is None:
+                    open_streams -= 1
+                    continue
+                if event["token"] is not None:
+                    generated += 1
+                finish = event["finish_reason"]
+                if event["text"] or finish or event["logprobs"]:
+                    body = {"id": request_id, "object": "text_completion", "created": created, "model": req.model,
+                            "choices": [{"index": p * req.n + event["index"], "text": event["text"],
+                                         "logprobs": self._completion_logprobs([event["logprobs"]])
+                                         if event["logprobs"] else None,
+                                         "finish_reason": None if not finish else ("stop" if finish == "stop" else "length")}]}
+                    if include_usage:
+                        body["usage"] = None
+                    yield body
+            if include_usage:
+                yield {"id": request_id, "object": "text_completion", "created": created, "model": req.model,
+                       "choices": [], "usage": _usage(sum(len(p) for p in prompts), generated)}
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def warm_up(self) -> None:
+        """One short greedy generation on the base and on every loaded adapter; then healthy."""
+        for model in [self.served_name, *self.adapters]:
+            req = ChatCompletionRequest(model=model, messages=[{"role": "user", "content": "Hello"}],
+                                        max_tokens=4, temperature=0)
+            await self.chat(req)
+        self.healthy = True
+
+
+def _usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def sse(body: dict) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"

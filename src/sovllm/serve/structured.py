@@ -1,0 +1,59 @@
+"""Structured output by constrained decoding (xgrammar): JSON objects and JSON-schema outputs.
+
+Grammars are compiled once per schema (LRU cache) against the served tokenizer. Compact
+whitespace: no newlines or indentation, `", "` and `": "` separators. `maxLength`, `minLength`,
+`minItems`, `maxItems`, enums, required properties and `additionalProperties: false` are
+enforced by the grammar itself, so any output that ends with a stop token parses and validates.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+
+from sovllm.serve.protocol import APIError, ResponseFormat
+
+_ANY_OBJECT = {"type": "object"}
+
+
+class GrammarCache:
+    """Compiles and caches grammars for `response_format` values."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int], capacity: int = 64):
+        self._tokenizer = tokenizer
+        self._vocab_size = vocab_size
+        self._stop_ids = sorted(stop_token_ids)
+        self._compiler = None
+        self._cache: OrderedDict[str, object] = OrderedDict()
+        self._capacity = capacity
+        self._lock = threading.Lock()
+
+    def _get_compiler(self):
+        if self._compiler is None:
+            import xgrammar as xgr
+
+            info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self._vocab_size,
+                                                      stop_token_ids=self._stop_ids)
+            self._compiler = xgr.GrammarCompiler(info)
+        return self._compiler
+
+    def for_format(self, response_format: ResponseFormat | None):
+        """The compiled grammar for a request's response_format, or None for free text."""
+        if response_format is None or response_format.type == "text":
+            return None
+        schema = _ANY_OBJECT if response_format.type == "json_object" else response_format.json_schema.schema_
+        key = json.dumps(schema, sort_keys=True)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+            try:
+                grammar = self._get_compiler().compile_json_schema(key, any_whitespace=False)
+            except Exception as exc:  # noqa: BLE001 - xgrammar reports schema problems as RuntimeError etc.
+                raise APIError(f"response_format: the JSON schema cannot be used for constrained decoding: {exc}",
+                               param="response_format") from None
+            self._cache[key] = grammar
+            if len(self._cache) > self._capacity:
+                self._cache.popitem(last=False)
+            return grammar
