@@ -63,8 +63,13 @@ def build_tiny_tokenizer(*, system_role: bool = True, vocab_size: int = 400):
     return tokenizer
 
 
-def build_tiny_model_dir(path: str | Path, *, system_role: bool = True, seed: int = 0) -> Path:
-    """Write a 2-layer Llama (random weights, fp32) plus the tiny tokenizer to `path`."""
+def build_tiny_model_dir(path: str | Path, *, system_role: bool = True, seed: int = 0,
+                         init_std: float = 0.3) -> Path:
+    """Write a 2-layer Llama (random weights, fp32) plus the tiny tokenizer to `path`.
+
+    The weights are drawn wider than a real initialisation (`init_std`), so that greedy outputs
+    depend on the context and vary from step to step, as a trained model's do.
+    """
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -83,6 +88,7 @@ def build_tiny_model_dir(path: str | Path, *, system_role: bool = True, seed: in
         eos_token_id=ids("<|im_end|>"),
         pad_token_id=ids("<|im_end|>"),
         tie_word_embeddings=True,
+        initializer_range=init_std,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.float32)
@@ -93,3 +99,36 @@ def build_tiny_model_dir(path: str | Path, *, system_role: bool = True, seed: in
     model.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
     return path
+
+
+def make_random_adapter(base_dir: str | Path, out_dir: str | Path, *, rank: int = 4, seed: int = 0,
+                        target_modules: tuple[str, ...] = ("q_proj", "v_proj"), scale: float = 0.5,
+                        base_id: str | None = None) -> Path:
+    """A LoRA adapter with random, non-zero weights (PEFT format + sovllm manifest), for tests and benchmarks.
+
+    PEFT initialises B to zero, which would make the adapter a no-op; here both A and B are random
+    and B is multiplied by `scale`, so each seed gives a distinct, visible change of the outputs.
+    """
+    import json
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from sovllm.models.registry import weights_sha256
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(target_modules), lora_dropout=0.0,
+                        bias="none", init_lora_weights=False, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(scale)
+    out_dir = Path(out_dir)
+    peft_model.save_pretrained(str(out_dir))
+    manifest = {"stage": "adapter", "base_id": base_id or weights_sha256(base_dir), "seed": seed, "rank": rank,
+                "note": "random LoRA weights for tests and benchmarks"}
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return out_dir

@@ -15,6 +15,18 @@ from collections import OrderedDict
 from sovllm.serve.protocol import APIError, ResponseFormat
 
 _ANY_OBJECT = {"type": "object"}
+# xgrammar (0.2.x) writes strings with minLength/maxLength with this character class, which lets
+# raw control characters through, and JSON forbids them; its unbounded strings exclude them.
+_LENGTH_BOUNDED_CHAR = r'[^\"\\\r\n]'
+_JSON_STRING_CHAR = r'[^\0-\x1f\"\\\r\n]'
+
+
+def json_schema_ebnf(schema: str) -> str:
+    """The grammar (EBNF) of compact JSON valid under `schema`, with JSON's string rules enforced."""
+    import xgrammar as xgr
+
+    ebnf = str(xgr.Grammar.from_json_schema(schema, any_whitespace=False))
+    return ebnf.replace(_LENGTH_BOUNDED_CHAR, _JSON_STRING_CHAR)
 
 
 class GrammarCache:
@@ -49,7 +61,7 @@ class GrammarCache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
             try:
-                grammar = self._get_compiler().compile_json_schema(key, any_whitespace=False)
+                grammar = self._get_compiler().compile_grammar(json_schema_ebnf(key))
             except Exception as exc:  # noqa: BLE001 - xgrammar reports schema problems as RuntimeError etc.
                 raise APIError(f"response_format: the JSON schema cannot be used for constrained decoding: {exc}",
                                param="response_format") from None
