@@ -45,3 +45,38 @@ def bundled_model():
     spec = registry.BUNDLED[registry.DEFAULT_BASE]
     require(registry.bundled_gguf(spec) is not None, f"the bundled model package {spec.distribution}")
     return registry.prepare(spec.name)
+
+
+@pytest.fixture(scope="session")
+def bundled_adapters(bundled_model, tmp_path_factory):
+    """Two random LoRA adapters (ranks 8 and 16) on the bundled model, in one adapter root."""
+    from sovllm.models.tiny import make_random_adapter
+
+    root = tmp_path_factory.mktemp("bundled-adapters")
+    return {
+        "acme-a": make_random_adapter(bundled_model.path, root / "acme-a", rank=8, seed=1, scale=0.3,
+                                      base_id=bundled_model.base_id),
+        "acme-b": make_random_adapter(bundled_model.path, root / "acme-b", rank=16, seed=2, scale=0.3,
+                                      target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+                                      base_id=bundled_model.base_id),
+    }
+
+
+@pytest.fixture(scope="session")
+def bundled_server(bundled_model, bundled_adapters):
+    """One `sovllm serve` subprocess with the bundled model and one start-up adapter, per test run.
+
+    `acme-b` is not loaded at start, so tests can load and unload it through the API.
+    """
+    import time
+
+    from sovllm.serve.launch import EmbeddedServer
+
+    root = next(iter(bundled_adapters.values())).parent
+    server = EmbeddedServer(bundled_model.name, adapters={"acme-a": str(bundled_adapters["acme-a"])},
+                            adapter_roots=[str(root)], extra_args=["--max-num-seqs", "16"])
+    started = time.perf_counter()
+    server.start()
+    server.startup_seconds = time.perf_counter() - started
+    yield server
+    server.stop()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from contextlib import asynccontextmanager
+from typing import Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,8 +36,17 @@ async def _sse_stream(chunks):
     yield "data: [DONE]\n\n"
 
 
-def create_app(service: Service) -> FastAPI:
-    app = FastAPI(title="sovllm", version=__version__, docs_url=None, redoc_url=None)
+def create_app(service: Service, on_start: Callable[[Service], Awaitable[None]] | None = None) -> FastAPI:
+    """The FastAPI app; `on_start(service)` runs as a background task once the server accepts connections."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        task = asyncio.create_task(on_start(service)) if on_start else None
+        yield
+        if task and not task.done():
+            task.cancel()
+
+    app = FastAPI(title="sovllm", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.service = service
 
     @app.exception_handler(APIError)

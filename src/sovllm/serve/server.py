@@ -8,7 +8,6 @@ stages and tests find a server they started.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -36,7 +35,7 @@ def parse_adapter_specs(specs: list[str]) -> list[tuple[str, str]]:
 
 def build(model: str, *, served_name: str | None = None, adapters: list[tuple[str, str]] = (),
           adapter_roots: list[Path] = (), max_lora_rank: int = 64, max_num_seqs: int = 16,
-          max_model_len: int = 2048):
+          max_model_len: int = 2048, on_start=None):
     """The app and its service, with the engine started and start-up adapters loaded."""
     from sovllm.models import registry
     from sovllm.models.tokenizer import load_tokenizer
@@ -59,7 +58,7 @@ def build(model: str, *, served_name: str | None = None, adapters: list[tuple[st
         except APIError as exc:
             engine.shutdown()
             raise AdapterError(f"--adapter {adapter_name}={path}: {exc.message}") from None
-    return create_app(service), service
+    return create_app(service, on_start), service
 
 
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, ready_file: str | None = None,
@@ -68,29 +67,31 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, ready_file: 
     import uvicorn
 
     started = time.perf_counter()
-    app, service = build(model, **kwargs)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        from sovllm.errors import BackendError
+
+        raise BackendError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+                           hint="choose another --port, or --port 0 for any free one") from None
     bound_port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
 
-    @app.on_event("startup")
-    async def _warm_up():  # runs inside uvicorn's loop, after the socket accepts connections
-        async def warm():
-            await service.warm_up()
-            elapsed = time.perf_counter() - started
-            print(f"sovllm serve: {service.served_name} ready on http://{host}:{bound_port}/v1 "
-                  f"({len(service.adapters)} adapters, {elapsed:.1f} s)", flush=True)
-            if ready_file:
-                write_atomic(ready_file, json.dumps({"host": host, "port": bound_port, "pid": os.getpid(),
-                                                     "model": service.served_name}))
+    async def warm(service) -> None:  # runs in uvicorn's loop once the socket accepts connections
+        await service.warm_up()
+        elapsed = time.perf_counter() - started
+        print(f"sovllm serve: {service.served_name} ready on http://{host}:{bound_port}/v1 "
+              f"({len(service.adapters)} adapters, {elapsed:.1f} s)", flush=True)
+        if ready_file:
+            write_atomic(ready_file, json.dumps({"host": host, "port": bound_port, "pid": os.getpid(),
+                                                 "model": service.served_name}))
 
-        asyncio.get_running_loop().create_task(warm())
-
+    app, service = build(model, on_start=warm, **kwargs)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=5))
     try:
         server.run(sockets=[sock])
     finally:
         service.engine.shutdown()
+
