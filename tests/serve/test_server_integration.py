@@ -142,3 +142,27 @@ def test_errors_are_openai_errors_and_the_server_keeps_serving(client):
     with pytest.raises(openai.BadRequestError, match="tools"):
         greedy(client, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
     assert greedy(client).choices[0].finish_reason == "stop"
+
+
+def test_greedy_output_equals_plain_generate_on_the_real_model(client, bundled_model, bundled_adapters):
+    """The served tokens (base and adapter) are those of transformers + PEFT generate()."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(bundled_model.path))
+    model = AutoModelForCausalLM.from_pretrained(str(bundled_model.path), dtype=torch.float32)
+    reference = PeftModel.from_pretrained(model, str(bundled_adapters["acme-a"]), adapter_name="acme-a").eval()
+    prompts = ["Write a haiku about Leipzig.", "Explain what a VPN does in two sentences.",
+               "List three rules for strong passwords."]
+    for prompt in prompts:
+        messages = [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+        for model_name, adapter in ((BASE, "__base__"), ("acme-a", "acme-a")):
+            with torch.no_grad():
+                out = reference.generate(ids, max_new_tokens=24, do_sample=False, adapter_names=[adapter],
+                                         pad_token_id=tokenizer.pad_token_id)
+            expected = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            served = greedy(client, model=model_name, messages=messages, max_tokens=24).choices[0].message.content
+            assert served == expected, (model_name, prompt)

@@ -171,7 +171,8 @@ class Service:
         prompt = self._chat_prompt(req)
         params = self._params(req, len(prompt), req.max_completion_tokens or req.max_tokens, req.logprobs,
                               req.top_logprobs or 0)
-        grammar = self.grammars.for_format(req.response_format)
+        # compiling a new schema takes a moment: keep it off the event loop
+        grammar = await asyncio.to_thread(self.grammars.for_format, req.response_format)
         request_id = next_request_id("chatcmpl")
         events = self._events(prompt, params, adapter, grammar, request_id)
         if req.stream:
