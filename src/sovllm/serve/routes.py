@@ -87,19 +87,18 @@ def create_app(service: Service, on_start: Callable[[Service], Awaitable[None]] 
     async def models():
         return service.models()
 
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest):
-        result = await service.chat(body)
-        if body.stream:
+    def respond(result, stream: bool):
+        if stream:
             return StreamingResponse(_sse_stream(result), media_type="text/event-stream")
         return JSONResponse(result)
 
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest):
+        return respond(await service.chat(body), body.stream)
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
-        result = await service.completions(body)
-        if body.stream:
-            return StreamingResponse(_sse_stream(result), media_type="text/event-stream")
-        return JSONResponse(result)
+        return respond(await service.completions(body), body.stream)
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadLoRARequest):
