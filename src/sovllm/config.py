@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 import typing
+from typing import Literal
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -108,6 +109,33 @@ class IngestSection(Section):
         return self
 
 
+QA_TYPES = ("factual", "conceptual", "comparison")
+
+
+class SynthSection(Section):
+    types: list[Literal["factual", "conceptual", "comparison"]] = Field(default_factory=lambda: list(QA_TYPES))
+    concurrency: int = Field(8, ge=1, le=256)
+    temperature: float = Field(0.5, ge=0.0, le=2.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    seed: int = 0
+    max_attempts: int = Field(3, ge=1, le=10)
+    grounding: float = Field(0.6, ge=0.0, le=1.0, description="share of an answer's content words found in the chunk")
+    question_max_chars: int = Field(120, ge=20, le=1000)
+    answer_max_chars: int = Field(240, ge=20, le=2000)
+    timeout_s: float = Field(300, gt=0)
+    answer_mode: Literal["auto", "extractive", "free"] = Field(
+        "auto", description="extractive: answers are sentences of the chunk; auto = extractive on the embedded server")
+    prompt_dir: str | None = Field(None, description="project folder with qa.en.j2 / qa.de.j2 to override the prompts")
+    quick_chunks: int = Field(12, ge=1, description="chunks sent to synth under --quick")
+
+    @field_validator("types")
+    @classmethod
+    def _unique_types(cls, types: list[str]) -> list[str]:
+        if not types or len(set(types)) != len(types):
+            raise ValueError("list each question type once, at least one")
+        return types
+
+
 class Config(Section):
     """The whole `sovllm.yaml`."""
 
@@ -118,6 +146,7 @@ class Config(Section):
     egress: EgressSection = Field(default_factory=EgressSection)
     endpoint: EndpointSection = Field(default_factory=EndpointSection)
     ingest: IngestSection = Field(default_factory=IngestSection)
+    synth: SynthSection = Field(default_factory=SynthSection)
 
     def endpoints(self) -> dict[str, str]:
         """Configured remote endpoints by config key (URLs sovllm will contact)."""

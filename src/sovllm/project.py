@@ -49,6 +49,24 @@ ingest:
   chunk_overlap: 64         # tokens repeated from the previous chunk of the same section
   languages: [en, de, fr, es, it, nl, pt, pl]   # languages the detector may choose from
   quick_documents: 4        # documents ingested by 'sovllm run --quick'
+
+synth:
+  types: [factual, conceptual, comparison]   # one question of each type per chunk
+  concurrency: 8            # requests in flight against the endpoint ('sovllm synth --sweep' measures)
+  temperature: 0.5
+  top_p: 0.95
+  seed: 0
+  max_attempts: 3           # invalid output is retried this often, then written to errors.jsonl
+  grounding: 0.6            # share of an answer's content words that must occur in the chunk
+  question_max_chars: 120
+  answer_max_chars: 240
+  # extractive: each answer is a sentence of the chunk, chosen before its question is written
+  # (what a 135M model can do reliably); free: the model writes the answer (for strong endpoints);
+  # auto: extractive on the embedded server, free on a configured endpoint
+  answer_mode: auto
+  timeout_s: 300
+  prompt_dir: null          # folder with qa.en.j2 / qa.de.j2 to override the built-in prompts
+  quick_chunks: 12          # chunks used by 'sovllm run --quick'
 """
 
 

@@ -41,10 +41,11 @@ def root(
 
 
 def _register() -> None:
-    from sovllm.cli import doctor, egress_cmd, ingest, models, project, serve
+    from sovllm.cli import doctor, egress_cmd, ingest, models, project, serve, synth
 
     project.register(app)
     ingest.register(app)
+    synth.register(app)
     serve.register(app)
     doctor.register(app)
     app.add_typer(models.app, name="models")

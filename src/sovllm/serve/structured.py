@@ -9,6 +9,7 @@ enforced by the grammar itself, so any output that ends with a stop token parses
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import OrderedDict
 
@@ -18,7 +19,10 @@ _ANY_OBJECT = {"type": "object"}
 # xgrammar (0.2.x) writes strings with minLength/maxLength with this character class, which lets
 # raw control characters through, and JSON forbids them; its unbounded strings exclude them.
 _LENGTH_BOUNDED_CHAR = r'[^\"\\\r\n]'
-_JSON_STRING_CHAR = r'[^\0-\x1f\"\\\r\n]'
+_JSON_STRING_CHAR = r'[^\u0000-\u001f\"\\\r\n]'
+# xgrammar prints code points below 256 as \xHH but reads \x greedily (\xfcbe is one character),
+# so before the printed grammar is parsed again they become the unambiguous \u00HH.
+_HEX_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\x([0-9a-fA-F]{2})")
 
 
 def json_schema_ebnf(schema: str) -> str:
@@ -26,6 +30,7 @@ def json_schema_ebnf(schema: str) -> str:
     import xgrammar as xgr
 
     ebnf = str(xgr.Grammar.from_json_schema(schema, any_whitespace=False))
+    ebnf = _HEX_ESCAPE.sub(lambda m: f"{m.group(1)}\\u00{m.group(2)}", ebnf)
     return ebnf.replace(_LENGTH_BOUNDED_CHAR, _JSON_STRING_CHAR)
 
 
@@ -61,7 +66,8 @@ class GrammarCache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
             try:
-                grammar = self._get_compiler().compile_grammar(json_schema_ebnf(key))
+                # compile in the caller's property order: it is the order the model writes them in
+                grammar = self._get_compiler().compile_grammar(json_schema_ebnf(json.dumps(schema)))
             except Exception as exc:  # noqa: BLE001 - xgrammar reports schema problems as RuntimeError etc.
                 raise APIError(f"response_format: the JSON schema cannot be used for constrained decoding: {exc}",
                                param="response_format") from None

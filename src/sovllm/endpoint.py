@@ -1,0 +1,141 @@
+"""The OpenAI-compatible endpoint a stage talks to, and a retrying async chat client for it.
+
+`open_endpoint(cfg)` yields the configured endpoint (`endpoint.base_url` + `endpoint.model`, API
+key from the environment variable `endpoint.api_key_env`) or, when none is configured, starts the
+embedded server with the project's base model on a free loopback port and stops it afterwards.
+
+`ChatClient.complete` streams one chat completion (so the time to the first token, mostly prompt
+processing, can be told apart from generation), retries rate limits, server errors, timeouts and
+dropped connections with jittered exponential backoff (honouring `Retry-After`), and never
+retries a refused egress: that error is raised at once with its message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from sovllm import egress
+from sovllm.config import Config
+from sovllm.errors import BackendError, ConfigError
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    base_url: str
+    model: str
+    api_key: str | None = None
+    embedded: bool = False
+
+    def describe(self) -> dict:
+        return {"base_url": self.base_url, "model": self.model, "embedded": self.embedded}
+
+
+@contextmanager
+def open_endpoint(cfg: Config, *, log: Callable[[str], None] = lambda _: None) -> Iterator[Endpoint]:
+    """The configured endpoint, or the embedded server for the project's base model."""
+    section = cfg.endpoint
+    if section.base_url:
+        if not section.model:
+            raise ConfigError("endpoint.model is required when endpoint.base_url is set",
+                              hint="set it to the model name your server serves")
+        api_key = None
+        if section.api_key_env:
+            api_key = os.environ.get(section.api_key_env)
+            if not api_key:
+                raise ConfigError(f"endpoint.api_key_env names {section.api_key_env}, which is not set")
+        yield Endpoint(section.base_url.rstrip("/"), section.model, api_key)
+        return
+    from sovllm.serve.launch import EmbeddedServer
+
+    log(f"starting the embedded server with {cfg.model.base} …")
+    started = time.perf_counter()
+    slots = str(max(16, cfg.synth.concurrency))
+    with EmbeddedServer(cfg.model.base, extra_args=["--max-num-seqs", slots, "--max-model-len", "3072"]) as server:
+        log(f"embedded server ready at {server.base_url} ({time.perf_counter() - started:.1f} s)")
+        yield Endpoint(server.base_url, server.served_name, None, True)
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float
+    seconds: float
+
+
+class ChatClient:
+    """Async chat completions against one endpoint, with bounded, jittered retries."""
+
+    def __init__(self, endpoint: Endpoint, *, timeout: float = 300, max_retries: int = 4, backoff: float = 1.0):
+        import openai
+
+        self.endpoint = endpoint
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self._openai = openai
+        self._client = openai.AsyncOpenAI(base_url=endpoint.base_url, api_key=endpoint.api_key or "sovllm",
+                                          max_retries=0, timeout=timeout)
+        self.retries = 0
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    def _retry_after(self, exc) -> float | None:
+        response = getattr(exc, "response", None)
+        value = response.headers.get("retry-after") if response is not None else None
+        try:
+            return float(value) if value is not None else None
+        except ValueError:
+            return None
+
+    async def complete(self, messages: list[dict], **params) -> Completion:
+        """One streamed chat completion; BackendError after the last retry, EgressBlockedError at once."""
+        openai = self._openai
+        retryable = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError,
+                     openai.APITimeoutError)
+        for attempt in range(self.max_retries + 1):
+            try:
+                return await self._once(messages, params)
+            except retryable as exc:
+                blocked = egress.explain(exc)
+                if blocked is not None:
+                    raise blocked from None
+                if attempt == self.max_retries:
+                    raise BackendError(f"{self.endpoint.base_url}: {type(exc).__name__} after "
+                                       f"{self.max_retries + 1} attempts: {exc}") from None
+                delay = self._retry_after(exc) or self.backoff * 2 ** attempt
+                self.retries += 1
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+            except openai.APIStatusError as exc:
+                raise BackendError(f"{self.endpoint.base_url}: HTTP {exc.status_code}: {exc.message}") from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _once(self, messages: list[dict], params: dict) -> Completion:
+        started = time.perf_counter()
+        first = None
+        parts: list[str] = []
+        finish = None
+        usage = None
+        stream = await self._client.chat.completions.create(model=self.endpoint.model, messages=messages, stream=True,
+                                                            stream_options={"include_usage": True}, **params)
+        async for chunk in stream:
+            if chunk.usage is not None:
+                usage = chunk.usage
+            for choice in chunk.choices:
+                if choice.delta and choice.delta.content:
+                    if first is None:
+                        first = time.perf_counter() - started
+                    parts.append(choice.delta.content)
+                if choice.finish_reason:
+                    finish = choice.finish_reason
+        seconds = time.perf_counter() - started
+        return Completion("".join(parts), finish, usage.prompt_tokens if usage else 0,
+                          usage.completion_tokens if usage else 0, first if first is not None else seconds, seconds)

@@ -1,0 +1,1 @@
+"""Synthetic QA generation against any OpenAI-compatible endpoint: prompts, validation, resumable runs."""

@@ -1,0 +1,198 @@
+"""The generation loop: bounded concurrency, bounded retries, and a crash-safe cache.
+
+Each chunk's result is keyed by (chunk text hash, prompt template hash, generator model, sampling
+and validation settings), not by its position, and appended to `cache.jsonl` (flushed and synced)
+as soon as the chunk is done. A re-run, after an edit, Ctrl-C or `kill -9`, reuses every cached
+key and only asks the endpoint for the rest; `qa.jsonl` is rebuilt from the cache in chunk order,
+so a pair is never duplicated or lost. A cut-off last line (the write `kill -9` interrupted) is
+ignored.
+
+Concurrency: `concurrency` workers take chunks from a queue fed by one producer, so at most
+`2 × concurrency` chunks are in memory beyond those being worked on, whatever the corpus size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from sovllm.artifacts import append_jsonl, read_jsonl
+from sovllm.config import SynthSection
+from sovllm.endpoint import ChatClient, Endpoint
+from sovllm.errors import BackendError
+from sovllm.synth.prompt import PromptSet
+from sovllm.synth.validate import answer_candidates, check_output, max_tokens_for, schema_for
+
+
+@dataclass
+class Settings:
+    """Everything that decides what a chunk's pairs look like (all of it goes into the cache key)."""
+
+    types: list[str]
+    temperature: float
+    top_p: float
+    seed: int
+    max_attempts: int
+    grounding: float
+    question_max: int
+    answer_max: int
+    extractive: bool
+
+    @classmethod
+    def from_config(cls, synth: SynthSection, *, embedded: bool) -> "Settings":
+        extractive = synth.answer_mode == "extractive" or (synth.answer_mode == "auto" and embedded)
+        return cls(list(synth.types), synth.temperature, synth.top_p, synth.seed, synth.max_attempts,
+                   synth.grounding, synth.question_max_chars, synth.answer_max_chars, extractive)
+
+
+def chunk_key(chunk: dict, prompts: PromptSet, model: str, settings: Settings) -> str:
+    text_hash = hashlib.sha256(chunk["text"].encode("utf-8")).hexdigest()
+    blob = json.dumps([text_hash, chunk.get("heading_path"), prompts.language(chunk.get("lang")),
+                       prompts.template_hash(prompts.language(chunk.get("lang"))), model, settings.__dict__],
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:24]
+
+
+def load_cache(path: Path) -> dict[str, dict]:
+    """Cached chunk results by key (later lines win; a cut-off last line is ignored)."""
+    if not path.is_file():
+        return {}
+    return {record["key"]: record for record in read_jsonl(path, skip_partial_last_line=True) if "key" in record}
+
+
+@dataclass
+class RunStats:
+    chunks: int = 0
+    reused: int = 0
+    generated: int = 0
+    pairs: int = 0
+    failures: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float = 0.0
+    request_s: float = 0.0
+    requests: int = 0
+    by_reason: dict[str, int] = field(default_factory=dict)
+
+
+async def _one_chunk(chunk: dict, key: str, client: ChatClient, prompts: PromptSet, settings: Settings) -> dict:
+    seed_base = int(key[:8], 16) + settings.seed
+    valid: dict[str, dict] = {}
+    failed: dict[str, dict] = {}
+    seen: set[str] = set()
+    usage = {"prompt_tokens": 0, "completion_tokens": 0, "ttft_s": 0.0, "request_s": 0.0, "requests": 0}
+    missing = list(settings.types)
+    used: set[str] | None = set() if settings.extractive else None
+    candidates = answer_candidates(chunk["text"], settings.answer_max) if settings.extractive else None
+    for attempt in range(settings.max_attempts):
+        if attempt:
+            await asyncio.sleep(0.2 * 2 ** attempt * random.uniform(0.5, 1.5))  # back off before a retry
+        answers = [a for a in candidates if a not in used] if candidates is not None else None
+        if answers is not None and not answers:
+            for type_ in missing:
+                failed[type_] = {"reason": "context", "raw": "no sentence of the chunk is usable as an answer"}
+            break
+        schema = schema_for(missing, settings.question_max, settings.answer_max, answers)
+        try:
+            completion = await client.complete(
+                prompts.render(chunk, missing, extractive=settings.extractive),
+                max_tokens=max_tokens_for(missing, settings.question_max, settings.answer_max, answers),
+                temperature=settings.temperature, top_p=settings.top_p, seed=seed_base + attempt,
+                response_format={"type": "json_schema", "json_schema": {"name": "qa_pairs", "schema": schema}})
+        except BackendError as exc:
+            for type_ in missing:
+                failed[type_] = {"reason": "endpoint", "raw": str(exc)}
+            break
+        usage["prompt_tokens"] += completion.prompt_tokens
+        usage["completion_tokens"] += completion.completion_tokens
+        usage["ttft_s"] += completion.ttft_s
+        usage["request_s"] += completion.seconds
+        usage["requests"] += 1
+        pairs, problems = check_output(completion.text, completion.finish_reason, chunk["text"], missing, schema,
+                                       settings.grounding, seen, used)
+        valid.update(pairs)
+        for type_, reason in problems.items():
+            failed[type_] = {"reason": reason, "raw": completion.text}
+        for type_ in pairs:
+            failed.pop(type_, None)
+        missing = [t for t in missing if t not in valid]
+        if not missing:
+            break
+    return {"key": key, "chunk_id": chunk["id"], "pairs": [{"type": t, **valid[t]} for t in settings.types if t in valid],
+            "failed": [{"type": t, **failed[t]} for t in settings.types if t in failed], **usage}
+
+
+async def generate(chunks: list[dict], *, endpoint: Endpoint, prompts: PromptSet, settings: Settings,
+                   cache_path: Path, concurrency: int, timeout: float, reuse: bool = True,
+                   on_done: Callable[[dict], None] | None = None) -> tuple[dict[str, dict], RunStats]:
+    """Generate pairs for every chunk not in the cache; returns all results by key and run statistics."""
+    cache = load_cache(cache_path) if reuse else {}
+    stats = RunStats(chunks=len(chunks))
+    keys = {c["id"]: chunk_key(c, prompts, endpoint.model, settings) for c in chunks}
+    todo = [c for c in chunks if keys[c["id"]] not in cache]
+    stats.reused = len(chunks) - len(todo)
+    if not todo:
+        return cache, stats
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    client = ChatClient(endpoint, timeout=timeout)
+    queue: asyncio.Queue = asyncio.Queue(maxsize=2 * concurrency)
+
+    async def producer():
+        for chunk in todo:
+            await queue.put(chunk)
+        for _ in range(concurrency):
+            await queue.put(None)
+
+    async def worker():
+        while (chunk := await queue.get()) is not None:
+            record = await _one_chunk(chunk, keys[chunk["id"]], client, prompts, settings)
+            append_jsonl(cache_path, [record])  # durable before it counts as done
+            cache[record["key"]] = record
+            stats.generated += 1
+            stats.prompt_tokens += record["prompt_tokens"]
+            stats.completion_tokens += record["completion_tokens"]
+            stats.ttft_s += record["ttft_s"]
+            stats.request_s += record["request_s"]
+            stats.requests += record["requests"]
+            if on_done:
+                on_done(record)
+
+    tasks = [asyncio.create_task(producer())] + [asyncio.create_task(worker()) for _ in range(concurrency)]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await client.close()
+    return cache, stats
+
+
+def assemble(chunks: list[dict], results: dict[str, dict], keys: dict[str, str], endpoint: Endpoint,
+             stats: RunStats) -> tuple[list[dict], list[dict]]:
+    """`qa.jsonl` and `errors.jsonl` records for the current chunks, in chunk order."""
+    pairs, errors = [], []
+    for chunk in chunks:
+        record = results.get(keys[chunk["id"]])
+        if record is None:
+            continue
+        for pair in record["pairs"]:
+            pairs.append({"id": f"{chunk['id']}-{pair['type']}", "chunk_id": chunk["id"], "question": pair["question"],
+                          "answer": pair["answer"], "type": pair["type"],
+                          "generator": {"model": endpoint.model, "endpoint": endpoint.base_url}})
+        for failure in record["failed"]:
+            errors.append({"chunk_id": chunk["id"], "type": failure["type"], "reason": failure["reason"],
+                           "raw": failure["raw"]})
+            stats.by_reason[failure["reason"]] = stats.by_reason.get(failure["reason"], 0) + 1
+    stats.pairs, stats.failures = len(pairs), len(errors)
+    return pairs, errors
+
+
+def elapsed_since(start: float) -> float:
+    return time.perf_counter() - start

@@ -1,0 +1,137 @@
+"""The output contract of QA generation and the checks every generated pair must pass.
+
+The JSON schema asks for one `{question, answer}` object per requested type, with length limits
+chosen so that `max_tokens` always suffices (`max_tokens_for`). Questions are one line ending with
+a question mark. In extractive mode (used with small models) each answer must be one of the
+chunk's own sentences (or two consecutive ones) and is generated before its question, so the
+model writes a question for an answer it has already chosen. A pair is valid only if the output
+matches the schema, the pair is of a requested type, its question is not a duplicate within the
+chunk, and at least `grounding` of the answer's content words occur in the chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+
+_WORD = re.compile(r"[^\W_]+", re.UNICODE)
+STOPWORDS = frozenset("""
+a an and are as at be been being but by can could did do does for from had has have how if in into is it its
+may might must not of on or our shall should so such than that the their them then there these they this those
+to was were what when where which who whom why will with would you your also any all each more most other some
+only very just about after before between both during over under again further once same own too here
+der die das den dem des ein eine einer eines einem einen und oder aber im in ist sind war waren wird werden
+wurde wurden hat haben hatte hatten auf aus bei mit nach von vor zu zum zur für über unter durch gegen ohne um
+als auch wie wenn dass ob nicht noch nur schon sehr so sich sie er es wir ihr ihre ihren ihrem ihres sein seine
+kann können muss müssen soll sollen darf dürfen diese dieser dieses diesem diesen jede jeder jedes jedem jeden
+was wer wo wann warum welche welcher welches welchem welchen man hier dort dann denn doch bis seit beim vom ins
+""".split())
+
+
+def content_words(text: str) -> list[str]:
+    """Lower-cased words that carry content: numbers, and words of 3+ letters that are not stopwords."""
+    words = []
+    for word in _WORD.findall(text.casefold()):
+        if word.isdigit() or (len(word) >= 3 and word not in STOPWORDS):
+            words.append(word)
+    return words
+
+
+def grounding_ratio(answer: str, context: str) -> float:
+    """Share of the answer's distinct content words that occur in the context (0 for none)."""
+    answer_words = set(content_words(answer))
+    if not answer_words:
+        return 0.0
+    context_words = set(content_words(context))
+    return len(answer_words & context_words) / len(answer_words)
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'„“(]?[A-ZÄÖÜ0-9])")
+_LIST_MARK = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
+
+
+def answer_candidates(text: str, max_chars: int) -> list[str]:
+    """Sentences of a chunk usable as extractive answers, plus consecutive pairs that fit.
+
+    Lines of tables (two or more `|`) and fragments under six words are left out; list markers are
+    stripped. The order is the chunk's.
+    """
+    sentences: list[str] = []
+    for line in text.splitlines():
+        if line.count("|") >= 2:
+            continue
+        line = _LIST_MARK.sub("", line).strip()
+        for sentence in _SENTENCE_END.split(line):
+            sentence = sentence.strip()
+            if len(sentence.split()) >= 6 and len(sentence) <= max_chars and '"' not in sentence \
+                    and "\\" not in sentence:
+                sentences.append(sentence)
+    pairs = [f"{a} {b}" for a, b in zip(sentences, sentences[1:]) if len(a) + len(b) + 1 <= max_chars]
+    seen, out = set(), []
+    for candidate in sentences + pairs:
+        if candidate not in seen:
+            seen.add(candidate)
+            out.append(candidate)
+    return out
+
+
+def question_schema(question_max: int) -> dict:
+    """One question: no line breaks, no embedded '?', ending with '?'."""
+    return {"type": "string", "pattern": f"^[^?\"\\\\\\n]{{10,{question_max - 1}}}\\?$"}
+
+
+def schema_for(types: list[str], question_max: int, answer_max: int, answers: list[str] | None = None) -> dict:
+    """The response schema; with `answers`, each answer must be one of them and is written first."""
+    if answers is not None:
+        pair = {"type": "object", "additionalProperties": False, "required": ["answer", "question"],
+                "properties": {"answer": {"enum": answers}, "question": question_schema(question_max)}}
+    else:
+        pair = {"type": "object", "additionalProperties": False, "required": ["question", "answer"],
+                "properties": {"question": question_schema(question_max),
+                               "answer": {"type": "string", "minLength": 10, "maxLength": answer_max}}}
+    return {"type": "object", "additionalProperties": False, "required": list(types),
+            "properties": {t: pair for t in types}}
+
+
+def max_tokens_for(types: list[str], question_max: int, answer_max: int, answers: list[str] | None = None) -> int:
+    """A completion budget the schema can never exceed: one token per character plus the JSON frame."""
+    longest = max((len(a) for a in answers), default=0) if answers is not None else answer_max
+    return 16 + sum(question_max + longest + 24 for _ in types)
+
+
+def _norm_question(question: str) -> str:
+    return " ".join(_WORD.findall(question.casefold()))
+
+
+def check_output(text: str, finish_reason: str | None, chunk_text: str, types: list[str], schema: dict,
+                 threshold: float, seen_questions: set[str],
+                 used_answers: set[str] | None = None) -> tuple[dict[str, dict], dict[str, str]]:
+    """Valid pairs by type, and the reason each other requested type failed.
+
+    Reasons: `truncated` (cut off by max_tokens), `schema` (not JSON or not matching the schema),
+    `duplicate` (question already asked, or answer already used, for this chunk), `grounding` (answer
+    not from the chunk).
+    """
+    if finish_reason == "length":
+        return {}, {t: "truncated" for t in types}
+    try:
+        data = json.loads(text)
+        jsonschema.validate(data, schema)
+    except (ValueError, jsonschema.ValidationError):
+        return {}, {t: "schema" for t in types}
+    valid, failed = {}, {}
+    for type_ in types:
+        question, answer = data[type_]["question"].strip(), data[type_]["answer"].strip()
+        key = _norm_question(question)
+        if not key or key in seen_questions or (used_answers is not None and answer in used_answers):
+            failed[type_] = "duplicate"
+        elif grounding_ratio(answer, chunk_text) < threshold:
+            failed[type_] = "grounding"
+        else:
+            seen_questions.add(key)
+            if used_answers is not None:
+                used_answers.add(answer)
+            valid[type_] = {"question": question, "answer": answer}
+    return valid, failed
