@@ -39,13 +39,14 @@ def run(
     report = run_pipeline(directory, overrides=tuple(set_), quick=quick, force=force,
                           log=lambda msg: console.print(f"[dim]{msg}[/dim]"),
                           warn=lambda msg: err.print(f"[yellow]warning:[/] {msg}"),
-                          progress_factory=bar_factory("ingest", err))
+                          progress=lambda stage: bar_factory(stage, err))
     _print_stage_details(report)
     table = Table(title=f"sovllm run {report.root.name}" + (" --quick" if quick else ""))
     for column in ("stage", "status", "wall s", "details"):
         table.add_column(column)
     for name, result in report.stages:
-        details = ", ".join(f"{k}={v}" for k, v in result.manifest.counts.items() if k != "skipped")
+        details = ", ".join(f"{k}={v}" for k, v in result.manifest.counts.items()
+                            if k not in ("skipped", "reused", "generated"))
         if name == "model":
             details = f"{result.manifest.model.get('name')} base_id={str(result.manifest.model.get('base_id'))[:12]}…"
         table.add_row(name, "skipped (up to date)" if result.skipped else "ran", f"{result.seconds:.1f}", details)
@@ -59,9 +60,14 @@ def _print_stage_details(report) -> None:
 
     from sovllm.cli.ingest import print_stats
 
+    from sovllm.cli.synth import print_summary
+
     stats_file = report.out_dir / "ingest" / "stats.json"
     if stats_file.is_file():
         print_stats(json.loads(stats_file.read_text(encoding="utf-8")))
+    for name, result in report.stages:
+        if name == "synth" and "summary" in result.manifest.extra:
+            print_summary(result.manifest.extra["summary"])
 
 
 def register(app: typer.Typer) -> None:

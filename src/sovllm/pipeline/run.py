@@ -3,14 +3,17 @@
 Each stage writes `out/<stage>/manifest.json`; the run writes `out/manifest.json` listing the
 stages, whether each ran or was skipped, and their wall times. A stage whose inputs and config
 hash to the same key as its last successful run is skipped, which makes re-running after an
-interruption cheap. Stages so far: `model` (prepare the base model) and `ingest` (documents →
-chunks); synth, curate, train and eval join them as they are built.
+interruption cheap. Stages so far: `model` (prepare the base model), `ingest` (documents →
+chunks) and `synth` (chunks → QA pairs); curate, train and eval join them as they are built. All
+LLM stages of one run share one endpoint: the embedded server is started once, when the first
+stage that needs it runs, and stopped at the end.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -56,8 +59,11 @@ def check_endpoints(cfg: Config) -> None:
 
 def run_pipeline(directory: str | Path = ".", *, overrides: tuple[str, ...] = (), quick: bool = False,
                  force: bool = False, log: Callable[[str], None] = print, warn: Callable[[str], None] = print,
-                 progress_factory: Callable | None = None) -> RunReport:
-    """Run the project's pipeline; returns the run manifest and the per-stage results."""
+                 progress: Callable[[str], Callable] | None = None) -> RunReport:
+    """Run the project's pipeline; returns the run manifest and the per-stage results.
+
+    `progress(stage_name)` gives the progress-bar factory for a stage (None: no bars).
+    """
     root = project_root(directory)
     cfg = load_config(root, overrides)
     egress.install(cfg.egress.allow)
@@ -74,7 +80,23 @@ def run_pipeline(directory: str | Path = ".", *, overrides: tuple[str, ...] = ()
     from sovllm.ingest import stage as ingest
 
     report.stages.append(("ingest", ingest.run(root, cfg, quick=quick, force=force, warn=warn,
-                                               progress_factory=progress_factory)))
+                                               progress_factory=progress("ingest") if progress else None)))
+
+    from sovllm.endpoint import open_endpoint
+    from sovllm.synth import stage as synth
+
+    with ExitStack() as stack:
+        shared: list = []
+
+        @contextmanager
+        def endpoint():
+            # one endpoint (embedded server) for all LLM stages of this run, started on first use
+            if not shared:
+                shared.append(stack.enter_context(open_endpoint(cfg, log=log)))
+            yield shared[0]
+
+        report.stages.append(("synth", synth.run(root, cfg, endpoint, quick=quick, force=force, log=log,
+                                                 progress_factory=progress("synth") if progress else None)))
 
     report.manifest = Manifest(
         stage="run",

@@ -18,6 +18,8 @@ import hashlib
 import json
 import random
 import time
+
+import jsonschema
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -27,7 +29,8 @@ from sovllm.config import SynthSection
 from sovllm.endpoint import ChatClient, Endpoint
 from sovllm.errors import BackendError
 from sovllm.synth.prompt import PromptSet
-from sovllm.synth.validate import answer_candidates, check_output, max_tokens_for, schema_for
+from sovllm.synth.validate import (check_output, check_question, max_tokens_for, norm_question, question_schema,
+                                   rank_answers, schema_for)
 
 
 @dataclass
@@ -81,41 +84,87 @@ class RunStats:
     by_reason: dict[str, int] = field(default_factory=dict)
 
 
-async def _one_chunk(chunk: dict, key: str, client: ChatClient, prompts: PromptSet, settings: Settings) -> dict:
-    seed_base = int(key[:8], 16) + settings.seed
-    valid: dict[str, dict] = {}
-    failed: dict[str, dict] = {}
-    seen: set[str] = set()
-    usage = {"prompt_tokens": 0, "completion_tokens": 0, "ttft_s": 0.0, "request_s": 0.0, "requests": 0}
+def _usage() -> dict:
+    return {"prompt_tokens": 0, "completion_tokens": 0, "ttft_s": 0.0, "request_s": 0.0, "requests": 0}
+
+
+def _count(usage: dict, completion) -> None:
+    usage["prompt_tokens"] += completion.prompt_tokens
+    usage["completion_tokens"] += completion.completion_tokens
+    usage["ttft_s"] += completion.ttft_s
+    usage["request_s"] += completion.seconds
+    usage["requests"] += 1
+
+
+async def _backoff(attempt: int) -> None:
+    if attempt:
+        await asyncio.sleep(0.2 * 2 ** attempt * random.uniform(0.5, 1.5))
+
+
+async def _extractive(chunk: dict, client: ChatClient, prompts: PromptSet, settings: Settings, seed: int,
+                      usage: dict) -> tuple[dict, dict]:
+    """Answers are sentences of the chunk; the model writes the question each one answers."""
+    lang = prompts.language(chunk.get("lang"))
+    ranked = rank_answers(chunk["text"], settings.types, settings.answer_max)
+    schema = {"type": "object", "additionalProperties": False, "required": ["question"],
+              "properties": {"question": question_schema(settings.question_max, lang)}}
+    valid, failed, seen, used = {}, {}, set(), set()
+    for type_ in settings.types:
+        candidates = [a for a in ranked[type_] if a not in used][:settings.max_attempts]
+        if not candidates:
+            failed[type_] = {"reason": "context", "raw": "no sentence of the chunk suits this question type"}
+        for attempt, answer in enumerate(candidates):
+            await _backoff(attempt)
+            try:
+                completion = await client.complete(
+                    prompts.render_question(chunk, type_, answer), max_tokens=settings.question_max + 16,
+                    temperature=settings.temperature, top_p=settings.top_p, seed=seed + attempt,
+                    response_format={"type": "json_schema", "json_schema": {"name": "question", "schema": schema}})
+            except BackendError as exc:
+                failed[type_] = {"reason": "endpoint", "raw": str(exc)}
+                break
+            _count(usage, completion)
+            reason = "truncated" if completion.finish_reason == "length" else None
+            question = ""
+            if reason is None:
+                try:
+                    data = json.loads(completion.text)
+                    jsonschema.validate(data, schema)
+                    question = data["question"].strip()
+                except (ValueError, jsonschema.ValidationError):
+                    reason = "schema"
+            reason = reason or check_question(question, answer, seen)
+            if reason is None:
+                seen.add(norm_question(question))
+                used.add(answer)
+                valid[type_] = {"question": question, "answer": answer}
+                failed.pop(type_, None)
+                break
+            failed[type_] = {"reason": reason, "raw": completion.text, "answer": answer}
+    return valid, failed
+
+
+async def _free(chunk: dict, client: ChatClient, prompts: PromptSet, settings: Settings, seed: int,
+                usage: dict) -> tuple[dict, dict]:
+    """One request per chunk for all missing types; the model writes questions and answers."""
+    valid, failed, seen = {}, {}, set()
     missing = list(settings.types)
-    used: set[str] | None = set() if settings.extractive else None
-    candidates = answer_candidates(chunk["text"], settings.answer_max) if settings.extractive else None
     for attempt in range(settings.max_attempts):
-        if attempt:
-            await asyncio.sleep(0.2 * 2 ** attempt * random.uniform(0.5, 1.5))  # back off before a retry
-        answers = [a for a in candidates if a not in used] if candidates is not None else None
-        if answers is not None and not answers:
-            for type_ in missing:
-                failed[type_] = {"reason": "context", "raw": "no sentence of the chunk is usable as an answer"}
-            break
-        schema = schema_for(missing, settings.question_max, settings.answer_max, answers)
+        await _backoff(attempt)
+        schema = schema_for(missing, settings.question_max, settings.answer_max)
         try:
             completion = await client.complete(
-                prompts.render(chunk, missing, extractive=settings.extractive),
-                max_tokens=max_tokens_for(missing, settings.question_max, settings.answer_max, answers),
-                temperature=settings.temperature, top_p=settings.top_p, seed=seed_base + attempt,
+                prompts.render(chunk, missing), max_tokens=max_tokens_for(missing, settings.question_max,
+                                                                           settings.answer_max),
+                temperature=settings.temperature, top_p=settings.top_p, seed=seed + attempt,
                 response_format={"type": "json_schema", "json_schema": {"name": "qa_pairs", "schema": schema}})
         except BackendError as exc:
             for type_ in missing:
                 failed[type_] = {"reason": "endpoint", "raw": str(exc)}
             break
-        usage["prompt_tokens"] += completion.prompt_tokens
-        usage["completion_tokens"] += completion.completion_tokens
-        usage["ttft_s"] += completion.ttft_s
-        usage["request_s"] += completion.seconds
-        usage["requests"] += 1
+        _count(usage, completion)
         pairs, problems = check_output(completion.text, completion.finish_reason, chunk["text"], missing, schema,
-                                       settings.grounding, seen, used)
+                                       settings.grounding, seen)
         valid.update(pairs)
         for type_, reason in problems.items():
             failed[type_] = {"reason": reason, "raw": completion.text}
@@ -124,6 +173,13 @@ async def _one_chunk(chunk: dict, key: str, client: ChatClient, prompts: PromptS
         missing = [t for t in missing if t not in valid]
         if not missing:
             break
+    return valid, failed
+
+
+async def _one_chunk(chunk: dict, key: str, client: ChatClient, prompts: PromptSet, settings: Settings) -> dict:
+    usage = _usage()
+    strategy = _extractive if settings.extractive else _free
+    valid, failed = await strategy(chunk, client, prompts, settings, int(key[:8], 16) + settings.seed, usage)
     return {"key": key, "chunk_id": chunk["id"], "pairs": [{"type": t, **valid[t]} for t in settings.types if t in valid],
             "failed": [{"type": t, **failed[t]} for t in settings.types if t in failed], **usage}
 

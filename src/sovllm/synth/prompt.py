@@ -1,6 +1,8 @@
 """Prompt rendering for QA generation: Jinja templates per language, overridable per project.
 
-The package ships `system.<lang>.j2` and `qa.<lang>.j2` for English and German; a chunk detected
+The package ships `system.<lang>.j2` and `qa.<lang>.j2` (a whole chunk, all question types in one
+request: for strong endpoints) and `question.<lang>.j2` (one answer sentence → its question: the
+extractive mode used with small models) for English and German; a chunk detected
 as German gets the German prompt, every other language the English one. A project can override
 any of these files by putting a file of the same name into `synth.prompt_dir`. The hash of the
 templates a chunk used is part of its cache key, so editing a prompt regenerates its pairs.
@@ -52,8 +54,23 @@ class PromptSet:
         return chunk_lang if chunk_lang in LANGUAGES else "en"
 
     def template_hash(self, lang: str) -> str:
-        blob = self.source(f"system.{lang}.j2") + "\0" + self.source(f"qa.{lang}.j2")
+        blob = "\0".join(self.source(f"{name}.{lang}.j2") for name in ("system", "qa", "question"))
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+    def render_question(self, chunk: dict, type_: str, answer: str) -> list[dict]:
+        """The message asking for the question that `answer` (sentences of the chunk) answers.
+
+        Extractive mode: one short request per answer, no system prompt and no chunk, which is
+        what a 135M model handles best (measured: long multi-part prompts made it ask generic
+        or copied questions).
+        """
+        lang = self.language(chunk.get("lang"))
+        try:
+            user = self._env.from_string(self.source(f"question.{lang}.j2")).render(
+                answer=answer, type=type_, heading_path=chunk.get("heading_path") or []).strip()
+        except jinja2.TemplateError as exc:
+            raise ConfigError(f"synth prompt template question.{lang}.j2: {exc}") from None
+        return [{"role": "user", "content": user}]
 
     def render(self, chunk: dict, types: list[str], *, extractive: bool = False) -> list[dict]:
         """System and user messages asking for one pair of each of `types` about `chunk`.

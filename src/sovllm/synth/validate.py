@@ -77,9 +77,78 @@ def answer_candidates(text: str, max_chars: int) -> list[str]:
     return out
 
 
-def question_schema(question_max: int) -> dict:
-    """One question: no line breaks, no embedded '?', ending with '?'."""
-    return {"type": "string", "pattern": f"^[^?\"\\\\\\n]{{10,{question_max - 1}}}\\?$"}
+QUESTION_WORDS = {
+    "en": ["What", "Which", "Who", "Whom", "Whose", "When", "Where", "How", "Why", "Is", "Are", "Does", "Do", "Can",
+           "Must", "Should", "Will", "May"],
+    "de": ["Was", "Welche", "Welcher", "Welches", "Welchen", "Welchem", "Wer", "Wem", "Wen", "Wann", "Wo", "Wohin",
+           "Woher", "Wie", "Warum", "Weshalb", "Wozu", "Womit", "Wofür", "Worauf", "Wodurch", "Ist", "Sind", "Gibt",
+           "Muss", "Müssen", "Darf", "Dürfen", "Kann", "Können", "Wird", "Werden", "Hat", "Haben", "Soll", "Sollen"],
+}
+
+
+def question_schema(question_max: int, lang: str | None = None) -> dict:
+    """One question: a single line ending with '?'; with `lang`, it starts with a question word."""
+    start = f"({'|'.join(QUESTION_WORDS[lang])}) " if lang in QUESTION_WORDS else ""
+    return {"type": "string", "pattern": f"^{start}[^?\"\\\\\\n]{{8,{question_max - 10}}}\\?$"}
+
+
+_GENERIC = re.compile(r"\b(the answer|the question|this question|(the|this|given) statements?|this text|the text|"
+                      r"this section|the section|die frage|die antwort|diese aussage|der aussage|dieser text|"
+                      r"den text|dieser abschnitt)\b", re.IGNORECASE)
+_CONTRAST = re.compile(r"\b(than|while|whereas|unlike|instead|but|however|compared|both|either|rather|"
+                       r"als|während|dagegen|statt|anstatt|aber|jedoch|sowohl|entweder|hingegen)\b", re.IGNORECASE)
+_RULE = re.compile(r"\b(because|so that|to ensure|in order|must|should|if|when|unless|only|never|always|after|"
+                   r"before|weil|damit|muss|müssen|soll|sollen|wenn|falls|nur|nie|immer|nach|bevor|sobald)\b",
+                   re.IGNORECASE)
+
+
+def rank_answers(text: str, types: list[str], answer_max: int) -> dict[str, list[str]]:
+    """Candidate answer sentences of a chunk for each question type, best first.
+
+    factual: sentences with numbers and names; conceptual: sentences stating a rule, reason or
+    condition; comparison: sentences with a contrast, then pairs of consecutive sentences.
+    Sentences that are themselves questions (FAQ headings) are never answers.
+    """
+    # complete statements only: capitalised, ending with a full stop, not a label ("Approved by: …")
+    candidates = [c for c in answer_candidates(text, answer_max)
+                  if "?" not in c and c[:1].isupper() and c.endswith(".") and not re.match(r"^[\w\s-]{1,30}:", c)]
+    singles = [c for c in candidates if not re.search(r"[.!]\s+\S", c)]
+    pairs = [c for c in candidates if c not in singles]
+
+    def facts(s: str) -> int:
+        return 2 * bool(re.search(r"\d", s)) + len(re.findall(r"(?<!^)\b[A-ZÄÖÜ][\w-]+", s))
+
+    ranked = {
+        "factual": sorted(singles, key=lambda s: (-facts(s), len(s))),
+        "conceptual": [s for s in singles if _RULE.search(s)] + [s for s in singles if not _RULE.search(s)],
+        "comparison": [s for s in singles if _CONTRAST.search(s)] + pairs,
+    }
+    return {t: ranked[t] for t in types}
+
+
+def check_question(question: str, answer: str, seen: set[str]) -> str | None:
+    """Why a generated question is unusable for `answer` (None when it is fine).
+
+    `duplicate`: asked before for this chunk; `generic`: talks about "the question", "this
+    statement" and the like; `off_topic`: shares fewer than two content words with its answer;
+    `rambling`: repeats itself or runs past 110 characters; `copy`: repeats the answer instead of
+    asking for it.
+    """
+    key = _norm_question(question)
+    if not key or key in seen:
+        return "duplicate"
+    if _GENERIC.search(question):
+        return "generic"
+    q_words, a_words = set(content_words(question)), set(content_words(answer))
+    if len(q_words & a_words) < min(2, len(a_words)):
+        return "off_topic"
+    words = question.casefold().split()
+    trigrams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
+    if len(trigrams) != len(set(trigrams)) or len(question) > 110:
+        return "rambling"
+    if len(a_words) >= 4 and len(q_words & a_words) / len(a_words) > 0.85:
+        return "copy"
+    return None
 
 
 def schema_for(types: list[str], question_max: int, answer_max: int, answers: list[str] | None = None) -> dict:
@@ -103,6 +172,11 @@ def max_tokens_for(types: list[str], question_max: int, answer_max: int, answers
 
 def _norm_question(question: str) -> str:
     return " ".join(_WORD.findall(question.casefold()))
+
+
+def norm_question(question: str) -> str:
+    """Normalised form used to detect duplicate questions."""
+    return _norm_question(question)
 
 
 def check_output(text: str, finish_reason: str | None, chunk_text: str, types: list[str], schema: dict,
