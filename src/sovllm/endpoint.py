@@ -25,6 +25,9 @@ from sovllm.config import Config
 from sovllm.errors import BackendError, ConfigError
 
 
+_sleep = asyncio.sleep  # the backoff wait (tests observe it)
+
+
 @dataclass(frozen=True)
 class Endpoint:
     base_url: str
@@ -113,7 +116,7 @@ class ChatClient:
                                        f"{self.max_retries + 1} attempts: {exc}") from None
                 delay = self._retry_after(exc) or self.backoff * 2 ** attempt
                 self.retries += 1
-                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                await _sleep(delay * random.uniform(0.5, 1.5))
             except openai.APIStatusError as exc:
                 raise BackendError(f"{self.endpoint.base_url}: HTTP {exc.status_code}: {exc.message}") from None
         raise AssertionError("unreachable")  # pragma: no cover

@@ -159,8 +159,9 @@ def merge(root: Path, cfg: Config, shards: int) -> dict:
         pairs += list(read_jsonl(d / "qa.jsonl"))
         errors += list(read_jsonl(d / "errors.jsonl"))
         cache.update(load_cache(d / CACHE))
-    pairs.sort(key=lambda p: (order.get(p["chunk_id"], 1 << 30), p["id"]))
-    errors.sort(key=lambda e: (order.get(e["chunk_id"], 1 << 30), e["type"]))
+    # stable sorts: within a chunk the shard files already hold the configured type order
+    pairs.sort(key=lambda p: order.get(p["chunk_id"], 1 << 30))
+    errors.sort(key=lambda e: order.get(e["chunk_id"], 1 << 30))
     if len({p["id"] for p in pairs}) != len(pairs):
         raise InputError("cannot merge: the shards overlap (a pair id appears twice)")
 

@@ -111,7 +111,7 @@ def rank_answers(text: str, types: list[str], answer_max: int) -> dict[str, list
     """
     # complete statements only: capitalised, ending with a full stop, not a label ("Approved by: …")
     candidates = [c for c in answer_candidates(text, answer_max)
-                  if "?" not in c and c[:1].isupper() and c.endswith(".") and not re.match(r"^[\w\s-]{1,30}:", c)]
+                  if "?" not in c and c[:1].isupper() and c.endswith(".") and not re.match(r"^[^\d:]{1,30}:\s", c)]
     singles = [c for c in candidates if not re.search(r"[.!]\s+\S", c)]
     pairs = [c for c in candidates if c not in singles]
 

@@ -1,0 +1,181 @@
+"""The generation loop against a scripted endpoint: retries, backoff, bounded concurrency, reuse,
+sharding and merging."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from contextlib import contextmanager
+
+import pytest
+
+from sovllm.artifacts import read_jsonl
+from sovllm.config import load_config
+from sovllm.endpoint import ChatClient
+from sovllm.errors import BackendError
+from sovllm.project import init_project
+from sovllm.synth import stage
+from sovllm.synth.generate import Settings, generate
+from sovllm.synth.prompt import PromptSet
+from tests.synth.conftest import CHUNKS, chunk_for, endpoint_of, first_sentence, good_free, text_of
+
+SETTINGS = dict(types=["factual", "conceptual"], temperature=0.5, top_p=1.0, seed=0, max_attempts=3, grounding=0.6,
+                question_max=120, answer_max=240)
+
+
+def run(chunks, endpoint, tmp_path, *, extractive=False, concurrency=4, reuse=True, **overrides):
+    settings = Settings(**{**SETTINGS, **overrides}, extractive=extractive)
+    return asyncio.run(generate(chunks, endpoint=endpoint, prompts=PromptSet(), settings=settings,
+                                cache_path=tmp_path / "cache.jsonl", concurrency=concurrency, timeout=30, reuse=reuse))
+
+
+def test_free_mode_retries_invalid_output_then_records_the_failure(fake, tmp_path):
+    def script(body, n):
+        chunk = chunk_for(body)
+        types = body["response_format"]["json_schema"]["schema"]["required"]
+        if chunk["id"] == "doc0-00000":  # always ungrounded: fails after max_attempts
+            return 200, json.dumps({t: {"question": f"Where is Paris {t}?", "answer": "Paris is in France."}
+                                    for t in types})
+        if chunk["id"] == "doc1-00000" and "conceptual" in types and len(types) == 2:
+            pair = {"question": "How long does a Tunnelwerk session last?", "answer": first_sentence(chunk["text"])}
+            return 200, json.dumps({"factual": pair, "conceptual": {"question": "Where is Paris located?",
+                                                                    "answer": "Paris is in France."}})
+        return good_free(body, n)
+
+    endpoint = fake(script)
+    results, stats = run(CHUNKS[:2], endpoint_of(endpoint), tmp_path)
+    by_chunk = {r["chunk_id"]: r for r in results.values()}
+    failed = by_chunk["doc0-00000"]
+    assert failed["pairs"] == [] and failed["requests"] == 3
+    assert {f["reason"] for f in failed["failed"]} == {"grounding"} and "Paris" in failed["failed"][0]["raw"]
+    retried = by_chunk["doc1-00000"]
+    assert [p["type"] for p in retried["pairs"]] == ["factual", "conceptual"] and retried["requests"] == 2
+    # the retry asked only for the missing type
+    second = [b for b in endpoint.requests if "Part 1" in text_of(b)][1]
+    assert second["response_format"]["json_schema"]["schema"]["required"] == ["conceptual"]
+
+
+def test_extractive_mode_answers_are_chunk_sentences(fake, tmp_path):
+    def script(body, n):
+        statement = text_of(body).split("\n", 1)[1]
+        words = [w.strip(".,„“\"") for w in statement.split() if len(w) > 4][:3]
+        start = "Was passiert mit " if "Aussage" in text_of(body) else "What happens with "
+        return 200, json.dumps({"question": start + " ".join(words) + "?"})
+
+    endpoint = fake(script)
+    results, _ = run(CHUNKS[:4], endpoint_of(endpoint, embedded=True), tmp_path, extractive=True)
+    for record in results.values():
+        chunk = next(c for c in CHUNKS if c["id"] == record["chunk_id"])
+        assert record["pairs"], record
+        for pair in record["pairs"]:
+            assert pair["answer"] in chunk["text"] and pair["question"].endswith("?")
+    schema = endpoint.requests[0]["response_format"]["json_schema"]["schema"]
+    assert schema["properties"]["question"]["pattern"].startswith("^(What|")
+
+
+def test_server_errors_are_retried_with_backoff(fake, tmp_path, monkeypatch):
+    import sovllm.endpoint
+
+    sleeps = []
+
+    async def record_sleep(delay):
+        sleeps.append(delay)
+
+    monkeypatch.setattr(sovllm.endpoint, "_sleep", record_sleep)
+
+    def script(body, n):
+        if n == 1:
+            return 429, "slow down", {"Retry-After": "2"}
+        if n == 2:
+            return 503, "overloaded"
+        return good_free(body, n)
+
+    endpoint = fake(script)
+    results, stats = run(CHUNKS[:1], endpoint_of(endpoint), tmp_path, concurrency=1)
+    assert next(iter(results.values()))["pairs"] and len(endpoint.requests) == 3
+    assert len(sleeps) == 2 and 1.0 <= sleeps[0] <= 3.0  # Retry-After: 2, jittered ±50 %
+    assert 0.5 <= sleeps[1] <= 3.0  # second retry: exponential backoff (2 s ± 50 %)
+
+
+def test_client_gives_up_after_bounded_retries(fake):
+    endpoint = fake(lambda body, n: (500, "broken"))
+    client = ChatClient(endpoint_of(endpoint), max_retries=2, backoff=0.01)
+    with pytest.raises(BackendError, match="after 3 attempts"):
+        asyncio.run(client.complete([{"role": "user", "content": "hi"}]))
+    assert len(endpoint.requests) == 3
+
+
+def test_bad_request_is_not_retried_and_is_recorded(fake, tmp_path):
+    endpoint = fake(lambda body, n: (400, "This model's maximum context length is 2048 tokens."))
+    results, _ = run(CHUNKS[:1], endpoint_of(endpoint), tmp_path)
+    record = next(iter(results.values()))
+    assert len(endpoint.requests) == 1 and record["failed"][0]["reason"] == "endpoint"
+    assert "maximum context length" in record["failed"][0]["raw"]
+
+
+def test_concurrency_is_bounded(fake, tmp_path):
+    endpoint = fake(good_free, delay=0.2)
+    chunks = [{**CHUNKS[i % 6], "id": f"c{i}", "text": CHUNKS[i % 6]["text"] + f" Note {i}."} for i in range(12)]
+    run(chunks, endpoint_of(endpoint), tmp_path, concurrency=3)
+    assert endpoint.max_in_flight == 3
+
+
+def test_reuse_is_keyed_by_text_and_settings(fake, tmp_path):
+    endpoint = fake(good_free)
+    run(CHUNKS, endpoint_of(endpoint), tmp_path)
+    first = len(endpoint.requests)
+    _, stats = run(CHUNKS, endpoint_of(endpoint), tmp_path)
+    assert len(endpoint.requests) == first and stats.reused == len(CHUNKS)
+    moved = [{**c, "id": c["id"].replace("doc", "renamed")} for c in CHUNKS]  # same text, new ids: reused
+    run(moved, endpoint_of(endpoint), tmp_path)
+    assert len(endpoint.requests) == first
+    edited = [dict(c) for c in CHUNKS]
+    edited[2]["text"] += " Added sentence."
+    _, stats = run(edited, endpoint_of(endpoint), tmp_path)
+    assert len(endpoint.requests) == first + 1 and stats.generated == 1
+    run(CHUNKS, endpoint_of(endpoint), tmp_path, temperature=0.9)  # other sampling: regenerate all
+    assert len(endpoint.requests) == first + 1 + len(CHUNKS)
+
+
+@pytest.fixture
+def project(tmp_path):
+    init_project(tmp_path / "p")
+    root = tmp_path / "p"
+    (root / "out" / "ingest").mkdir(parents=True)
+    (root / "out" / "ingest" / "chunks.jsonl").write_text("".join(json.dumps(c) + "\n" for c in CHUNKS))
+    return root
+
+
+def test_shards_and_merge_equal_an_unsharded_run(fake, project):
+    endpoint = fake(good_free)
+    cfg = load_config(project, ["synth.types=[factual, conceptual]"])
+
+    @contextmanager
+    def factory():
+        yield endpoint_of(endpoint)
+
+    whole = stage.run(project, cfg, factory, log=lambda _: None)
+    unsharded = list(read_jsonl(project / "out" / "synth" / "qa.jsonl"))
+    assert whole.manifest.counts["pairs"] == len(unsharded) > 0
+    for k in (1, 2, 3):
+        stage.run(project, cfg, factory, shard=(k, 3), log=lambda _: None)
+    shard_ids = [{p["chunk_id"] for p in read_jsonl(project / "out" / "synth" / "shards" / f"{k}-of-3" / "qa.jsonl")}
+                 for k in (1, 2, 3)]
+    assert not (shard_ids[0] & shard_ids[1]) and not (shard_ids[1] & shard_ids[2])
+    (project / "out" / "synth" / "qa.jsonl").unlink()
+    result = stage.merge(project, cfg, 3)
+    merged = list(read_jsonl(project / "out" / "synth" / "qa.jsonl"))
+    assert result["pairs"] == len(merged) and [p["id"] for p in merged] == [p["id"] for p in unsharded]
+
+
+def test_merge_refuses_missing_shards(fake, project):
+    cfg = load_config(project)
+    with pytest.raises(Exception, match="2 of 2 shards have no successful run"):
+        stage.merge(project, cfg, 2)
+
+
+def test_parse_shard():
+    assert stage.parse_shard("2/4") == (2, 4)
+    for bad in ("0/4", "5/4", "x", "1-2"):
+        with pytest.raises(Exception, match="--shard"):
+            stage.parse_shard(bad)
