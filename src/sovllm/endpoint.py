@@ -77,7 +77,8 @@ class Completion:
 class ChatClient:
     """Async chat completions against one endpoint, with bounded, jittered retries."""
 
-    def __init__(self, endpoint: Endpoint, *, timeout: float = 300, max_retries: int = 4, backoff: float = 1.0):
+    def __init__(self, endpoint: Endpoint, *, timeout: float = 300, max_retries: int = 4, backoff: float = 1.0,
+                 max_in_flight: int | None = None):
         import openai
 
         self.endpoint = endpoint
@@ -87,6 +88,7 @@ class ChatClient:
         self._client = openai.AsyncOpenAI(base_url=endpoint.base_url, api_key=endpoint.api_key or "sovllm",
                                           max_retries=0, timeout=timeout)
         self.retries = 0
+        self._slots = asyncio.Semaphore(max_in_flight) if max_in_flight else None
 
     async def close(self) -> None:
         await self._client.close()
@@ -106,7 +108,10 @@ class ChatClient:
                      openai.APITimeoutError)
         for attempt in range(self.max_retries + 1):
             try:
-                return await self._once(messages, params)
+                if self._slots is None:
+                    return await self._once(messages, params)
+                async with self._slots:  # at most max_in_flight requests at the endpoint
+                    return await self._once(messages, params)
             except retryable as exc:
                 blocked = egress.explain(exc)
                 if blocked is not None:

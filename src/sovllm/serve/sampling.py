@@ -150,7 +150,11 @@ def sample_next(seq: Sequence, logits, stop_ids: set[int]) -> tuple[int, dict | 
         logits = logits / params.temperature
         probs = torch.softmax(logits, dim=-1)
         if params.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
+            # the nucleus almost always lies in the top few hundred tokens: sort those only, and
+            # fall back to the full sort when they do not reach top_p (so the result is exact)
+            sorted_probs, order = torch.topk(probs, min(512, probs.shape[-1]))
+            if float(sorted_probs.sum()) < params.top_p:
+                sorted_probs, order = torch.sort(probs, descending=True)
             keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p
             keep[0] = True
             filtered = torch.zeros_like(probs)

@@ -7,8 +7,10 @@ key and only asks the endpoint for the rest; `qa.jsonl` is rebuilt from the cach
 so a pair is never duplicated or lost. A cut-off last line (the write `kill -9` interrupted) is
 ignored.
 
-Concurrency: `concurrency` workers take chunks from a queue fed by one producer, so at most
-`2 × concurrency` chunks are in memory beyond those being worked on, whatever the corpus size.
+Concurrency: at most `concurrency` requests are in flight at the endpoint (a semaphore in the
+client); as many workers take chunks from a queue fed by one producer, so at most
+`2 × concurrency` chunks wait in memory beyond those being worked on, whatever the corpus size.
+A chunk's question types are requested concurrently, which keeps the endpoint's batch full.
 """
 
 from __future__ import annotations
@@ -103,17 +105,28 @@ async def _backoff(attempt: int) -> None:
 
 async def _extractive(chunk: dict, client: ChatClient, prompts: PromptSet, settings: Settings, seed: int,
                       usage: dict) -> tuple[dict, dict]:
-    """Answers are sentences of the chunk; the model writes the question each one answers."""
+    """Answers are sentences of the chunk; the model writes the question each one answers.
+
+    The types run concurrently (each tries its own candidate sentences in turn), so a chunk keeps
+    several short requests in flight; a type whose accepted answer or question another type
+    already has is counted as a duplicate.
+    """
     lang = prompts.language(chunk.get("lang"))
     ranked = rank_answers(chunk["text"], settings.types, settings.answer_max)
     schema = {"type": "object", "additionalProperties": False, "required": ["question"],
               "properties": {"question": question_schema(settings.question_max, lang)}}
-    valid, failed, seen, used = {}, {}, set(), set()
-    for type_ in settings.types:
-        candidates = [a for a in ranked[type_] if a not in used][:settings.max_attempts]
-        if not candidates:
-            failed[type_] = {"reason": "context", "raw": "no sentence of the chunk suits this question type"}
-        for attempt, answer in enumerate(candidates):
+    taken: set[str] = set()
+    plans = {}
+    for type_ in settings.types:  # each type starts from a sentence no earlier type starts from
+        own = [a for a in ranked[type_] if a not in taken]
+        plans[type_] = own[:settings.max_attempts]
+        taken.update(own[:1])
+
+    async def one_type(type_: str) -> tuple[dict | None, dict | None]:
+        if not plans[type_]:
+            return None, {"reason": "context", "raw": "no sentence of the chunk suits this question type"}
+        failure = None
+        for attempt, answer in enumerate(plans[type_]):
             await _backoff(attempt)
             try:
                 completion = await client.complete(
@@ -121,26 +134,35 @@ async def _extractive(chunk: dict, client: ChatClient, prompts: PromptSet, setti
                     temperature=settings.temperature, top_p=settings.top_p, seed=seed + attempt,
                     response_format={"type": "json_schema", "json_schema": {"name": "question", "schema": schema}})
             except BackendError as exc:
-                failed[type_] = {"reason": "endpoint", "raw": str(exc)}
-                break
+                return None, {"reason": "endpoint", "raw": str(exc)}
             _count(usage, completion)
-            reason = "truncated" if completion.finish_reason == "length" else None
-            question = ""
-            if reason is None:
+            reason, question = None, ""
+            if completion.finish_reason == "length":
+                reason = "truncated"
+            else:
                 try:
                     data = json.loads(completion.text)
                     jsonschema.validate(data, schema)
                     question = data["question"].strip()
                 except (ValueError, jsonschema.ValidationError):
                     reason = "schema"
-            reason = reason or check_question(question, answer, seen)
+            reason = reason or check_question(question, answer, set())
             if reason is None:
-                seen.add(norm_question(question))
-                used.add(answer)
-                valid[type_] = {"question": question, "answer": answer}
-                failed.pop(type_, None)
-                break
-            failed[type_] = {"reason": reason, "raw": completion.text, "answer": answer}
+                return {"question": question, "answer": answer}, None
+            failure = {"reason": reason, "raw": completion.text, "answer": answer}
+        return None, failure
+
+    outcomes = await asyncio.gather(*(one_type(t) for t in settings.types))
+    valid, failed, seen, used = {}, {}, set(), set()
+    for type_, (pair, failure) in zip(settings.types, outcomes):
+        if pair is not None and (norm_question(pair["question"]) in seen or pair["answer"] in used):
+            pair, failure = None, {"reason": "duplicate", "raw": json.dumps(pair, ensure_ascii=False)}
+        if pair is not None:
+            seen.add(norm_question(pair["question"]))
+            used.add(pair["answer"])
+            valid[type_] = pair
+        else:
+            failed[type_] = failure
     return valid, failed
 
 
@@ -196,7 +218,7 @@ async def generate(chunks: list[dict], *, endpoint: Endpoint, prompts: PromptSet
     if not todo:
         return cache, stats
     cache_path.parent.mkdir(parents=True, exist_ok=True)
-    client = ChatClient(endpoint, timeout=timeout)
+    client = ChatClient(endpoint, timeout=timeout, max_in_flight=concurrency)
     queue: asyncio.Queue = asyncio.Queue(maxsize=2 * concurrency)
 
     async def producer():
