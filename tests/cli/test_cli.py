@@ -70,7 +70,8 @@ def test_run_quick_writes_manifests_and_skips_when_up_to_date(project, tiny_mode
     code, out, _ = cli(["run", project, "--quick"], capsys)
     assert code == 0 and "skipped (up to date)" in out
     stages = json.loads((project / "out" / "manifest.json").read_text())["extra"]["stages"]
-    assert [(s["stage"], s["status"]) for s in stages] == [("model", "skipped"), ("ingest", "skipped")]
+    assert [(s["stage"], s["status"]) for s in stages] == [("model", "skipped"), ("ingest", "skipped"),
+                                                           ("synth", "skipped")]
 
 
 def test_run_without_project_is_a_one_line_error(tmp_path, capsys):

@@ -43,7 +43,11 @@ def test_quick_run_of_the_example_project(tmp_path, bundled_model):
     proc = sovllm("run", project, "--quick", env={**os.environ, "COLUMNS": "200"})
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((project / "out" / "manifest.json").read_text())
-    assert [s["stage"] for s in manifest["extra"]["stages"]] == ["model", "ingest"]
+    assert [s["stage"] for s in manifest["extra"]["stages"]] == ["model", "ingest", "synth"]
     ingest = json.loads((project / "out" / "ingest" / "manifest.json").read_text())
     assert ingest["counts"]["documents"] == 4 and ingest["counts"]["chunks"] > 0
     assert "chunk length (tokens)" in proc.stdout and "4 documents" in proc.stdout
+    synth = json.loads((project / "out" / "synth" / "manifest.json").read_text())
+    assert synth["status"] == "ok" and synth["counts"]["chunks"] == 12 and synth["counts"]["pairs"] > 0
+    assert synth["model"]["embedded"] is True and synth["extra"]["answer_mode"] == "extractive"
+    assert synth["endpoints"]["blocked"] == [] and synth["endpoints"]["contacted"]
