@@ -5,7 +5,8 @@ injected into it. The engine thread runs iterations: it applies pending commands
 unload), admits waiting requests into free KV-cache slots (prefilling each prompt once, then
 copying the cache to the other slots when `n > 1`), and runs one decode step for every running
 sequence together, whatever adapter each uses (PEFT's `adapter_names` routes each row through its
-own adapter, `__base__` through none). Finished sequences leave the batch at once, new ones join
+own adapter, `__base__` through none). Prompts that arrive together are prefilled together
+(left-padded, up to `max_prefill_batch`). Finished sequences leave the batch at once, new ones join
 at the next iteration.
 
 The KV cache is a preallocated tensor per layer, `[slots, kv_heads, max_model_len, head_dim]`;
@@ -42,6 +43,8 @@ class Batch:
     slots: list[int]
     starts: list[int]
     lengths: list[int]
+    # where each row's real tokens begin in the padded input (left padding); 0 = no padding
+    offsets: list[int] | None = None
 
 
 def _slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -56,16 +59,17 @@ def _slot_attention(module, query, key, value, attention_mask, scaling=None, dro
     out = query.new_zeros(rows, q_len, heads, dim)
     for r in range(rows):
         slot, start, n = batch.slots[r], batch.starts[r], batch.lengths[r]
-        batch.keys[layer, slot, :, start:start + n] = key[r, :, :n]
-        batch.values[layer, slot, :, start:start + n] = value[r, :, :n]
+        o0 = batch.offsets[r] if batch.offsets else 0
+        batch.keys[layer, slot, :, start:start + n] = key[r, :, o0:o0 + n]
+        batch.values[layer, slot, :, start:start + n] = value[r, :, o0:o0 + n]
         k = batch.keys[layer, slot, :, :start + n].unsqueeze(0)
         v = batch.values[layer, slot, :, :start + n].unsqueeze(0)
         mask = None
         if n > 1 and start > 0:  # a chunk after a cached prefix: causal within, full over the prefix
             mask = torch.ones(n, start + n, dtype=torch.bool).tril(diagonal=start)
-        o = F.scaled_dot_product_attention(query[r:r + 1, :, :n], k, v, attn_mask=mask,
+        o = F.scaled_dot_product_attention(query[r:r + 1, :, o0:o0 + n], k, v, attn_mask=mask,
                                            is_causal=(n > 1 and start == 0), scale=scaling, enable_gqa=True)
-        out[r, :n] = o[0].transpose(0, 1)
+        out[r, o0:o0 + n] = o[0].transpose(0, 1)
     return out, None
 
 
@@ -94,7 +98,7 @@ class Engine:
     """Continuous-batching generator over one base model and any number of LoRA adapters."""
 
     def __init__(self, model_dir, tokenizer, *, max_num_seqs: int = 16, max_model_len: int = 2048,
-                 threads: int | None = None):
+                 threads: int | None = None, max_prefill_batch: int = 8):
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -108,6 +112,7 @@ class Engine:
         config = self.model.config
         self.max_model_len = min(max_model_len, getattr(config, "max_position_embeddings", max_model_len))
         self.max_num_seqs = max_num_seqs
+        self.max_prefill_batch = max_prefill_batch
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         shape = (config.num_hidden_layers, max_num_seqs, config.num_key_value_heads, self.max_model_len, head_dim)
         self.keys = torch.zeros(shape, dtype=torch.float32)
@@ -230,8 +235,14 @@ class Engine:
         while not self._waiting.empty():
             self._pending.append(self._waiting.get())
         self._drop_aborted()
-        while self._pending and len(self._free) >= self._pending[0].params.n:
-            self._prefill(self._pending.pop(0))
+        admitted, free = [], len(self._free)
+        while self._pending and free >= self._pending[0].params.n and len(admitted) < self.max_prefill_batch:
+            if admitted and not 0.5 <= len(self._pending[0].prompt_ids) / len(admitted[0].prompt_ids) <= 2:
+                break  # very different lengths would mostly pad: prefill it in the next iteration
+            free -= self._pending[0].params.n
+            admitted.append(self._pending.pop(0))
+        if admitted:
+            self._prefill(admitted)
         if self._running:
             self._decode()
 
@@ -253,28 +264,42 @@ class Engine:
                     sovllm_batch=batch, **kwargs)
         return out.logits[:, -1, :].float()
 
-    def _prefill(self, request: Request) -> None:
+    def _prefill(self, requests: list[Request]) -> None:
+        """Prefill several prompts in one forward pass (left-padded), then start their sequences.
+
+        On a CPU a forward pass costs about the same for one short prompt as for several: the time
+        goes into reading the weights. Batching the prefills of requests that arrived together
+        saves those passes.
+        """
         import torch
 
-        ids = request.prompt_ids
-        slots = [self._free.pop(0) for _ in range(request.params.n)]
-        batch = Batch(self.keys, self.values, [slots[0]], [0], [len(ids)])
+        width = max(len(r.prompt_ids) for r in requests)
+        pad = self.tokenizer.pad_token_id or 0
+        slots = [[self._free.pop(0) for _ in range(r.params.n)] for r in requests]
+        input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in requests])
+        positions = torch.tensor([[0] * (width - len(r.prompt_ids)) + list(range(len(r.prompt_ids)))
+                                  for r in requests])
+        batch = Batch(self.keys, self.values, [s[0] for s in slots], [0] * len(requests),
+                      [len(r.prompt_ids) for r in requests], [width - len(r.prompt_ids) for r in requests])
         try:
-            logits = self._forward(torch.tensor([ids]), torch.arange(len(ids)).unsqueeze(0), batch, [request.adapter])
+            logits = self._forward(input_ids, positions, batch, [r.adapter for r in requests])
         except Exception:
-            self._free.extend(slots)
+            for group in slots:
+                self._free.extend(group)
             raise
-        for slot in slots[1:]:  # n > 1: share the prompt's cache instead of recomputing it
-            self.keys[:, slot, :, :len(ids)] = self.keys[:, slots[0], :, :len(ids)]
-            self.values[:, slot, :, :len(ids)] = self.values[:, slots[0], :, :len(ids)]
-        self.stats["prompt_tokens"] += len(ids)
-        self.stats["requests"] += 1
-        for index, slot in enumerate(slots):
-            seq = Sequence(request=request, index=index, slot=slot, length=len(ids), joined_step=self.step,
-                           detok=Detokenizer(self.tokenizer, request.params.stop))
-            seq.setup(self.vocab_size)
-            self._running.append(seq)
-            self._accept(seq, logits[0])
+        for row, (request, group) in enumerate(zip(requests, slots)):
+            n_prompt = len(request.prompt_ids)
+            for slot in group[1:]:  # n > 1: share the prompt's cache instead of recomputing it
+                self.keys[:, slot, :, :n_prompt] = self.keys[:, group[0], :, :n_prompt]
+                self.values[:, slot, :, :n_prompt] = self.values[:, group[0], :, :n_prompt]
+            self.stats["prompt_tokens"] += n_prompt
+            self.stats["requests"] += 1
+            for index, slot in enumerate(group):
+                seq = Sequence(request=request, index=index, slot=slot, length=n_prompt, joined_step=self.step,
+                               detok=Detokenizer(self.tokenizer, request.params.stop))
+                seq.setup(self.vocab_size)
+                self._running.append(seq)
+                self._accept(seq, logits[row])
 
     def _decode(self) -> None:
         import torch
