@@ -6,7 +6,9 @@ unload), admits waiting requests into free KV-cache slots (prefilling each promp
 copying the cache to the other slots when `n > 1`), and runs one decode step for every running
 sequence together, whatever adapter each uses (PEFT's `adapter_names` routes each row through its
 own adapter, `__base__` through none). Prompts that arrive together are prefilled together
-(left-padded, up to `max_prefill_batch`). Finished sequences leave the batch at once, new ones join
+(left-padded, up to `max_prefill_batch` prompts and `max_prefill_tokens` padded tokens: short
+prompts are memory-bound and gain from sharing a pass, long ones are compute-bound and would only
+delay each other's first tokens). Finished sequences leave the batch at once, new ones join
 at the next iteration.
 
 The KV cache is a preallocated tensor per layer, `[slots, kv_heads, max_model_len, head_dim]`;
@@ -98,7 +100,7 @@ class Engine:
     """Continuous-batching generator over one base model and any number of LoRA adapters."""
 
     def __init__(self, model_dir, tokenizer, *, max_num_seqs: int = 16, max_model_len: int = 2048,
-                 threads: int | None = None, max_prefill_batch: int = 8):
+                 threads: int | None = None, max_prefill_batch: int = 8, max_prefill_tokens: int = 512):
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -113,6 +115,7 @@ class Engine:
         self.max_model_len = min(max_model_len, getattr(config, "max_position_embeddings", max_model_len))
         self.max_num_seqs = max_num_seqs
         self.max_prefill_batch = max_prefill_batch
+        self.max_prefill_tokens = max_prefill_tokens
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         shape = (config.num_hidden_layers, max_num_seqs, config.num_key_value_heads, self.max_model_len, head_dim)
         self.keys = torch.zeros(shape, dtype=torch.float32)
@@ -237,8 +240,12 @@ class Engine:
         self._drop_aborted()
         admitted, free = [], len(self._free)
         while self._pending and free >= self._pending[0].params.n and len(admitted) < self.max_prefill_batch:
-            if admitted and not 0.5 <= len(self._pending[0].prompt_ids) / len(admitted[0].prompt_ids) <= 2:
-                break  # very different lengths would mostly pad: prefill it in the next iteration
+            if admitted:
+                width = max(len(r.prompt_ids) for r in [*admitted, self._pending[0]])
+                if width * (len(admitted) + 1) > self.max_prefill_tokens:
+                    break  # long prompts are compute-bound: batching them only delays first tokens
+                if not 0.5 <= len(self._pending[0].prompt_ids) / len(admitted[0].prompt_ids) <= 2:
+                    break  # very different lengths would mostly pad: prefill it in the next iteration
             free -= self._pending[0].params.n
             admitted.append(self._pending.pop(0))
         if admitted:
