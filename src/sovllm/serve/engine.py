@@ -100,7 +100,7 @@ class Engine:
     """Continuous-batching generator over one base model and any number of LoRA adapters."""
 
     def __init__(self, model_dir, tokenizer, *, max_num_seqs: int = 16, max_model_len: int = 2048,
-                 threads: int | None = None, max_prefill_batch: int = 8, max_prefill_tokens: int = 1024):
+                 threads: int | None = None, max_prefill_batch: int = 8, max_prefill_tokens: int = 512):
         import torch
         from transformers import AutoModelForCausalLM
 
