@@ -28,7 +28,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from sovllm.errors import AdapterError, BackendError, InputError
+from sovllm.errors import AdapterError, InputError
 from sovllm.serve.sampling import Detokenizer, SamplingParams, Sequence, sample_next
 
 log = logging.getLogger("sovllm.engine")
@@ -365,5 +365,3 @@ _ids = itertools.count()
 def next_request_id(prefix: str) -> str:
     return f"{prefix}-{int(time.time() * 1000):x}{next(_ids):04x}"
 
-
-__all__ = ["Engine", "Request", "BackendError", "next_request_id"]

@@ -8,7 +8,6 @@ server dies while starting, the error carries the end of its output.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -83,5 +82,3 @@ class EmbeddedServer:
         self.stop()
         self._dir.cleanup()
 
-
-__all__ = ["EmbeddedServer", "os"]

@@ -19,7 +19,6 @@ import asyncio
 import hashlib
 import json
 import random
-import time
 
 import jsonschema
 from dataclasses import dataclass, field
@@ -271,6 +270,3 @@ def assemble(chunks: list[dict], results: dict[str, dict], keys: dict[str, str],
     stats.pairs, stats.failures = len(pairs), len(errors)
     return pairs, errors
 
-
-def elapsed_since(start: float) -> float:
-    return time.perf_counter() - start
