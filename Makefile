@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 SOVLLM := $(VENV)/bin/sovllm
 STAMP  := $(VENV)/.sovllm-installed
 
-.PHONY: install demo test test-unit test-integration clean
+.PHONY: install browser demo test test-unit test-integration clean
 
 install: $(STAMP)
 
@@ -27,13 +27,20 @@ demo: install
 	$(SOVLLM) models prepare smollm2-135m-instruct
 	$(SOVLLM) run examples/acme
 
-test: install
+# The review page is tested in real headless Chromium, driven by Playwright with Debian's browser
+# (no Playwright browser download), so a fresh machine needs the chromium package.
+browser:
+	@command -v chromium >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get install -y --no-install-recommends chromium || \
+	  { $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends chromium; }; }
+
+test: install browser
 	$(PY) -m pytest --durations=20
 
 test-unit: install
 	$(PY) -m pytest -m "not integration and not gpu"
 
-test-integration: install
+test-integration: install browser
 	$(PY) -m pytest -m integration --durations=20
 
 clean:

@@ -80,3 +80,20 @@ def bundled_server(bundled_model, bundled_adapters):
     server.startup_seconds = time.perf_counter() - started
     yield server
     server.stop()
+
+
+@pytest.fixture
+def fake():
+    """Start scripted OpenAI-compatible endpoints (tests/fake_endpoint.py); all are stopped afterwards."""
+    from tests.fake_endpoint import FakeEndpoint
+
+    endpoints = []
+
+    def start(script, delay=0.0):
+        endpoint = FakeEndpoint(script, delay=delay)
+        endpoints.append(endpoint)
+        return endpoint
+
+    yield start
+    for endpoint in endpoints:
+        endpoint.close()

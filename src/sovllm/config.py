@@ -136,6 +136,103 @@ class SynthSection(Section):
         return types
 
 
+RULE_FLAGS = ("empty", "too_short", "too_long", "generic_question", "mentions_context", "assistant_speak",
+              "wrong_language", "copied_question")
+
+
+class DedupSection(Section):
+    exact: bool = True
+    near: bool = True
+    threshold: float = Field(0.7, gt=0.0, le=1.0, description="estimated Jaccard similarity of question word shingles")
+    num_perm: int = Field(128, ge=16, le=1024)
+
+
+class JudgeSection(Section):
+    mode: Literal["auto", "filter", "report", "off"] = Field(
+        "auto", description="auto: filter with a configured judge endpoint, report-only with the bundled model")
+    rubric: str = "qa-abc"
+    keep: list[Literal["A", "B", "C"]] = Field(default_factory=lambda: ["A", "B"])
+    report_limit: int = Field(60, ge=1, description="pairs graded in report-only mode (a seeded sample)")
+    quick_limit: int = Field(12, ge=1, description="pairs graded under --quick")
+    concurrency: int = Field(8, ge=1, le=256)
+    max_tokens: int = Field(160, ge=32, le=2048)
+    base_url: str | None = Field(None, description="a stronger judge's OpenAI-compatible URL; null = the project endpoint")
+    model: str | None = None
+    api_key_env: str | None = None
+
+    _url = field_validator("base_url")(EndpointSection._http_url.__func__)
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, value):
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
+
+    @field_validator("keep")
+    @classmethod
+    def _some_kept(cls, keep: list[str]) -> list[str]:
+        if not keep:
+            raise ValueError("keep at least one rating, e.g. [A, B]")
+        return keep
+
+
+class SplitSection(Section):
+    train: float = Field(0.6, ge=0.0, le=1.0)
+    val: float = Field(0.1, ge=0.0, le=1.0)
+    eval: float = Field(0.3, ge=0.0, le=1.0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> "SplitSection":
+        total = self.train + self.val + self.eval
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + eval must be 1 (got {total:g})")
+        return self
+
+
+class CurateSection(Section):
+    rules: list[str] = Field(default_factory=lambda: list(RULE_FLAGS), description="rule flags that drop a pair")
+    question_chars: tuple[int, int] = Field((12, 200), description="allowed question length [min, max]")
+    answer_chars: tuple[int, int] = Field((8, 600), description="allowed answer length [min, max]")
+    dedup: DedupSection = Field(default_factory=DedupSection)
+    judge: JudgeSection = Field(default_factory=JudgeSection)
+    splits: SplitSection = Field(default_factory=SplitSection)
+    unanswerable: dict[Literal["train", "val", "eval"], float] = Field(
+        default_factory=lambda: {"train": 0.2, "val": 0.2, "eval": 1 / 3},
+        description="share of unanswerable items in each split")
+    max_overlap: float = Field(0.5, ge=0.0, le=1.0,
+                               description="a negative is discarded when its question shares more content words "
+                                           "with the new context")
+    distractors: float = Field(0.3, ge=0.0, le=1.0, description="share of training examples with distractor chunks")
+    max_distractors: int = Field(2, ge=1, le=4)
+    min_kept: int = Field(20, ge=0, description="fail when fewer answerable pairs survive")
+    seed: int = 0
+
+    @field_validator("rules")
+    @classmethod
+    def _known_rules(cls, rules: list[str]) -> list[str]:
+        for rule in rules:
+            if rule not in RULE_FLAGS:
+                close = difflib.get_close_matches(rule, RULE_FLAGS, n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"known rules: {', '.join(RULE_FLAGS)}"
+                raise ValueError(f"unknown rule '{rule}'; {hint}")
+        return rules
+
+    @field_validator("question_chars", "answer_chars")
+    @classmethod
+    def _range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= value[0] < value[1]:
+            raise ValueError(f"expected [min, max] with 0 <= min < max (got {list(value)})")
+        return value
+
+    @field_validator("unanswerable")
+    @classmethod
+    def _shares(cls, value: dict) -> dict:
+        for split, share in value.items():
+            if not 0.0 <= share < 0.9:
+                raise ValueError(f"{split}: share must be between 0 and 0.9 (got {share})")
+        return value
+
+
 class Config(Section):
     """The whole `sovllm.yaml`."""
 
@@ -147,10 +244,12 @@ class Config(Section):
     endpoint: EndpointSection = Field(default_factory=EndpointSection)
     ingest: IngestSection = Field(default_factory=IngestSection)
     synth: SynthSection = Field(default_factory=SynthSection)
+    curate: CurateSection = Field(default_factory=CurateSection)
 
     def endpoints(self) -> dict[str, str]:
         """Configured remote endpoints by config key (URLs sovllm will contact)."""
-        return {"endpoint.base_url": self.endpoint.base_url} if self.endpoint.base_url else {}
+        urls = {"endpoint.base_url": self.endpoint.base_url, "curate.judge.base_url": self.curate.judge.base_url}
+        return {key: url for key, url in urls.items() if url}
 
     def endpoints_outside_allow_list(self) -> dict[str, str]:
         """Configured endpoints whose host the egress guard would refuse, by config key."""

@@ -67,6 +67,42 @@ synth:
   timeout_s: 300
   prompt_dir: null          # folder with qa.en.j2 / qa.de.j2 to override the built-in prompts
   quick_chunks: 12          # chunks used by 'sovllm run --quick'
+
+curate:
+  # rule flags that drop a pair (all are recorded; 'sovllm curate review' shows them)
+  rules: [empty, too_short, too_long, generic_question, mentions_context, assistant_speak, wrong_language, copied_question]
+  question_chars: [12, 200] # allowed question length [min, max]
+  answer_chars: [8, 600]    # allowed answer length [min, max]
+  dedup:
+    exact: true             # same question after normalising case and punctuation
+    near: true              # MinHash-LSH over the question's content words and bigrams
+    threshold: 0.7          # estimated Jaccard similarity that makes two questions one cluster
+    num_perm: 128
+  judge:
+    # auto: filter with a judge that is not the bundled 135M model, otherwise report-only;
+    # filter: drop ratings outside 'keep'; report: grade a sample, remove nothing; off
+    mode: auto
+    rubric: qa-abc          # A fit for training, B minor issues, C unfit (errors, invented facts)
+    keep: [A, B]
+    report_limit: 60        # pairs graded in report-only mode (a seeded sample)
+    quick_limit: 12         # pairs graded by 'sovllm run --quick'
+    concurrency: 8
+    max_tokens: 160
+    base_url: null          # a stronger judge you run yourself; null = the project endpoint
+    model: null
+    api_key_env: null
+  splits:
+    # a document's split is a function of (doc_id, seed): adding documents never moves old ones
+    train: 0.6
+    val: 0.1
+    eval: 0.3
+    seed: 0
+  unanswerable: {{train: 0.2, val: 0.2, eval: 0.3333333333333333}}   # share of refusal items per split
+  max_overlap: 0.5          # a negative whose question shares more content words with its context is discarded
+  distractors: 0.3          # share of training examples with 1..max_distractors chunks of other documents
+  max_distractors: 2
+  min_kept: 20              # fail when fewer answerable pairs survive (--quick: 1)
+  seed: 0
 """
 
 

@@ -58,20 +58,24 @@ def project(tmp_path, tiny_model_dir, capsys):
 
 
 def test_run_quick_writes_manifests_and_skips_when_up_to_date(project, tiny_model_dir, capsys):
+    # the random tiny model writes no valid pairs; curate accepts that only when told to
     code, out, err = cli(["run", project, "--quick"], capsys)
+    assert code == 2 and "synth produced no QA pairs" in err
+    code, out, err = cli(["run", project, "--quick", "--set", "curate.min_kept=0"], capsys)
     assert code == 0, err
     run_manifest = json.loads((project / "out" / "manifest.json").read_text())
     assert run_manifest["stage"] == "run" and run_manifest["extra"]["quick"] is True
-    assert run_manifest["extra"]["stages"][0]["status"] == "ran"
+    assert [(s["stage"], s["status"]) for s in run_manifest["extra"]["stages"]] == [
+        ("model", "skipped"), ("ingest", "skipped"), ("synth", "skipped"), ("curate", "ran")]  # after the failed run
     model_manifest = json.loads((project / "out" / "model" / "manifest.json").read_text())
     assert model_manifest["model"]["path"] == str(tiny_model_dir.resolve())
     assert model_manifest["endpoints"] == {"contacted": [], "blocked": []}
 
-    code, out, _ = cli(["run", project, "--quick"], capsys)
+    code, out, _ = cli(["run", project, "--quick", "--set", "curate.min_kept=0"], capsys)
     assert code == 0 and "skipped (up to date)" in out
     stages = json.loads((project / "out" / "manifest.json").read_text())["extra"]["stages"]
     assert [(s["stage"], s["status"]) for s in stages] == [("model", "skipped"), ("ingest", "skipped"),
-                                                           ("synth", "skipped")]
+                                                           ("synth", "skipped"), ("curate", "skipped")]
 
 
 def test_run_without_project_is_a_one_line_error(tmp_path, capsys):

@@ -43,7 +43,7 @@ def test_quick_run_of_the_example_project(tmp_path, bundled_model):
     proc = sovllm("run", project, "--quick", env={**os.environ, "COLUMNS": "200"})
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((project / "out" / "manifest.json").read_text())
-    assert [s["stage"] for s in manifest["extra"]["stages"]] == ["model", "ingest", "synth"]
+    assert [s["stage"] for s in manifest["extra"]["stages"]] == ["model", "ingest", "synth", "curate"]
     ingest = json.loads((project / "out" / "ingest" / "manifest.json").read_text())
     assert ingest["counts"]["documents"] == 4 and ingest["counts"]["chunks"] > 0
     assert "chunk length (tokens)" in proc.stdout and "4 documents" in proc.stdout
@@ -51,3 +51,12 @@ def test_quick_run_of_the_example_project(tmp_path, bundled_model):
     assert synth["status"] == "ok" and synth["counts"]["chunks"] == 12 and synth["counts"]["pairs"] > 0
     assert synth["model"]["embedded"] is True and synth["extra"]["answer_mode"] == "extractive"
     assert synth["endpoints"]["blocked"] == [] and synth["endpoints"]["contacted"]
+    curate = json.loads((project / "out" / "curate" / "manifest.json").read_text())
+    judge = curate["extra"]["funnel"]["judge"]
+    assert curate["status"] == "ok" and judge["mode"] == "report" and 0 < judge["graded"] <= 12
+    assert sum(judge["ratings"].values()) + sum(judge["failures"].values()) == judge["graded"]
+    assert curate["counts"]["kept"] == curate["counts"]["pairs"]  # report-only: the judge removed nothing
+    records = [json.loads(line) for split in ("train", "val", "eval")
+               for line in (project / "out" / "curate" / f"{split}.jsonl").read_text().splitlines()]
+    assert len(records) >= curate["counts"]["kept"]
+    assert "splits (grouped by document)" in proc.stdout

@@ -8,7 +8,6 @@ import re
 import pytest
 
 from sovllm.endpoint import Endpoint
-from tests.synth.fake_endpoint import FakeEndpoint
 
 CHUNKS = [
     {"id": f"doc{i}-00000", "doc_id": f"doc{i}", "lang": "de" if i == 3 else "en", "heading_path": ["Policy", f"Part {i}"],
@@ -42,21 +41,6 @@ def good_free(body: dict, n: int):
     sentence = first_sentence(chunk["text"])
     return 200, json.dumps({t: {"question": f"What does part {chunk['id']} say about {t} matters?",
                                 "answer": sentence} for t in types})
-
-
-@pytest.fixture
-def fake():
-    endpoints = []
-
-    def start(script, delay=0.0):
-        endpoint = FakeEndpoint(script, delay=delay)
-        endpoints.append(endpoint)
-        return endpoint
-
-    yield start
-    for endpoint in endpoints:
-        endpoint.close()
-
 
 def endpoint_of(fake_endpoint, embedded=False) -> Endpoint:
     return Endpoint(fake_endpoint.base_url, fake_endpoint.model, None, embedded)

@@ -21,3 +21,24 @@ def quick(help: str = "Work on a few documents only (ingest.quick_documents): th
 
 def force():
     return typer.Option(False, "--force", help="Run even if the output is up to date.")
+
+
+def open_project(args: list[str] | None, subcommand: str, overrides_: list[str]):
+    """Parse `[DIR] | SUBCOMMAND [DIR]`, load the project's config and install its egress guard.
+
+    Returns (whether SUBCOMMAND was given, project root, config).
+    """
+    from sovllm import egress
+    from sovllm.config import load_config, project_root
+    from sovllm.errors import ConfigError
+
+    args = list(args or [])
+    sub = bool(args) and args[0] == subcommand
+    if sub:
+        args = args[1:]
+    if len(args) > 1:
+        raise ConfigError(f"unexpected arguments: {' '.join(args[1:])}")
+    root = project_root(args[0] if args else ".")
+    cfg = load_config(root, tuple(overrides_))
+    egress.install(cfg.egress.allow)
+    return sub, root, cfg

@@ -55,11 +55,11 @@ def run(
 
 
 def _print_stage_details(report) -> None:
-    """Per-stage tables (today: the ingest statistics)."""
+    """Per-stage tables: ingest statistics, synth summary, curate funnel and splits."""
     import json
 
+    from sovllm.cli.curate import print_funnel
     from sovllm.cli.ingest import print_stats
-
     from sovllm.cli.synth import print_summary
 
     stats_file = report.out_dir / "ingest" / "stats.json"
@@ -68,6 +68,8 @@ def _print_stage_details(report) -> None:
     for name, result in report.stages:
         if name == "synth" and "summary" in result.manifest.extra:
             print_summary(result.manifest.extra["summary"])
+        if name == "curate" and "funnel" in result.manifest.extra:
+            print_funnel(result.manifest.extra["funnel"])
 
 
 def register(app: typer.Typer) -> None:

@@ -44,22 +44,12 @@ def synth(
     sample: int = typer.Option(16, "--sample", help="Chunks per level for --sweep."),
 ) -> None:
     """Generate question-answer pairs for every chunk (factual, conceptual, comparison), resumably."""
-    from sovllm import egress
-    from sovllm.config import load_config, project_root
     from sovllm.endpoint import open_endpoint
     from sovllm.errors import ConfigError
     from sovllm.progress import bar_factory
     from sovllm.synth import stage
 
-    args = list(args or [])
-    merging = bool(args) and args[0] == "merge"
-    if merging:
-        args = args[1:]
-    if len(args) > 1:
-        raise ConfigError(f"unexpected arguments: {' '.join(args[1:])}")
-    root = project_root(args[0] if args else ".")
-    cfg = load_config(root, tuple(set_))
-    egress.install(cfg.egress.allow)
+    merging, root, cfg = options.open_project(args, "merge", set_)
     log = lambda msg: err.print(f"[dim]{msg}[/dim]")  # noqa: E731
     if merging:
         if not shards:

@@ -28,3 +28,8 @@ def detect_language(text: str, languages: tuple[str, ...] = (), fallback: str = 
     if len(_WORD.findall(text[:20000])) < MIN_WORDS:
         return fallback
     return _identifier(tuple(languages)).classify(text[:20000])[0]
+
+
+def classify_short(text: str, languages: tuple[str, ...] = ()) -> tuple[str, float]:
+    """(language, probability) for a short text such as a question and its answer; no fallback."""
+    return _identifier(tuple(languages)).classify(text[:20000])

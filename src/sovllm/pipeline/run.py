@@ -4,7 +4,8 @@ Each stage writes `out/<stage>/manifest.json`; the run writes `out/manifest.json
 stages, whether each ran or was skipped, and their wall times. A stage whose inputs and config
 hash to the same key as its last successful run is skipped, which makes re-running after an
 interruption cheap. Stages so far: `model` (prepare the base model), `ingest` (documents →
-chunks) and `synth` (chunks → QA pairs); curate, train and eval join them as they are built. All
+chunks), `synth` (chunks → QA pairs) and `curate` (pairs → filtered, judged, grouped splits);
+train and eval join them as they are built. All
 LLM stages of one run share one endpoint: the embedded server is started once, when the first
 stage that needs it runs, and stopped at the end.
 """
@@ -97,6 +98,10 @@ def run_pipeline(directory: str | Path = ".", *, overrides: tuple[str, ...] = ()
 
         report.stages.append(("synth", synth.run(root, cfg, endpoint, quick=quick, force=force, log=log,
                                                  progress_factory=progress("synth") if progress else None)))
+        from sovllm.curate import stage as curate
+
+        report.stages.append(("curate", curate.run(root, cfg, endpoint, quick=quick, force=force, log=log,
+                                                   progress_factory=progress("judge") if progress else None)))
 
     report.manifest = Manifest(
         stage="run",

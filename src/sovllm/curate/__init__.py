@@ -1,0 +1,1 @@
+"""Curation: rule flags, deduplication, an LLM judge, leak-free grouped splits, negatives, distractors."""

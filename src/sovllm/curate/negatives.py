@@ -1,0 +1,103 @@
+"""Unanswerable items and distractor contexts, built inside one split without any LLM call.
+
+Unanswerable: a chunk of the split paired with a kept question that was generated for a chunk of a
+*different* document of the same split, answered with the refusal sentence. Among the chunks a
+question could be paired with, the most BM25-similar one is preferred (a hard negative: same
+vocabulary, different facts), but a candidate whose question shares more than `max_overlap` of its
+content words with the chunk is discarded, because it might be answerable after all. Contexts in
+the question's language are preferred.
+
+Distractors: a share of the training examples get one or two extra chunks from other documents of
+the same split, in random order, so the model learns to find the passage that answers — as it
+must behind real retrieval.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from sovllm.retrieval import BM25
+from sovllm.synth.validate import content_words
+
+CANDIDATES = 8  # best-scoring contexts tried per question before giving up on it
+
+
+@dataclass
+class Negative:
+    pair: dict          # the kept pair whose question is reused
+    context: dict       # the chunk it is paired with
+    score: float
+
+
+@dataclass
+class NegativeStats:
+    wanted: int = 0
+    built: int = 0
+    discarded_overlap: int = 0
+    no_context: int = 0
+
+
+def overlap(question: str, context: str) -> float:
+    """Share of the question's distinct content words that occur in the context."""
+    words = set(content_words(question))
+    return len(words & set(content_words(context))) / len(words) if words else 1.0
+
+
+def wanted(answerable: int, share: float) -> int:
+    """Unanswerable items so that they make up `share` of the split."""
+    return round(answerable * share / (1 - share)) if answerable and share > 0 else 0
+
+
+def build_negatives(pairs: list[dict], chunks: list[dict], chunk_by_id: dict[str, dict], n: int, *,
+                    max_overlap: float, rng: random.Random) -> tuple[list[Negative], NegativeStats]:
+    """Up to `n` negatives from the kept `pairs` and the `chunks` of one split."""
+    stats = NegativeStats(wanted=n)
+    if n <= 0 or not chunks:
+        return [], stats
+    index = BM25([c["text"] for c in chunks])
+    order = pairs[:]
+    rng.shuffle(order)
+    used_contexts: set[str] = set()
+    out: list[Negative] = []
+    for pair in order:
+        if len(out) >= n:
+            break
+        source = chunk_by_id[pair["chunk_id"]]
+        scores = index.scores(pair["question"])
+        candidates = [i for i in range(len(chunks)) if chunks[i]["doc_id"] != source["doc_id"]]
+        if not candidates:
+            stats.no_context += 1
+            continue
+        lang = source.get("lang")
+        # same language first, then the most similar; an unused context before a used one
+        candidates.sort(key=lambda i: (chunks[i].get("lang") != lang, chunks[i]["id"] in used_contexts,
+                                       -scores[i], chunks[i]["id"]))
+        for i in candidates[:CANDIDATES]:
+            if overlap(pair["question"], chunks[i]["text"]) > max_overlap:
+                stats.discarded_overlap += 1
+                continue
+            out.append(Negative(pair, chunks[i], scores[i]))
+            used_contexts.add(chunks[i]["id"])
+            break
+    stats.built = len(out)
+    return out, stats
+
+
+def pick_distractors(chunks: list[dict], exclude_docs: set[str], k: int, rng: random.Random,
+                     question: str | None = None, max_overlap: float = 1.0) -> list[dict]:
+    """`k` chunks of the split from documents not in `exclude_docs` (fewer when there are not enough).
+
+    With `question` (an unanswerable item), chunks that might answer it (overlap > `max_overlap`)
+    are left out.
+    """
+    others = [c for c in chunks if c["doc_id"] not in exclude_docs
+              and (question is None or overlap(question, c["text"]) <= max_overlap)]
+    return rng.sample(others, min(k, len(others)))
+
+
+def with_distractors(chunk: dict, distractors: list[dict], rng: random.Random) -> list[dict]:
+    """The gold chunk and its distractors in random order."""
+    contexts = [chunk, *distractors]
+    rng.shuffle(contexts)
+    return contexts
