@@ -233,6 +233,55 @@ class CurateSection(Section):
         return value
 
 
+LORA_PRESETS = {
+    "minimal": {"r": 4, "target_modules": ["q_proj", "v_proj"]},
+    "standard": {"r": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+    "all-linear": {"r": 16, "target_modules": "all-linear"},
+    "high-capacity": {"r": 32, "target_modules": "all-linear"},
+}
+
+
+class TrackingSection(Section):
+    uri: str | None = Field(None, description="MLflow tracking URI; null = sqlite store in the project's output folder")
+    experiment: str | None = Field(None, description="default: the project name")
+    registered_model: str | None = Field(None, description="default: '<project>-adapter'")
+
+
+class TrainSection(Section):
+    preset: Literal["minimal", "standard", "all-linear", "high-capacity"] = "standard"
+    r: int | None = Field(None, ge=1, le=512, description="overrides the preset's rank")
+    alpha: float | None = Field(None, gt=0, description="default: 2 × r")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = Field(None, description="overrides the preset's modules")
+    use_rslora: bool = False
+    use_dora: bool = False
+    modules_to_save: list[str] | None = None
+    bias: Literal["none", "all", "lora_only"] = "none"
+    allow_non_vllm_adapter: bool = Field(False, description="permit DoRA, modules_to_save or bias (vLLM cannot serve)")
+    qlora: bool = Field(False, description="4-bit NF4 base weights; CUDA only")
+    epochs: float = Field(2.0, gt=0)
+    max_steps: int = Field(0, ge=0, description="optimizer steps; 0 = derived from epochs")
+    learning_rate: float = Field(2e-4, gt=0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(2, ge=1)
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_length: int = Field(1024, ge=32, description="tokens; longer examples are dropped or fail (too_long)")
+    too_long: Literal["drop", "fail"] = "drop"
+    batching: Literal["grouped", "padded"] = Field(
+        "grouped", description="grouped: length-grouped batches; padded: shuffled, pad to longest (the tutorial)")
+    eval_steps: int = Field(10, ge=1, description="val loss every N optimizer steps")
+    early_stopping_patience: int = Field(3, ge=0, description="evaluations without improvement; 0 = off")
+    gradient_checkpointing: bool = False
+    threads: int = Field(0, ge=0, description="torch threads; 0 = all cores")
+    seed: int = 0
+    stop_min_rate: float = Field(0.95, ge=0.0, le=1.0, description="required share of val answers that stop")
+    stop_prompts: int = Field(32, ge=1, description="val prompts used for the stop check")
+    quick_steps: int = Field(4, ge=1, description="optimizer steps under --quick")
+    adapter_name: str | None = Field(None, description="default: the project name")
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+
+
 class Config(Section):
     """The whole `sovllm.yaml`."""
 
@@ -245,6 +294,7 @@ class Config(Section):
     ingest: IngestSection = Field(default_factory=IngestSection)
     synth: SynthSection = Field(default_factory=SynthSection)
     curate: CurateSection = Field(default_factory=CurateSection)
+    train: TrainSection = Field(default_factory=TrainSection)
 
     def endpoints(self) -> dict[str, str]:
         """Configured remote endpoints by config key (URLs sovllm will contact)."""

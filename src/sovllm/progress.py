@@ -18,8 +18,8 @@ class Bar:
         self._task = self._progress.add_task(description, total=total, item="")
         self._progress.start()
 
-    def advance(self, item: str = "") -> None:
-        self._progress.update(self._task, advance=1, item=item)
+    def advance(self, item: str = "", step: int = 1) -> None:
+        self._progress.update(self._task, advance=step, item=item)
 
     def close(self) -> None:
         self._progress.stop()

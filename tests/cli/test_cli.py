@@ -61,7 +61,9 @@ def test_run_quick_writes_manifests_and_skips_when_up_to_date(project, tiny_mode
     # the random tiny model writes no valid pairs; curate accepts that only when told to
     code, out, err = cli(["run", project, "--quick"], capsys)
     assert code == 2 and "synth produced no QA pairs" in err
-    code, out, err = cli(["run", project, "--quick", "--set", "curate.min_kept=0"], capsys)
+    code, _, err = cli(["run", project, "--quick", "--until", "nothing"], capsys)
+    assert code == 2 and "--until 'nothing': not a stage" in err
+    code, out, err = cli(["run", project, "--quick", "--set", "curate.min_kept=0", "--until", "curate"], capsys)
     assert code == 0, err
     run_manifest = json.loads((project / "out" / "manifest.json").read_text())
     assert run_manifest["stage"] == "run" and run_manifest["extra"]["quick"] is True
@@ -71,7 +73,7 @@ def test_run_quick_writes_manifests_and_skips_when_up_to_date(project, tiny_mode
     assert model_manifest["model"]["path"] == str(tiny_model_dir.resolve())
     assert model_manifest["endpoints"] == {"contacted": [], "blocked": []}
 
-    code, out, _ = cli(["run", project, "--quick", "--set", "curate.min_kept=0"], capsys)
+    code, out, _ = cli(["run", project, "--quick", "--set", "curate.min_kept=0", "--until", "curate"], capsys)
     assert code == 0 and "skipped (up to date)" in out
     stages = json.loads((project / "out" / "manifest.json").read_text())["extra"]["stages"]
     assert [(s["stage"], s["status"]) for s in stages] == [("model", "skipped"), ("ingest", "skipped"),

@@ -54,7 +54,8 @@ def test_quick_run_of_the_example_project(tmp_path, bundled_model):
     curate = json.loads((project / "out" / "curate" / "manifest.json").read_text())
     judge = curate["extra"]["funnel"]["judge"]
     assert curate["status"] == "ok" and judge["mode"] == "report" and 0 < judge["graded"] <= 12
-    assert sum(judge["ratings"].values()) + sum(judge["failures"].values()) == judge["graded"]
+    unrated = sum(n for kind, n in judge["failures"].items() if kind != "inconsistent")  # inconsistent: rated
+    assert sum(judge["ratings"].values()) + unrated == judge["graded"]
     assert curate["counts"]["kept"] == curate["counts"]["pairs"]  # report-only: the judge removed nothing
     records = [json.loads(line) for split in ("train", "val", "eval")
                for line in (project / "out" / "curate" / f"{split}.jsonl").read_text().splitlines()]

@@ -30,18 +30,20 @@ def run(
     quick: bool = options.quick("Run every stage on a few documents (the CI smoke run)."),
     set_: list[str] = options.overrides(),
     force: bool = options.force(),
+    until: str = typer.Option(None, "--until", help="Stop after this stage (model, ingest, synth, curate, train)."),
 ) -> None:
     """Run the pipeline; up-to-date stages are skipped, so an interrupted run resumes."""
     from sovllm.pipeline.run import run_pipeline
     from sovllm.progress import bar_factory
 
     err = Console(stderr=True)
-    report = run_pipeline(directory, overrides=tuple(set_), quick=quick, force=force,
+    report = run_pipeline(directory, overrides=tuple(set_), quick=quick, force=force, until=until,
                           log=lambda msg: console.print(f"[dim]{msg}[/dim]"),
                           warn=lambda msg: err.print(f"[yellow]warning:[/] {msg}"),
                           progress=lambda stage: bar_factory(stage, err))
     _print_stage_details(report)
-    table = Table(title=f"sovllm run {report.root.name}" + (" --quick" if quick else ""))
+    table = Table(title=f"sovllm run {report.root.name}" + (" --quick" if quick else "")
+                  + (f" --until {until}" if until else ""))
     for column in ("stage", "status", "wall s", "details"):
         table.add_column(column)
     for name, result in report.stages:
@@ -55,12 +57,13 @@ def run(
 
 
 def _print_stage_details(report) -> None:
-    """Per-stage tables: ingest statistics, synth summary, curate funnel and splits."""
+    """Per-stage tables: ingest statistics, synth summary, curate funnel and splits, training result."""
     import json
 
     from sovllm.cli.curate import print_funnel
     from sovllm.cli.ingest import print_stats
     from sovllm.cli.synth import print_summary
+    from sovllm.cli.train import print_result
 
     stats_file = report.out_dir / "ingest" / "stats.json"
     if stats_file.is_file():
@@ -70,6 +73,8 @@ def _print_stage_details(report) -> None:
             print_summary(result.manifest.extra["summary"])
         if name == "curate" and "funnel" in result.manifest.extra:
             print_funnel(result.manifest.extra["funnel"])
+        if name == "train" and "mlflow" in result.manifest.extra:
+            print_result(result.manifest.extra)
 
 
 def register(app: typer.Typer) -> None:

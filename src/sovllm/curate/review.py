@@ -5,11 +5,11 @@ offline from data attributes; an initial filter can come from the URL hash (`#fl
 
 from __future__ import annotations
 
-import os
 import pathlib
-import tempfile
 from collections import Counter
 from html import escape
+
+from sovllm.artifacts import write_atomic
 
 _CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:0 auto;max-width:70em;padding:1em;color:#222}
@@ -193,16 +193,6 @@ def render_review(records: list[dict], chunks: dict[str, dict], *, title: str,
 def write_review(path: pathlib.Path, records: list[dict], chunks: dict[str, dict], *, title: str,
                  funnel: dict | None = None) -> int:
     """Write the review page atomically to `path`; returns the number of pairs shown."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     page = render_review(records, chunks, title=title, funnel=funnel)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the page is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomic(path, page)
     return sum(1 for r in records if _is_shown(r))

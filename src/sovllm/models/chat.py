@@ -57,3 +57,26 @@ def render(tokenizer, messages: list[dict], system: str | None, *, add_generatio
     """Render messages with the model's template and the project's system prompt."""
     merged = with_system(messages, system, system_role=supports_system_role(tokenizer))
     return tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+_PROBE_ANSWER = "sovllm-probe-answer-5d2b"
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token id the chat template writes right after an assistant message (`<|im_end|>` for ChatML).
+
+    This is the token the model must learn to emit: training puts it in the loss, the stop check
+    counts it. ModelError when the template closes assistant turns with plain text.
+    """
+    from sovllm.errors import ModelError
+
+    text = tokenizer.apply_chat_template(
+        with_system([{"role": "user", "content": _PROBE_USER}, {"role": "assistant", "content": _PROBE_ANSWER}],
+                    None, system_role=False), tokenize=False)
+    tail = text.split(_PROBE_ANSWER, 1)[1] if _PROBE_ANSWER in text else ""
+    for token_id in tokenizer.all_special_ids:
+        token = tokenizer.convert_ids_to_tokens(token_id)
+        if token and tail.startswith(token):
+            return token_id
+    raise ModelError("the chat template does not close assistant turns with a special token",
+                     hint="sovllm needs an end-of-turn token to train stopping; use a chat model with one")

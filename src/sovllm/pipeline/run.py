@@ -4,10 +4,10 @@ Each stage writes `out/<stage>/manifest.json`; the run writes `out/manifest.json
 stages, whether each ran or was skipped, and their wall times. A stage whose inputs and config
 hash to the same key as its last successful run is skipped, which makes re-running after an
 interruption cheap. Stages so far: `model` (prepare the base model), `ingest` (documents →
-chunks), `synth` (chunks → QA pairs) and `curate` (pairs → filtered, judged, grouped splits);
-train and eval join them as they are built. All
+chunks), `synth` (chunks → QA pairs), `curate` (pairs → filtered, judged, grouped splits) and
+`train` (splits → LoRA adapter, tracked in MLflow); eval joins them as it is built. All
 LLM stages of one run share one endpoint: the embedded server is started once, when the first
-stage that needs it runs, and stopped at the end.
+stage that needs it runs, and stopped before training.
 """
 
 from __future__ import annotations
@@ -58,13 +58,24 @@ def check_endpoints(cfg: Config) -> None:
         raise ConfigError("configured endpoints would send data off this machine", problems=problems)
 
 
+STAGES = ("model", "ingest", "synth", "curate", "train")
+
+
 def run_pipeline(directory: str | Path = ".", *, overrides: tuple[str, ...] = (), quick: bool = False,
                  force: bool = False, log: Callable[[str], None] = print, warn: Callable[[str], None] = print,
-                 progress: Callable[[str], Callable] | None = None) -> RunReport:
+                 progress: Callable[[str], Callable] | None = None, until: str | None = None) -> RunReport:
     """Run the project's pipeline; returns the run manifest and the per-stage results.
 
-    `progress(stage_name)` gives the progress-bar factory for a stage (None: no bars).
+    `progress(stage_name)` gives the progress-bar factory for a stage (None: no bars); `until`
+    names the last stage to run.
     """
+    if until is not None and until not in STAGES:
+        raise ConfigError(f"--until {until!r}: not a stage; choose one of {', '.join(STAGES)}")
+    last = STAGES.index(until) if until else len(STAGES) - 1
+
+    def want(stage: str) -> bool:
+        return STAGES.index(stage) <= last
+
     root = project_root(directory)
     cfg = load_config(root, overrides)
     egress.install(cfg.egress.allow)
@@ -80,8 +91,9 @@ def run_pipeline(directory: str | Path = ".", *, overrides: tuple[str, ...] = ()
 
     from sovllm.ingest import stage as ingest
 
-    report.stages.append(("ingest", ingest.run(root, cfg, quick=quick, force=force, warn=warn,
-                                               progress_factory=progress("ingest") if progress else None)))
+    if want("ingest"):
+        report.stages.append(("ingest", ingest.run(root, cfg, quick=quick, force=force, warn=warn,
+                                                   progress_factory=progress("ingest") if progress else None)))
 
     from sovllm.endpoint import open_endpoint
     from sovllm.synth import stage as synth
@@ -96,12 +108,20 @@ def run_pipeline(directory: str | Path = ".", *, overrides: tuple[str, ...] = ()
                 shared.append(stack.enter_context(open_endpoint(cfg, log=log)))
             yield shared[0]
 
-        report.stages.append(("synth", synth.run(root, cfg, endpoint, quick=quick, force=force, log=log,
-                                                 progress_factory=progress("synth") if progress else None)))
+        if want("synth"):
+            report.stages.append(("synth", synth.run(root, cfg, endpoint, quick=quick, force=force, log=log,
+                                                     progress_factory=progress("synth") if progress else None)))
         from sovllm.curate import stage as curate
 
-        report.stages.append(("curate", curate.run(root, cfg, endpoint, quick=quick, force=force, log=log,
-                                                   progress_factory=progress("judge") if progress else None)))
+        if want("curate"):
+            report.stages.append(("curate", curate.run(root, cfg, endpoint, quick=quick, force=force, log=log,
+                                                       progress_factory=progress("judge") if progress else None)))
+
+    from sovllm.train import stage as train
+
+    if want("train"):  # after the embedded server has stopped: training gets every core
+        report.stages.append(("train", train.run(root, cfg, quick=quick, force=force, log=log,
+                                                 progress_factory=progress("train") if progress else None)))
 
     report.manifest = Manifest(
         stage="run",
@@ -116,6 +136,7 @@ def run_pipeline(directory: str | Path = ".", *, overrides: tuple[str, ...] = ()
             "quick": quick,
             "project": str(root),
             "overrides": list(overrides),
+            "until": until,
             "stages": [{"stage": name, "status": "skipped" if r.skipped else "ran", "wall_s": round(r.seconds, 3),
                         "manifest": str((out_dir / name / "manifest.json").relative_to(root))}
                        for name, r in report.stages],

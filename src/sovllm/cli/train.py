@@ -1,0 +1,48 @@
+"""`sovllm train`: fine-tune a LoRA adapter on the curated train split, tracked in MLflow."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+
+from sovllm.cli import options
+
+console = Console()
+err = Console(stderr=True)
+
+
+def print_result(extra: dict, title: str = "train") -> None:
+    metrics, stop, mlflow = extra["metrics"], extra.get("stop_check"), extra["mlflow"]
+    console.print(f"{title}: adapter {extra['adapter']}")
+    console.print(f"  {metrics['steps']} steps, best val loss {metrics['best_val_loss']} (step {metrics['best_step']}), "
+                  f"{metrics['loss_tokens_per_s']} loss tokens/s, padding {metrics['padding_share']:.1%}")
+    if stop:
+        console.print(f"  stop rate on {stop['prompts']} val prompts (max {stop['max_new_tokens']} new tokens): "
+                      f"adapter {stop['adapter_rate']:.0%}, base {stop['base_rate']:.0%}")
+    version = f"version {mlflow['version']} (alias {mlflow['alias']})" if mlflow.get("version") else "not registered"
+    console.print(f"  MLflow run {mlflow['run_id']} in experiment {mlflow['experiment']}; "
+                  f"{mlflow['registered_model']} {version}")
+    console.print(f"  browse: {mlflow['ui']}")
+
+
+def train(
+    project: str = typer.Argument(".", help="Project folder with sovllm.yaml."),
+    quick: bool = options.quick("Train train.quick_steps steps on a few examples (the CI smoke run)."),
+    set_: list[str] = options.overrides(),
+    force: bool = options.force(),
+    allow_non_vllm_adapter: bool = typer.Option(False, "--allow-non-vllm-adapter",
+                                                help="Permit DoRA, modules_to_save or trained biases."),
+) -> None:
+    """Fine-tune a LoRA adapter on out/curate/train.jsonl (audited, resumable, tracked in MLflow)."""
+    from sovllm.progress import bar_factory
+    from sovllm.train import stage
+
+    _, root, cfg = options.open_project([project], "", set_)
+    log = lambda msg: err.print(f"[dim]{msg}[/dim]")  # noqa: E731
+    result = stage.run(root, cfg, quick=quick, force=force, allow_non_vllm=allow_non_vllm_adapter, log=log,
+                       progress_factory=bar_factory("train", err))
+    print_result(result.manifest.extra, "train (up to date, skipped)" if result.skipped else "train")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(train)

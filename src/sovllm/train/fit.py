@@ -1,0 +1,147 @@
+"""The training loop: transformers' Trainer with a PEFT model, loss only where there are labels.
+
+`LossTrainer.compute_loss` runs the decoder, then applies the output head only at the positions
+that carry a label (the answer tokens), instead of producing logits for every prompt position and
+throwing almost all of them away: for 600-token prompts with 40-token answers that skips most of
+the vocabulary projection (49k × 576 per token for SmolLM2) and its memory. The loss is the
+token-level mean over the whole optimizer step (transformers passes `num_items_in_batch`), so
+gradient accumulation does not change what is averaged.
+
+Batching: `grouped` uses transformers' length-grouped sampler (similar lengths share a batch, so
+little padding); `padded` is the tutorial's recipe (shuffled, padded to the longest). Packing is
+not used: with plain SDPA on the CPU packed examples would attend to each other.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from sovllm.train.data import IGNORE, Collator, Example, ExampleDataset
+
+
+@dataclass
+class FitResult:
+    steps: int
+    best_val_loss: float | None
+    best_step: int | None
+    train_loss: float | None
+    loss_tokens: int
+    padded_tokens: int
+    real_tokens: int
+    seconds: float
+    stopped_early: bool
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.loss_tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def padding_share(self) -> float:
+        return 1 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
+
+
+def selective_loss(model, inputs: dict, num_items: int | None = None):
+    """(summed-or-mean loss, loss token count): logits only at positions whose next token is a label."""
+    import torch
+    import torch.nn.functional as F
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.get_decoder()(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+    targets = inputs["labels"][:, 1:]
+    mask = targets != IGNORE
+    logits = base.get_output_embeddings()(hidden[:, :-1][mask])
+    total = F.cross_entropy(logits.float(), targets[mask], reduction="sum")
+    count = int(mask.sum())
+    divisor = num_items if num_items else max(count, 1)
+    if isinstance(divisor, torch.Tensor):
+        divisor = divisor.to(total.device)
+    return total / divisor, count
+
+
+def make_trainer(model, tokenizer, train: list[Example], val: list[Example], args, *, batching: str,
+                 callbacks: list, pad_id: int):
+    """A transformers Trainer with sovllm's loss, collator and batching."""
+    from transformers import Trainer
+
+    counters = {"loss_tokens": 0, "padded": 0, "real": 0}
+
+    class LossTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, count = selective_loss(model, inputs, num_items_in_batch)
+            if model.training:
+                counters["loss_tokens"] += count
+                counters["padded"] += inputs["input_ids"].numel()
+                counters["real"] += int(inputs["attention_mask"].sum())
+            return (loss, None) if return_outputs else loss
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            import torch
+
+            inputs = self._prepare_inputs(inputs)
+            with torch.no_grad():
+                loss, _ = selective_loss(model, inputs)
+            return loss.detach(), None, None
+
+    args.train_sampling_strategy = "group_by_length" if batching == "grouped" else "random"
+    trainer = LossTrainer(model=model, args=args, train_dataset=ExampleDataset(train),
+                          eval_dataset=ExampleDataset(val) if val else None, data_collator=Collator(pad_id),
+                          callbacks=callbacks)
+    trainer.sovllm_counters = counters
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for quiet in (PrinterCallback, ProgressCallback):  # sovllm shows its own progress and summary
+        trainer.remove_callback(quiet)
+    return trainer
+
+
+def progress_callback(bar):
+    """A TrainerCallback advancing a sovllm progress bar per optimizer step (loss in the label)."""
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                bar.advance(f"loss {logs['loss']:.3f}")
+            elif logs and "eval_loss" in logs:
+                bar.advance(f"val loss {logs['eval_loss']:.3f}", step=0)
+
+    return Progress()
+
+
+def training_arguments(out_dir: Path, *, steps: int, batch_size: int, grad_accum: int, learning_rate: float,
+                       warmup_ratio: float, weight_decay: float, eval_steps: int, seed: int,
+                       gradient_checkpointing: bool, has_val: bool, bf16: bool = False):
+    from transformers import TrainingArguments
+
+    evaluate = has_val
+    return TrainingArguments(
+        output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
+        learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=math.ceil(warmup_ratio * steps),
+        weight_decay=weight_decay, logging_steps=1, eval_strategy="steps" if evaluate else "no",
+        eval_steps=eval_steps if evaluate else None, save_strategy="steps", save_steps=eval_steps,
+        save_total_limit=2, load_best_model_at_end=evaluate, metric_for_best_model="eval_loss" if evaluate else None,
+        greater_is_better=False, prediction_loss_only=True, remove_unused_columns=False, label_names=["labels"],
+        report_to="none", seed=seed, data_seed=seed, activation_checkpointing=gradient_checkpointing,
+        use_cpu=not bf16, bf16=bf16, dataloader_num_workers=0, disable_tqdm=True, save_only_model=False,
+    )
+
+
+def run_fit(trainer, *, resume: bool) -> FitResult:
+    """Train (resuming from the newest checkpoint when asked); returns counts and the best val loss."""
+    started = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=True if resume else None)
+    seconds = time.perf_counter() - started
+    state = trainer.state
+    history = [dict(h) for h in state.log_history]
+    evals = [h for h in history if "eval_loss" in h]
+    best = min(evals, key=lambda h: h["eval_loss"]) if evals else None
+    c = trainer.sovllm_counters
+    stopped = state.global_step < trainer.args.max_steps
+    return FitResult(steps=state.global_step, best_val_loss=best["eval_loss"] if best else None,
+                     best_step=best["step"] if best else None, train_loss=output.training_loss,
+                     loss_tokens=c["loss_tokens"], padded_tokens=c["padded"], real_tokens=c["real"],
+                     seconds=seconds, stopped_early=stopped, history=history)

@@ -1,0 +1,69 @@
+"""The stop check after training: do answers end with the end-of-turn token, for base and adapter?
+
+On up to `limit` val prompts, greedy generation with `max_new_tokens` = 2 × the 95th percentile of
+the reference completions' lengths (answer + end-of-turn). An answer *stops* when the model emits
+the end-of-turn token within that budget. The adapter must reach `min_rate` and must not stop less
+often than the base model (measured with the adapter switched off, same prompts, same budget).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from sovllm.train.data import Example
+
+
+@dataclass
+class StopCheck:
+    prompts: int
+    max_new_tokens: int
+    base_rate: float
+    adapter_rate: float
+    min_rate: float
+
+    @property
+    def passed(self) -> bool:
+        return self.adapter_rate >= self.min_rate and self.adapter_rate >= self.base_rate
+
+    def as_dict(self) -> dict:
+        return {"prompts": self.prompts, "max_new_tokens": self.max_new_tokens, "base_rate": round(self.base_rate, 4),
+                "adapter_rate": round(self.adapter_rate, 4), "min_rate": self.min_rate, "passed": self.passed}
+
+
+def percentile(values: list[int], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return 0.0
+    k = (len(ordered) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def stop_rate(model, examples: list[Example], *, eot_id: int, pad_id: int, max_new_tokens: int,
+              batch_size: int = 8) -> float:
+    """Share of examples whose greedy completion contains the end-of-turn token."""
+    import torch
+
+    stopped = 0
+    model.eval()
+    for b in range(0, len(examples), batch_size):
+        batch = examples[b:b + batch_size]
+        width = max(len(e.prompt_ids) for e in batch)
+        ids = torch.tensor([[pad_id] * (width - len(e.prompt_ids)) + e.prompt_ids for e in batch])
+        mask = torch.tensor([[0] * (width - len(e.prompt_ids)) + [1] * len(e.prompt_ids) for e in batch])
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=eot_id, pad_token_id=pad_id)
+        stopped += sum(int((row[width:] == eot_id).any()) for row in out)
+    return stopped / len(examples) if examples else 0.0
+
+
+def check_stopping(model, val: list[Example], *, eot_id: int, pad_id: int, min_rate: float, limit: int) -> StopCheck:
+    """Stop rates of the base (adapter disabled) and the adapter on the first `limit` val examples."""
+    sample = sorted(val, key=lambda e: e.id)[:limit]
+    budget = max(4, math.ceil(2 * percentile([len(e.completion_ids) for e in val], 0.95)))
+    with model.disable_adapter():
+        base = stop_rate(model, sample, eot_id=eot_id, pad_id=pad_id, max_new_tokens=budget)
+    adapter = stop_rate(model, sample, eot_id=eot_id, pad_id=pad_id, max_new_tokens=budget)
+    return StopCheck(len(sample), budget, base, adapter, min_rate)

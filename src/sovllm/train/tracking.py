@@ -1,0 +1,121 @@
+"""MLflow tracking for training runs: a local store by default, any tracking URI by config.
+
+The default store lives in the project (`out/mlflow/mlflow.db`, artifacts in `out/mlflow/artifacts`)
+so `mlflow ui --backend-store-uri sqlite:///…` works offline. sovllm logs itself (the Trainer's own
+MLflow integration is switched off with `report_to="none"`, so nothing is logged twice): params,
+`train/*` and `eval/*` metrics per optimizer step, loss tokens/s, system metrics, the adapter and
+the data manifest as artifacts, and a registered model version with the alias `candidate`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+
+def default_uri(out_dir: Path) -> str:
+    return f"sqlite:///{(out_dir / 'mlflow' / 'mlflow.db').resolve()}"
+
+
+def ui_command(uri: str, out_dir: Path) -> str:
+    artifacts = (out_dir / "mlflow" / "artifacts").resolve()
+    if uri.startswith("sqlite:"):
+        return f"mlflow ui --backend-store-uri {uri} --default-artifact-root {artifacts.as_uri()} --host 127.0.0.1"
+    return f"open {uri} in a browser"
+
+
+class Tracker:
+    """One MLflow run (new, or resumed by id after an interruption)."""
+
+    def __init__(self, uri: str, experiment: str, out_dir: Path):
+        import logging
+
+        import mlflow
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow sets INFO on import; keep the CLI quiet
+        if "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL" not in os.environ:
+            mlflow.set_system_metrics_sampling_interval(2)  # CPU runs are minutes long: sample more often than 10 s
+            mlflow.set_system_metrics_samples_before_logging(1)
+
+        self.mlflow = mlflow
+        self.uri = uri
+        mlflow.set_tracking_uri(uri)
+        found = mlflow.get_experiment_by_name(experiment)
+        if found is not None:
+            self.experiment_id = found.experiment_id
+        else:
+            location = (out_dir / "mlflow" / "artifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
+            self.experiment_id = mlflow.create_experiment(experiment, artifact_location=location)
+        self.run_id: str | None = None
+
+    def start(self, run_name: str, run_id: str | None = None) -> str:
+        mlflow = self.mlflow
+        if run_id is not None:
+            try:
+                mlflow.get_run(run_id)
+            except Exception:  # noqa: BLE001 - the old run is gone (store reset): start a new one
+                run_id = None
+        run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else self.experiment_id,
+                               run_name=None if run_id else run_name, log_system_metrics=True)
+        self.run_id = run.info.run_id
+        return self.run_id
+
+    def params(self, params: dict) -> None:
+        existing = self.mlflow.get_run(self.run_id).data.params
+        fresh = {k: str(v)[:6000] for k, v in params.items() if k not in existing}
+        if fresh:
+            self.mlflow.log_params(fresh)
+
+    def metrics(self, metrics: dict, step: int | None = None) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        if clean:
+            self.mlflow.log_metrics(clean, step=step, timestamp=int(time.time() * 1000))
+
+    def artifacts(self, path: Path, artifact_path: str) -> None:
+        if path.is_dir():
+            self.mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+        else:
+            self.mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def register(self, name: str, artifact_path: str, alias: str = "candidate") -> str:
+        """Register the run's `artifact_path` as a new version of `name` and point `alias` at it."""
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+        try:
+            client.get_registered_model(name)
+        except Exception:  # noqa: BLE001 - not registered yet
+            client.create_registered_model(name, description="LoRA adapters trained by sovllm")
+        run = client.get_run(self.run_id)
+        version = client.create_model_version(name, source=f"{run.info.artifact_uri}/{artifact_path}",
+                                              run_id=self.run_id)
+        client.set_registered_model_alias(name, alias, version.version)
+        return str(version.version)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.mlflow.end_run(status=status)
+
+
+def trainer_callback(tracker: Tracker, counters: dict):
+    """A TrainerCallback that logs the Trainer's logs as train/* and eval/* metrics, plus loss tokens/s."""
+    from transformers import TrainerCallback
+
+    names = {"loss": "train/loss", "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm",
+             "eval_loss": "eval/loss", "epoch": "train/epoch"}
+
+    class MlflowLog(TrainerCallback):
+        def __init__(self):
+            self.last = (time.perf_counter(), 0)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            metrics = {names[k]: v for k, v in (logs or {}).items() if k in names}
+            if "train/loss" in metrics:
+                now, tokens = time.perf_counter(), counters["loss_tokens"]
+                then, before = self.last
+                if now > then and tokens > before:
+                    metrics["train/loss_tokens_per_s"] = (tokens - before) / (now - then)
+                self.last = (now, tokens)
+            tracker.metrics(metrics, step=state.global_step)
+
+    return MlflowLog()

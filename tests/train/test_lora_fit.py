@@ -1,0 +1,104 @@
+"""Presets and refused options; the selective loss; a tiny-model fit that changes only the adapter."""
+
+from __future__ import annotations
+
+import pytest
+
+from sovllm.config import TrainSection
+from sovllm.errors import ConfigError
+from sovllm.train.lora import check_options, lora_config, resolved
+
+
+@pytest.mark.parametrize("preset, r, targets", [
+    ("minimal", 4, ["q_proj", "v_proj"]),
+    ("standard", 8, ["q_proj", "k_proj", "v_proj", "o_proj"]),
+    ("all-linear", 16, "all-linear"),
+    ("high-capacity", 32, "all-linear"),
+])
+def test_presets(preset, r, targets):
+    settings = resolved(TrainSection(preset=preset))
+    assert (settings["r"], settings["target_modules"], settings["lora_alpha"]) == (r, targets, 2.0 * r)
+
+
+def test_explicit_values_override_the_preset():
+    config = lora_config(TrainSection(preset="minimal", r=12, alpha=6, dropout=0.1, target_modules=["o_proj"],
+                                      use_rslora=True))
+    assert (config.r, config.lora_alpha, config.lora_dropout, set(config.target_modules), config.use_rslora) == \
+        (12, 6, 0.1, {"o_proj"}, True)
+
+
+@pytest.mark.parametrize("option", [{"use_dora": True}, {"modules_to_save": ["lm_head"]}, {"bias": "all"}])
+def test_options_vllm_cannot_serve_are_refused_unless_allowed(option):
+    with pytest.raises(ConfigError, match="vLLM cannot serve this adapter"):
+        check_options(TrainSection(**option), cuda=False)
+    check_options(TrainSection(**option), cuda=False, allow_non_vllm=True)
+    check_options(TrainSection(**option, allow_non_vllm_adapter=True), cuda=False)
+
+
+def test_qlora_needs_cuda():
+    with pytest.raises(ConfigError, match="train.qlora needs a CUDA GPU"):
+        check_options(TrainSection(qlora=True), cuda=False)
+    check_options(TrainSection(qlora=True), cuda=True)
+
+
+def _tiny_peft(tiny_model_dir, preset="standard"):
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    return get_peft_model(model, lora_config(TrainSection(preset=preset)))
+
+
+def _batch(tiny_model_dir):
+    from sovllm.models.chat import end_of_turn_id
+    from sovllm.models.tokenizer import load_tokenizer
+    from sovllm.train.data import Collator, ExampleDataset, encode
+    from tests.train.test_data import record
+
+    tok = load_tokenizer(tiny_model_dir)
+    examples = [encode(record(i, answer=f"Answer number {i} is {i * 7}."), tok, end_of_turn_id(tok)) for i in range(4)]
+    data = ExampleDataset(examples)
+    return Collator(tok.pad_token_id)([data[i] for i in range(4)])
+
+
+def test_selective_loss_equals_the_full_logits_loss(tiny_model_dir):
+    import torch
+
+    from sovllm.train.fit import selective_loss
+
+    model = _tiny_peft(tiny_model_dir)
+    batch = _batch(tiny_model_dir)
+    with torch.no_grad():
+        mine, count = selective_loss(model, batch)
+        reference = model(**batch).loss  # transformers: all logits, shifted labels, mean over label tokens
+    assert count == int((batch["labels"][:, 1:] != -100).sum())
+    assert abs(mine.item() - reference.item()) < 1e-5
+
+
+@pytest.mark.parametrize("preset", ["minimal", "all-linear"])
+def test_fit_changes_adapter_weights_only(tiny_model_dir, tmp_path, preset):
+    import torch
+
+    from sovllm.train.fit import make_trainer, run_fit, training_arguments
+    from sovllm.train.data import encode
+    from sovllm.models.chat import end_of_turn_id
+    from sovllm.models.tokenizer import load_tokenizer
+    from tests.train.test_data import record
+
+    tok = load_tokenizer(tiny_model_dir)
+    examples = [encode(record(i % 5, answer=f"It is {i}."), tok, end_of_turn_id(tok)) for i in range(12)]
+    model = _tiny_peft(tiny_model_dir, preset)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    args = training_arguments(tmp_path, steps=3, batch_size=4, grad_accum=1, learning_rate=1e-2, warmup_ratio=0,
+                              weight_decay=0, eval_steps=3, seed=0, gradient_checkpointing=False, has_val=False)
+    fit = run_fit(make_trainer(model, tok, examples, [], args, batching="grouped", callbacks=[],
+                               pad_id=tok.pad_token_id), resume=False)
+    assert fit.steps == 3 and fit.loss_tokens > 0
+    after = dict(model.named_parameters())
+    lora = [k for k in before if "lora_" in k]
+    assert lora and all(after[k].requires_grad for k in lora)
+    assert any(not torch.equal(before[k], after[k]) for k in lora if "lora_B" in k)
+    frozen = [k for k in before if "lora_" not in k]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)

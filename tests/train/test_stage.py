@@ -1,0 +1,102 @@
+"""The train stage on the tiny model: adapter folder, real MLflow store, skip, resume after kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sovllm.config import load_config
+from sovllm.errors import ModelError
+from sovllm.models.adapter import check_servable, inspect_adapter
+from sovllm.train import stage
+from tests.train.conftest import TRAIN_FAST
+
+
+def test_train_writes_a_servable_adapter_and_tracks_it_in_mlflow(train_project, monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
+    cfg = load_config(train_project, (*TRAIN_FAST, "train.max_steps=4"))
+    result = stage.run(train_project, cfg, log=lambda _: None)
+    adapter = train_project / "out" / "train" / "adapter"
+    manifest = json.loads((adapter / "manifest.json").read_text())
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md"} <= \
+        {p.name for p in adapter.iterdir()}
+    info = inspect_adapter(adapter)
+    assert info.base_id == manifest["base_id"] and info.rank == 8 and not info.unservable
+    check_servable(info, base_id=manifest["base_id"], max_rank=16)
+    assert manifest["audit"]["train"]["passed"] and manifest["audit"]["train"]["eot_id"] != \
+        manifest["audit"]["train"]["pad_id"]
+    assert manifest["metrics"]["steps"] == 4 and manifest["stop_check"]["prompts"] == 4
+    assert not (train_project / "out" / "train" / "checkpoints").exists()
+
+    tracking = result.manifest.extra["mlflow"]
+    client = MlflowClient(tracking_uri=tracking["tracking_uri"])
+    run = client.get_run(tracking["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["lora/r"] == "8" and run.data.params["base_id"] == manifest["base_id"]
+    assert run.data.params["data/train.jsonl"] == manifest["data"]["train.jsonl"]
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in losses] == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/loss")] == [2, 4]
+    assert "eval/stop_rate_adapter" in run.data.metrics and "train/loss_tokens_per_s" in run.data.metrics
+    assert any(k.startswith("system/") for k in run.data.metrics)  # system metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
+    assert "adapter/adapter_config.json" in artifacts
+    version = client.get_model_version_by_alias(tracking["registered_model"], "candidate")
+    assert version.run_id == run.info.run_id and version.source.endswith("/adapter")
+
+    again = stage.run(train_project, cfg, log=lambda _: None)
+    assert again.skipped
+
+
+def test_failed_stop_check_fails_the_run_and_registers_nothing(train_project):
+    from mlflow import MlflowClient
+
+    cfg = load_config(train_project, (*TRAIN_FAST, "train.max_steps=2", "train.stop_min_rate=1.0"))
+    with pytest.raises(ModelError, match="stop check failed"):
+        stage.run(train_project, cfg, log=lambda _: None)
+    manifest = json.loads((train_project / "out" / "train" / "manifest.json").read_text())
+    assert manifest["status"] == "failed"
+    client = MlflowClient(tracking_uri=f"sqlite:///{train_project / 'out' / 'mlflow' / 'mlflow.db'}")
+    assert client.search_registered_models() == []
+
+
+def test_non_vllm_options_are_refused_before_training(train_project):
+    from sovllm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="vLLM cannot serve this adapter: DoRA"):
+        stage.run(train_project, load_config(train_project, ("train.use_dora=true",)), log=lambda _: None)
+    assert not (train_project / "out" / "train").exists()
+
+
+def test_resume_after_kill_9(train_project):
+    """Kill a real training process after its first checkpoint; the re-run resumes there and finishes."""
+    args = [*TRAIN_FAST, "train.max_steps=30", "train.eval_steps=3", "train.early_stopping_patience=0"]
+    cmd = [sys.executable, "-m", "sovllm", "train", str(train_project)] + [a for s in args for a in ("--set", s)]
+    checkpoints = train_project / "out" / "train" / "checkpoints"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    time.sleep(0.5)  # let the checkpoint finish writing
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    saved = sorted(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*"))
+    assert saved and saved[-1] < 30
+    first_run = json.loads((checkpoints / "sovllm-run.json").read_text())["mlflow_run_id"]
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "resuming from checkpoint-" in again.stderr
+    manifest = json.loads((train_project / "out" / "train" / "manifest.json").read_text())
+    assert manifest["status"] == "ok" and manifest["counts"]["steps"] == 30
+    assert manifest["extra"]["mlflow"]["run_id"] == first_run  # the same MLflow run continued
