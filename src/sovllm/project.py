@@ -101,8 +101,47 @@ curate:
   max_overlap: 0.5          # a negative whose question shares more content words with its context is discarded
   distractors: 0.3          # share of training examples with 1..max_distractors chunks of other documents
   max_distractors: 2
+  max_context_tokens: 800   # distractors only while all contexts of an example fit (training keeps it whole)
   min_kept: 20              # fail when fewer answerable pairs survive (--quick: 1)
   seed: 0
+
+train:
+  # LoRA presets: minimal (q,v r4), standard (q,k,v,o r8), all-linear (r16), high-capacity (r32)
+  preset: standard
+  r: null                   # overrides the preset's rank
+  alpha: null               # default 2 × r
+  dropout: 0.0              # LoRA dropout; on a CPU its masks cost ~15% of a step
+  target_modules: null      # overrides the preset's modules
+  use_rslora: false
+  # vLLM cannot serve adapters with these; they are refused unless allow_non_vllm_adapter
+  use_dora: false
+  modules_to_save: null
+  bias: none
+  allow_non_vllm_adapter: false
+  qlora: false              # 4-bit NF4 base weights: CUDA only
+  epochs: 1.0
+  max_steps: 0              # optimizer steps; 0 = derived from epochs
+  learning_rate: 0.0005     # cosine schedule with warmup
+  batch_size: 4             # micro-batch; 4 × 1024 tokens needs ~10 GB on a CPU
+  grad_accum: 4
+  warmup_ratio: 0.05
+  weight_decay: 0.0
+  max_length: 1024          # tokens; longer examples are dropped (too_long: drop) or fail the run
+  too_long: drop
+  batching: grouped         # grouped: length-grouped batches; padded: shuffled, padded to the longest
+  eval_steps: 4             # val loss every N optimizer steps (checkpoints at the same steps)
+  early_stopping_patience: 3   # evaluations without improvement; 0 = off
+  gradient_checkpointing: false
+  threads: 0                # torch threads; 0 = all cores
+  seed: 0
+  stop_min_rate: 0.95       # share of val answers that must end with the end-of-turn token
+  stop_prompts: 32          # val prompts used for the stop check
+  quick_steps: 4            # optimizer steps under --quick
+  adapter_name: null        # default: the project name
+  tracking:
+    uri: null               # MLflow tracking URI; null = sqlite store in the output folder
+    experiment: null        # default: the project name
+    registered_model: null  # default: <project>-adapter
 """
 
 

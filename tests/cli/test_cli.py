@@ -39,7 +39,7 @@ def test_every_command_has_help(path, capsys):
 
 def test_expected_commands_exist():
     paths = {" ".join(p) for p in all_command_paths()}
-    assert {"init", "run", "doctor", "models list", "models prepare", "egress check"} <= paths
+    assert {"init", "run", "doctor", "curate", "train", "models list", "models prepare", "egress check"} <= paths
 
 
 def test_version(capsys):

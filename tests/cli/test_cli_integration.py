@@ -43,7 +43,7 @@ def test_quick_run_of_the_example_project(tmp_path, bundled_model):
     proc = sovllm("run", project, "--quick", env={**os.environ, "COLUMNS": "200"})
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((project / "out" / "manifest.json").read_text())
-    assert [s["stage"] for s in manifest["extra"]["stages"]] == ["model", "ingest", "synth", "curate"]
+    assert [s["stage"] for s in manifest["extra"]["stages"]] == ["model", "ingest", "synth", "curate", "train"]
     ingest = json.loads((project / "out" / "ingest" / "manifest.json").read_text())
     assert ingest["counts"]["documents"] == 4 and ingest["counts"]["chunks"] > 0
     assert "chunk length (tokens)" in proc.stdout and "4 documents" in proc.stdout
@@ -61,3 +61,22 @@ def test_quick_run_of_the_example_project(tmp_path, bundled_model):
                for line in (project / "out" / "curate" / f"{split}.jsonl").read_text().splitlines()]
     assert len(records) >= curate["counts"]["kept"]
     assert "splits (grouped by document)" in proc.stdout
+    train = json.loads((project / "out" / "train" / "manifest.json").read_text())
+    adapter = project / "out" / "train" / "adapter"
+    assert train["status"] == "ok" and train["counts"]["steps"] == 4 and train["extra"]["audit"]["train"]["passed"]
+    stop = train["extra"]["stop_check"]
+    assert stop["prompts"] == 8 and 0 <= stop["base_rate"] <= 1 and 0 <= stop["adapter_rate"] <= 1
+    flat = " ".join(proc.stdout.split())
+    assert f"adapter {adapter}" in flat and train["extra"]["mlflow"]["run_id"] in flat and "mlflow ui" in flat
+
+    # the adapter loads in `sovllm serve` unchanged and answers
+    import openai
+
+    from sovllm.serve.launch import EmbeddedServer
+
+    with EmbeddedServer("smollm2-135m-instruct", adapters={"acme": str(adapter)}) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="x")
+        assert "acme" in {m.id for m in client.models.list().data}
+        reply = client.chat.completions.create(model="acme", max_tokens=8,
+                                               messages=[{"role": "user", "content": "Hello"}])
+        assert reply.choices[0].message.content

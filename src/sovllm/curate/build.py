@@ -38,7 +38,7 @@ def build_splits(kept: list[dict], chunks: list[dict], doc_split: dict[str, str]
             contexts = [chunk]
             if distract and rng.random() < distract:
                 extra = pick_distractors(split_chunks, {chunk["doc_id"]}, rng.randint(1, section.max_distractors), rng)
-                contexts = with_distractors(chunk, extra, rng)
+                contexts = with_distractors(chunk, extra, rng, section.max_context_tokens)
                 with_extra += len(contexts) > 1
             out.append(make_record(pair["id"], prompt=prompt, contexts=contexts, question=pair["question"],
                                    answer=pair["answer"], chunk=chunk, type_=pair["type"], pair_id=pair["id"]))
@@ -49,7 +49,7 @@ def build_splits(kept: list[dict], chunks: list[dict], doc_split: dict[str, str]
                 extra = pick_distractors(split_chunks, {neg.context["doc_id"], source["doc_id"]},
                                          rng.randint(1, section.max_distractors), rng,
                                          question=neg.pair["question"], max_overlap=section.max_overlap)
-                contexts = with_distractors(neg.context, extra, rng)
+                contexts = with_distractors(neg.context, extra, rng, section.max_context_tokens)
                 with_extra += len(contexts) > 1
             out.append(make_record(f"{neg.pair['id']}-unanswerable", prompt=prompt, contexts=contexts,
                                    question=neg.pair["question"], answer=prompt.refusal, chunk=source,

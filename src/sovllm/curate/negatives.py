@@ -96,8 +96,12 @@ def pick_distractors(chunks: list[dict], exclude_docs: set[str], k: int, rng: ra
     return rng.sample(others, min(k, len(others)))
 
 
-def with_distractors(chunk: dict, distractors: list[dict], rng: random.Random) -> list[dict]:
-    """The gold chunk and its distractors in random order."""
-    contexts = [chunk, *distractors]
+def with_distractors(chunk: dict, distractors: list[dict], rng: random.Random, max_tokens: int) -> list[dict]:
+    """The gold chunk and the distractors that fit `max_tokens` (chunk `n_tokens` summed), in random order."""
+    contexts, total = [chunk], chunk.get("n_tokens", 0)
+    for extra in distractors:
+        if total + extra.get("n_tokens", 0) <= max_tokens:
+            contexts.append(extra)
+            total += extra.get("n_tokens", 0)
     rng.shuffle(contexts)
     return contexts

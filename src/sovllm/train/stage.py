@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import math
 import os
+import random
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -97,6 +98,12 @@ def _train(root: Path, cfg: Config, records: dict, ctx: StageContext, *, quick: 
     from sovllm.train.stopcheck import check_stopping
     from sovllm.train.tracking import Tracker, default_uri, trainer_callback, ui_command
 
+    import warnings
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
     section = cfg.train
     threads = section.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -117,7 +124,8 @@ def _train(root: Path, cfg: Config, records: dict, ctx: StageContext, *, quick: 
         raise InputError(f"{train_path}: no example fits train.max_length={section.max_length}")
     grad_accum = 1 if quick else section.grad_accum
     if quick:
-        train = train[: section.quick_steps * section.batch_size]
+        # a seeded sample, so the smoke run sees refusals too (they sit at the end of train.jsonl)
+        train = random.Random(section.seed).sample(train, min(len(train), section.quick_steps * section.batch_size))
         val = sorted(val, key=lambda e: e.id)[:QUICK_VAL]
     steps = optimizer_steps(cfg, len(train), quick)
     eval_steps = steps if quick else min(section.eval_steps, steps)
@@ -129,6 +137,8 @@ def _train(root: Path, cfg: Config, records: dict, ctx: StageContext, *, quick: 
         model.enable_input_require_grads()
     trainable, total = model.get_nb_trainable_parameters()
 
+    data_hashes = {"train.jsonl": sha256_file(train_path), "val.jsonl": sha256_file(val_path)}
+    key = config_hash({"config": key, "data": data_hashes})  # resume only onto the same data and settings
     out_dir = ctx.out_dir
     checkpoints = out_dir / "checkpoints"
     state_file = checkpoints / "sovllm-run.json"
@@ -147,7 +157,6 @@ def _train(root: Path, cfg: Config, records: dict, ctx: StageContext, *, quick: 
     write_atomic(state_file, json.dumps({"key": key, "mlflow_run_id": run_id}) + "\n")
     if resume:
         log(f"resuming from {max(checkpoints.glob('checkpoint-*'), key=lambda p: int(p.name.split('-')[1])).name}")
-    data_hashes = {"train.jsonl": sha256_file(train_path), "val.jsonl": sha256_file(val_path)}
     params = {**{f"lora/{k}": v for k, v in lora.items()}, "base_model": base.name, "base_id": base.base_id,
               "steps": steps, "batch_size": section.batch_size, "grad_accum": grad_accum,
               "learning_rate": section.learning_rate, "warmup_ratio": section.warmup_ratio,
@@ -160,7 +169,8 @@ def _train(root: Path, cfg: Config, records: dict, ctx: StageContext, *, quick: 
         args = training_arguments(checkpoints, steps=steps, batch_size=section.batch_size, grad_accum=grad_accum,
                                   learning_rate=section.learning_rate, warmup_ratio=section.warmup_ratio,
                                   weight_decay=section.weight_decay, eval_steps=eval_steps, seed=section.seed,
-                                  gradient_checkpointing=section.gradient_checkpointing, has_val=bool(val))
+                                  gradient_checkpointing=section.gradient_checkpointing, has_val=bool(val),
+                                  bf16=_cuda())
         callbacks = []
         if val and section.early_stopping_patience:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=section.early_stopping_patience))
@@ -214,7 +224,11 @@ def _train(root: Path, cfg: Config, records: dict, ctx: StageContext, *, quick: 
                                      or f"{cfg.project.name}-adapter", "version": version,
                                      "alias": "candidate" if version else None,
                                      "ui": ui_command(uri, root / cfg.project.output_dir)}})
-        if stop is not None and not stop.passed:
+        if stop is not None and not stop.passed and quick:
+            log(f"warning: stop check not passed (adapter {stop.adapter_rate:.0%}, base {stop.base_rate:.0%}); "
+                f"--quick trains {steps} steps, too few to learn stopping, so it reports instead of failing and "
+                f"registers nothing")
+        elif stop is not None and not stop.passed:
             raise ModelError(f"stop check failed: the adapter ends {stop.adapter_rate:.0%} of val answers with the "
                              f"end-of-turn token (base {stop.base_rate:.0%}, required {stop.min_rate:.0%} and at "
                              f"least the base)", hint=f"the adapter in {adapter_dir} was not registered; train longer or "

@@ -53,7 +53,7 @@ def stop_rate(model, examples: list[Example], *, eot_id: int, pad_id: int, max_n
         ids = torch.tensor([[pad_id] * (width - len(e.prompt_ids)) + e.prompt_ids for e in batch])
         mask = torch.tensor([[0] * (width - len(e.prompt_ids)) + [1] * len(e.prompt_ids) for e in batch])
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+            out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=max_new_tokens, do_sample=False,
                                  eos_token_id=eot_id, pad_token_id=pad_id)
         stopped += sum(int((row[width:] == eot_id).any()) for row in out)
     return stopped / len(examples) if examples else 0.0
