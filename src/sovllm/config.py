@@ -263,22 +263,23 @@ class TrainSection(Section):
     qlora: bool = Field(False, description="4-bit NF4 base weights; CUDA only")
     epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(0, ge=0, description="optimizer steps; 0 = derived from epochs")
-    learning_rate: float = Field(5e-4, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)
     batch_size: int = Field(4, ge=1, description="micro-batch; 4 × 1024 tokens needs ~10 GB on a CPU")
-    grad_accum: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step; on a small corpus more, "
+                                                   "smaller steps learn more per epoch")
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     max_length: int = Field(1024, ge=32, description="tokens; longer examples are dropped or fail (too_long)")
     too_long: Literal["drop", "fail"] = "drop"
     batching: Literal["grouped", "padded"] = Field(
         "grouped", description="grouped: length-grouped batches; padded: shuffled, pad to longest (the tutorial)")
-    eval_steps: int = Field(4, ge=1, description="val loss every N optimizer steps")
+    eval_steps: int = Field(10, ge=1, description="val loss every N optimizer steps")
     early_stopping_patience: int = Field(3, ge=0, description="evaluations without improvement; 0 = off")
     gradient_checkpointing: bool = False
     threads: int = Field(0, ge=0, description="torch threads; 0 = all cores")
     seed: int = 0
     stop_min_rate: float = Field(0.95, ge=0.0, le=1.0, description="required share of val answers that stop")
-    stop_prompts: int = Field(32, ge=1, description="val prompts used for the stop check")
+    stop_prompts: int = Field(24, ge=1, description="val prompts used for the stop check")
     quick_steps: int = Field(4, ge=1, description="optimizer steps under --quick")
     adapter_name: str | None = Field(None, description="default: the project name")
     tracking: TrackingSection = Field(default_factory=TrackingSection)

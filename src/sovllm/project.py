@@ -121,21 +121,21 @@ train:
   qlora: false              # 4-bit NF4 base weights: CUDA only
   epochs: 1.0
   max_steps: 0              # optimizer steps; 0 = derived from epochs
-  learning_rate: 0.0005     # cosine schedule with warmup
+  learning_rate: 0.001      # cosine schedule with warmup
   batch_size: 4             # micro-batch; 4 × 1024 tokens needs ~10 GB on a CPU
-  grad_accum: 4
+  grad_accum: 1             # micro-batches per optimizer step
   warmup_ratio: 0.05
   weight_decay: 0.0
   max_length: 1024          # tokens; longer examples are dropped (too_long: drop) or fail the run
   too_long: drop
   batching: grouped         # grouped: length-grouped batches; padded: shuffled, padded to the longest
-  eval_steps: 4             # val loss every N optimizer steps (checkpoints at the same steps)
+  eval_steps: 10            # val loss every N optimizer steps (checkpoints at the same steps)
   early_stopping_patience: 3   # evaluations without improvement; 0 = off
   gradient_checkpointing: false
   threads: 0                # torch threads; 0 = all cores
   seed: 0
   stop_min_rate: 0.95       # share of val answers that must end with the end-of-turn token
-  stop_prompts: 32          # val prompts used for the stop check
+  stop_prompts: 24          # val prompts used for the stop check
   quick_steps: 4            # optimizer steps under --quick
   adapter_name: null        # default: the project name
   tracking:
