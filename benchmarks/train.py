@@ -71,7 +71,7 @@ def one_run(base_path: str, tokenizer, examples, batching: str, args, peak: floa
         targs.save_strategy = "no"
         trainer = make_trainer(model, tokenizer, examples, [], targs, batching=batching, callbacks=[],
                                pad_id=tokenizer.pad_token_id)
-        fit = run_fit(trainer, resume=False)
+        fit = run_fit(trainer)
     flops = model_flops(model, fit.real_tokens, fit.loss_tokens)
     return {"batching": batching, "steps": fit.steps, "seconds": round(fit.seconds, 2),
             "loss_tokens": fit.loss_tokens, "real_tokens": fit.real_tokens, "padded_tokens": fit.padded_tokens,

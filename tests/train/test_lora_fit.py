@@ -94,7 +94,7 @@ def test_fit_changes_adapter_weights_only(tiny_model_dir, tmp_path, preset):
     args = training_arguments(tmp_path, steps=3, batch_size=4, grad_accum=1, learning_rate=1e-2, warmup_ratio=0,
                               weight_decay=0, eval_steps=3, seed=0, gradient_checkpointing=False, has_val=False)
     fit = run_fit(make_trainer(model, tok, examples, [], args, batching="grouped", callbacks=[],
-                               pad_id=tok.pad_token_id), resume=False)
+                               pad_id=tok.pad_token_id))
     assert fit.steps == 3 and fit.loss_tokens > 0
     after = dict(model.named_parameters())
     lora = [k for k in before if "lora_" in k]

@@ -100,3 +100,16 @@ def test_resume_after_kill_9(train_project):
     manifest = json.loads((train_project / "out" / "train" / "manifest.json").read_text())
     assert manifest["status"] == "ok" and manifest["counts"]["steps"] == 30
     assert manifest["extra"]["mlflow"]["run_id"] == first_run  # the same MLflow run continued
+
+
+def test_an_incomplete_checkpoint_is_skipped_and_removed(tmp_path):
+    from sovllm.train.stage import CHECKPOINT_FILES, latest_checkpoint
+
+    for step, files in ((3, CHECKPOINT_FILES), (6, CHECKPOINT_FILES[:2])):  # killed while writing step 6
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        for name in files:
+            (folder / name).write_text("x")
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-3"
+    assert not (tmp_path / "checkpoint-6").exists()
+    assert latest_checkpoint(tmp_path / "none") is None

@@ -162,10 +162,10 @@ def training_arguments(out_dir: Path, *, steps: int, batch_size: int, grad_accum
     )
 
 
-def run_fit(trainer, *, resume: bool) -> FitResult:
-    """Train (resuming from the newest checkpoint when asked); returns counts and the best val loss."""
+def run_fit(trainer, *, resume: Path | None = None) -> FitResult:
+    """Train (resuming from checkpoint folder `resume`); returns counts and the best val loss."""
     started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=True if resume else None)
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     seconds = time.perf_counter() - started
     state = trainer.state
     history = [dict(h) for h in state.log_history]

@@ -143,8 +143,8 @@ def _train(root: Path, cfg: Config, records: dict, ctx: StageContext, *, quick: 
     checkpoints = out_dir / "checkpoints"
     state_file = checkpoints / "sovllm-run.json"
     previous = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    resume = previous.get("key") == key and any(checkpoints.glob("checkpoint-*"))
-    if not resume and checkpoints.exists():
+    resume = latest_checkpoint(checkpoints) if previous.get("key") == key else None
+    if resume is None and checkpoints.exists():
         shutil.rmtree(checkpoints)  # checkpoints of other data or settings must not be resumed
     checkpoints.mkdir(parents=True, exist_ok=True)
 
@@ -153,10 +153,10 @@ def _train(root: Path, cfg: Config, records: dict, ctx: StageContext, *, quick: 
     tracker = Tracker(uri, tracking.experiment or cfg.project.name, root / cfg.project.output_dir)
     name = adapter_name(cfg)
     run_id = tracker.start(f"{name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}",
-                           previous.get("mlflow_run_id") if resume else None)
+                           previous.get("mlflow_run_id") if resume is not None else None)
     write_atomic(state_file, json.dumps({"key": key, "mlflow_run_id": run_id}) + "\n")
-    if resume:
-        log(f"resuming from {max(checkpoints.glob('checkpoint-*'), key=lambda p: int(p.name.split('-')[1])).name}")
+    if resume is not None:
+        log(f"resuming from {resume.name}")
     params = {**{f"lora/{k}": v for k, v in lora.items()}, "base_model": base.name, "base_id": base.base_id,
               "steps": steps, "batch_size": section.batch_size, "grad_accum": grad_accum,
               "learning_rate": section.learning_rate, "warmup_ratio": section.warmup_ratio,
@@ -237,6 +237,19 @@ def _train(root: Path, cfg: Config, records: dict, ctx: StageContext, *, quick: 
     finally:
         tracker.end(status)
     shutil.rmtree(checkpoints, ignore_errors=True)  # a finished run needs no resume point
+
+
+CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_model.safetensors")
+
+
+def latest_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest complete checkpoint; incomplete ones (a kill during the write) are deleted."""
+    found = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]), reverse=True)
+    for path in found:
+        if all((path / f).is_file() for f in CHECKPOINT_FILES):
+            return path
+        shutil.rmtree(path, ignore_errors=True)
+    return None
 
 
 def _save_adapter(model, tokenizer, adapter_dir: Path, manifest: dict) -> None:
