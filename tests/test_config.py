@@ -108,3 +108,11 @@ def test_config_hash_is_stable_and_sensitive():
 
 def test_template_sanitises_project_name():
     assert "name: my-docs" in render_template("my docs")
+
+
+def test_remote_judge_and_tracking_server_are_checked_against_the_allow_list():
+    cfg = load_config(None, ["curate.judge.base_url=http://judge.internal:8000/v1",
+                             "train.tracking.uri=http://mlflow.internal:5000", "egress.allow=[judge.internal]"])
+    assert cfg.endpoints_outside_allow_list() == {"train.tracking.uri": "http://mlflow.internal:5000"}
+    local = load_config(None, ["train.tracking.uri=sqlite:///tmp/m.db"])
+    assert local.endpoints() == {}

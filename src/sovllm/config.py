@@ -301,7 +301,9 @@ class Config(Section):
 
     def endpoints(self) -> dict[str, str]:
         """Configured remote endpoints by config key (URLs sovllm will contact)."""
-        urls = {"endpoint.base_url": self.endpoint.base_url, "curate.judge.base_url": self.curate.judge.base_url}
+        tracking = self.train.tracking.uri or ""
+        urls = {"endpoint.base_url": self.endpoint.base_url, "curate.judge.base_url": self.curate.judge.base_url,
+                "train.tracking.uri": tracking if urlsplit(tracking).scheme in ("http", "https") else None}
         return {key: url for key, url in urls.items() if url}
 
     def endpoints_outside_allow_list(self) -> dict[str, str]:

@@ -28,8 +28,6 @@ def open_project(args: list[str] | None, subcommand: str, overrides_: list[str])
 
     Returns (whether SUBCOMMAND was given, project root, config).
     """
-    from sovllm import egress
-    from sovllm.config import load_config, project_root
     from sovllm.errors import ConfigError
 
     args = list(args or [])
@@ -38,7 +36,15 @@ def open_project(args: list[str] | None, subcommand: str, overrides_: list[str])
         args = args[1:]
     if len(args) > 1:
         raise ConfigError(f"unexpected arguments: {' '.join(args[1:])}")
-    root = project_root(args[0] if args else ".")
+    return (sub, *load_project(args[0] if args else ".", overrides_))
+
+
+def load_project(directory, overrides_: list[str]):
+    """(project root, config) for `directory`, with the project's egress guard installed."""
+    from sovllm import egress
+    from sovllm.config import load_config, project_root
+
+    root = project_root(directory)
     cfg = load_config(root, tuple(overrides_))
     egress.install(cfg.egress.allow)
-    return sub, root, cfg
+    return root, cfg

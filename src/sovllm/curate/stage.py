@@ -129,8 +129,9 @@ def run(root: Path, cfg: Config, endpoint_factory: Callable, *, quick: bool = Fa
             curated.append({**pair, "flags": flags, "judge": None, "kept": not dropping,
                             "drop_reason": dropping[0] if dropping else None, "dup_of": None})
         survivors = [p for p in curated if p["kept"]]
+        by_id = {p["id"]: p for p in survivors}
         for pid, dup in find_duplicates(survivors, section.dedup, _rank(chunk_by_id)).items():
-            pair = next(p for p in survivors if p["id"] == pid)
+            pair = by_id[pid]
             pair.update(kept=False, drop_reason=dup.kind, dup_of=dup.keeper)
             pair["flags"].append(dup.kind)
         judge_info = _judge(curated, chunk_by_id, cfg, endpoint_factory, quick, progress_factory, log, ctx)
