@@ -285,6 +285,34 @@ class TrainSection(Section):
     tracking: TrackingSection = Field(default_factory=TrackingSection)
 
 
+class EvalJudgeSection(Section):
+    enabled: bool = Field(True, description="run the judge checks (they never feed the headline or the promotion)")
+    items: int = Field(8, ge=0, description="eval items graded and compared pairwise per model (a seeded sample)")
+    repeat: int = Field(4, ge=0, description="rubric verdicts asked twice for repeat consistency")
+    verbosity: int = Field(4, ge=0, description="verbosity probes (reference vs the same answer padded)")
+    gold: str = Field("labels/judge-gold.jsonl", description="hand-labelled pairwise items, relative to the project")
+    gold_limit: int = Field(0, ge=0, description="gold items judged; 0 = all")
+    kappa_min: float = Field(0.4, ge=-1.0, le=1.0, description="below this Cohen's kappa the judge is unreliable")
+    max_tokens: int = Field(120, ge=32, le=2048)
+
+
+class EvalSection(Section):
+    models: list[str] = Field(default_factory=list, description="served names to compare, the first is the "
+                                                                "reference; [] = base + this project's adapter")
+    adapters: dict[str, str] = Field(default_factory=dict, description="extra adapters the embedded server loads, "
+                                                                       "name: path")
+    contexts: list[Literal["gold", "retrieved"]] = Field(default_factory=lambda: ["gold", "retrieved"])
+    retrieval_k: int = Field(2, ge=1, le=10, description="chunks in the user turn in retrieved mode (hit@k)")
+    retrieved_limit: int = Field(40, ge=0, description="answerable items evaluated in retrieved mode "
+                                                       "(a seeded sample); 0 = all")
+    max_tokens: int = Field(0, ge=0, description="0 = 2 x the 95th percentile of reference answer tokens")
+    concurrency: int = Field(16, ge=1, le=256)
+    resamples: int = Field(10_000, ge=100, description="paired bootstrap resamples")
+    seed: int = 0
+    quick_limit: int = Field(12, ge=1, description="eval items under --quick")
+    judge: EvalJudgeSection = Field(default_factory=EvalJudgeSection)
+
+
 class Config(Section):
     """The whole `sovllm.yaml`."""
 
@@ -298,6 +326,7 @@ class Config(Section):
     synth: SynthSection = Field(default_factory=SynthSection)
     curate: CurateSection = Field(default_factory=CurateSection)
     train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
 
     def endpoints(self) -> dict[str, str]:
         """Configured remote endpoints by config key (URLs sovllm will contact)."""

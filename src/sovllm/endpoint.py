@@ -40,8 +40,9 @@ class Endpoint:
 
 
 @contextmanager
-def open_endpoint(cfg: Config, *, log: Callable[[str], None] = lambda _: None) -> Iterator[Endpoint]:
-    """The configured endpoint, or the embedded server for the project's base model."""
+def open_endpoint(cfg: Config, *, log: Callable[[str], None] = lambda _: None,
+                  adapters: dict[str, str] | None = None) -> Iterator[Endpoint]:
+    """The configured endpoint, or the embedded server for the project's base model (with `adapters` loaded)."""
     section = cfg.endpoint
     if section.base_url:
         if not section.model:
@@ -58,8 +59,8 @@ def open_endpoint(cfg: Config, *, log: Callable[[str], None] = lambda _: None) -
 
     log(f"starting the embedded server with {cfg.model.base} …")
     started = time.perf_counter()
-    slots = str(max(16, cfg.synth.concurrency))
-    with EmbeddedServer(cfg.model.base, extra_args=["--max-num-seqs", slots, "--max-model-len", "3072"]) as server:
+    slots = str(max(16, cfg.synth.concurrency, cfg.eval.concurrency))
+    with EmbeddedServer(cfg.model.base, adapters=adapters, extra_args=["--max-num-seqs", slots, "--max-model-len", "3072"]) as server:
         log(f"embedded server ready at {server.base_url} ({time.perf_counter() - started:.1f} s)")
         yield Endpoint(server.base_url, server.served_name, None, True)
 

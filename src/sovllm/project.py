@@ -142,6 +142,27 @@ train:
     uri: null               # MLflow tracking URI; null = sqlite store in the output folder
     experiment: null        # default: the project name
     registered_model: null  # default: <project>-adapter
+
+eval:
+  models: []                # served names to compare, the first is the reference; [] = base + this project's adapter
+  adapters: {{}}              # extra adapters for the embedded server, name: path
+  contexts: [gold, retrieved]   # gold: the item's own chunk; retrieved: top-k BM25 chunks of the eval split
+  retrieval_k: 2
+  retrieved_limit: 40       # answerable items in retrieved mode (a seeded sample); 0 = all
+  max_tokens: 0             # 0 = 2 × the 95th percentile of reference answer tokens
+  concurrency: 16
+  resamples: 10000          # paired bootstrap; "better" = the 95% interval of the difference excludes 0
+  seed: 0
+  quick_limit: 12           # eval items under --quick
+  judge:
+    enabled: true           # rubric, pairwise (both orders), repeat and verbosity checks; never the headline
+    items: 8                # eval items graded and compared pairwise (a seeded sample)
+    repeat: 4               # rubric verdicts asked twice
+    verbosity: 4            # reference vs the same answer padded: the padded one must not win
+    gold: labels/judge-gold.jsonl   # hand-labelled pairwise items for percent agreement and Cohen's kappa
+    gold_limit: 0           # 0 = all
+    kappa_min: 0.4          # below: the judge is marked unreliable
+    max_tokens: 120
 """
 
 

@@ -41,13 +41,14 @@ def root(
 
 
 def _register() -> None:
-    from sovllm.cli import curate, doctor, egress_cmd, ingest, models, project, serve, synth, train
+    from sovllm.cli import curate, doctor, egress_cmd, evaluate, ingest, models, project, serve, synth, train
 
     project.register(app)
     ingest.register(app)
     synth.register(app)
     curate.register(app)
     train.register(app)
+    evaluate.register(app)
     serve.register(app)
     doctor.register(app)
     app.add_typer(models.app, name="models")

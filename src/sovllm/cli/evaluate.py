@@ -1,0 +1,83 @@
+"""`sovllm eval`: base vs adapters on the eval split, with paired-bootstrap intervals, judge checks and a report."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sovllm.cli import options
+
+console = Console()
+err = Console(stderr=True)
+
+
+def _ci(c: dict) -> str:
+    return f"{c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] {c['verdict']}"
+
+
+def print_summary(summary: dict, out_dir, title: str = "eval") -> None:
+    labels = [m["label"] for m in summary["models"]]
+    ref = summary["reference_model"]
+    console.print(f"{title}: {', '.join(labels)}; differences vs {ref} with 95% paired-bootstrap intervals")
+    for mode in summary["modes"]:
+        table = Table(title=f"{mode} context")
+        table.add_column("metric")
+        for m in labels:
+            table.add_column(m, justify="right")
+        for m in labels[1:]:
+            table.add_column(f"{m} − {ref}", justify="right")
+        rows = summary["table"][mode]
+        for key, name in (("f1", "token F1 (answerable)"), ("rouge_l", "ROUGE-L (answerable)"),
+                          ("refusal_accuracy", "refusal accuracy"), ("false_refusal_rate", "false-refusal rate"),
+                          ("stop_rate", "stop rate")):
+            cells = ["–" if rows[m][key] is None else f"{rows[m][key]:.3f}" for m in labels]
+            cells += [_ci(summary["comparisons"][mode][m][key]) for m in labels[1:]]
+            table.add_row(name, *cells)
+        if "hit_at_k" in rows[labels[0]]:
+            table.add_row(f"hit@{summary['retrieval_k']}", *[f"{rows[m]['hit_at_k']:.3f}" for m in labels],
+                          *[""] * (len(labels) - 1))
+        table.add_row("broken answers", *[str(rows[m]["broken_items"]) for m in labels], *[""] * (len(labels) - 1))
+        console.print(table)
+    for model, result in summary.get("targets", {}).items():
+        missed = [k for k, ok in result["checks"].items() if not ok]
+        console.print(f"quality targets for {model}: " + ("all met" if not missed else "missed " + ", ".join(missed)))
+    judge = summary.get("judge", {})
+    if judge.get("enabled"):
+        agreement = judge.get("agreement", {})
+        console.print(f"judge {judge['judge']['model']}: {'reliable' if judge.get('reliable') else 'UNRELIABLE'} "
+                      f"(kappa {agreement.get('kappa')}, {agreement.get('judged', 0)} gold items; repeat consistency "
+                      f"{judge.get('repeat_consistency')}; verbosity probe padded wins "
+                      f"{judge['verbosity_probe']['padded_wins']}/{judge['verbosity_probe']['items']})")
+    if summary.get("promotion"):
+        console.print(f"promotion: {summary['promotion']['reason']}")
+    console.print(f"report: {out_dir / 'report.html'}")
+
+
+def evaluate(
+    project: str = typer.Argument(".", help="Project folder with sovllm.yaml."),
+    quick: bool = options.quick("Evaluate eval.quick_limit items and a few judge checks (the CI smoke run)."),
+    promote: bool = typer.Option(False, "--promote", help="Compare with the MLflow 'champion' and move the alias "
+                                                          "to the candidate when it is better by the paired test."),
+    set_: list[str] = options.overrides(),
+    force: bool = options.force(),
+) -> None:
+    """Evaluate base and adapter(s) on out/curate/eval.jsonl; writes predictions, summary.json and report.html."""
+    import json
+
+    from sovllm.evaluate import stage
+    from sovllm.pipeline.run import check_endpoints
+    from sovllm.progress import bar_factory
+
+    root, cfg = options.load_project(project, set_)
+    check_endpoints(cfg)
+    log = lambda msg: err.print(f"[dim]{msg}[/dim]")  # noqa: E731
+    result = stage.run(root, cfg, quick=quick, force=force, promote=promote, log=log,
+                       progress_factory=bar_factory("eval", err))
+    out_dir = root / cfg.project.output_dir / "eval"
+    summary = json.loads((out_dir / "summary.json").read_text())
+    print_summary(summary, out_dir, "eval (up to date, skipped)" if result.skipped else "eval")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(evaluate)

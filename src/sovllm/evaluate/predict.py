@@ -1,0 +1,155 @@
+"""Run each model on the eval items through one endpoint and score every answer.
+
+Items come from `eval.jsonl` unchanged (the system prompt and user turn the model was trained on).
+`gold` mode sends them as they are; `retrieved` mode rebuilds the user turn from the top-k chunks a
+BM25 index over the eval split's chunks returns for the question — only for answerable items,
+because an unanswerable item's question was written from another chunk of the same split, which
+retrieval would rightly find. Generation is greedy with one `max_tokens` for every model.
+
+Answers are cached in `out/eval/cache.jsonl` by (model fingerprint, messages, max_tokens): an
+interrupted evaluation resumes where it stopped, and re-evaluating an unchanged model is free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from sovllm.artifacts import read_jsonl
+from sovllm.curate.records import user_message
+from sovllm.endpoint import ChatClient, Endpoint
+from sovllm.errors import BackendError
+from sovllm.evaluate.metrics import score
+from sovllm.retrieval import BM25
+
+
+@dataclass(frozen=True)
+class Model:
+    """A model to evaluate: its label in reports, the name the endpoint serves it under, a fingerprint."""
+
+    label: str
+    served: str
+    fingerprint: str
+
+
+@dataclass
+class Item:
+    id: str
+    messages: list[dict]  # system + user (the reference answer is not sent)
+    reference: str
+    answerable: bool
+    type: str
+    lang: str | None
+    question: str
+    gold_ids: list[str]
+    chunk_id: str
+    context_ids: list[str]
+    mode: str = "gold"
+
+    @classmethod
+    def from_record(cls, record: dict) -> "Item":
+        meta = record["meta"]
+        return cls(record["id"], record["messages"][:2], record["messages"][2]["content"],
+                   meta["type"] != "unanswerable", meta["type"], meta.get("lang"), meta["question"],
+                   [meta["chunk_id"]], meta["chunk_id"], list(meta.get("context_ids") or []))
+
+
+def retrieved_items(items: list[Item], chunks: list[dict], k: int) -> list[Item]:
+    """Answerable items with their user turn rebuilt from the top-k BM25 chunks of `chunks`."""
+    index = BM25([c["text"] for c in chunks])
+    out = []
+    for item in items:
+        if not item.answerable:
+            continue
+        top = [chunks[i] for i in index.top(item.question, k)]
+        messages = [item.messages[0], {"role": "user", "content": user_message(top, item.question)}]
+        out.append(Item(item.id, messages, item.reference, True, item.type, item.lang, item.question,
+                        item.gold_ids, item.chunk_id, [c["id"] for c in top], "retrieved"))
+    return out
+
+
+def cache_key(model: Model, item: Item, max_tokens: int) -> str:
+    blob = json.dumps([model.fingerprint, item.messages, max_tokens], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+class AnswerCache:
+    """Append-only JSONL of finished answers; a torn last line (kill -9) is ignored."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.entries: dict[str, dict] = {}
+        if path.is_file():
+            try:
+                for entry in read_jsonl(path):
+                    self.entries[entry["key"]] = entry
+            except Exception:  # noqa: BLE001 - a torn tail: keep what parsed, rewrite below
+                self.path.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in self.entries.values()))
+
+    def get(self, key: str) -> dict | None:
+        return self.entries.get(key)
+
+    def put(self, key: str, answer: dict) -> None:
+        entry = {"key": key, **answer}
+        self.entries[key] = entry
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+
+async def _answers(endpoint: Endpoint, jobs: list[tuple[Model, Item]], max_tokens: int, concurrency: int,
+                   cache: AnswerCache, on_done: Callable[[], None] | None, timeout: float) -> dict[tuple, dict]:
+    clients = {m.label: ChatClient(Endpoint(endpoint.base_url, m.served, endpoint.api_key, endpoint.embedded),
+                                   timeout=timeout) for m, _ in jobs}
+    gate = asyncio.Semaphore(concurrency)  # at most `concurrency` requests in flight, whatever the job count
+    results: dict[tuple, dict] = {}
+
+    async def one(model: Model, item: Item) -> None:
+        key = cache_key(model, item, max_tokens)
+        answer = cache.get(key)
+        if answer is None:
+            async with gate:
+                done = await clients[model.label].complete(item.messages, max_tokens=max_tokens, temperature=0.0)
+            answer = {"answer": done.text, "finish_reason": done.finish_reason, "prompt_tokens": done.prompt_tokens,
+                      "completion_tokens": done.completion_tokens, "ttft_s": round(done.ttft_s, 4),
+                      "seconds": round(done.seconds, 4)}
+            cache.put(key, answer)
+        results[(model.label, item.mode, item.id)] = answer
+        if on_done:
+            on_done()
+
+    try:
+        await asyncio.gather(*(one(m, i) for m, i in jobs))
+    finally:
+        for client in clients.values():
+            await client.close()
+    return results
+
+
+def predict(endpoint: Endpoint, models: list[Model], items: list[Item], *, max_tokens: int, refusal: str,
+            cache: AnswerCache, concurrency: int = 16, languages: tuple[str, ...] = (),
+            on_done: Callable[[], None] | None = None, timeout: float = 600) -> list[dict]:
+    """One scored prediction row per (model, item), items in order, models interleaved."""
+    jobs = [(m, i) for i in items for m in models]
+    try:
+        answers = asyncio.run(_answers(endpoint, jobs, max_tokens, concurrency, cache, on_done, timeout))
+    except BackendError as exc:
+        raise BackendError(f"evaluation request failed: {exc}",
+                           hint="check that the endpoint serves every model in eval.models") from None
+    rows = []
+    for model, item in jobs:
+        answer = answers[(model.label, item.mode, item.id)]
+        metrics = score(answer["answer"], answer["finish_reason"], reference=item.reference,
+                        answerable=item.answerable, refusal=refusal, lang=item.lang, languages=languages)
+        row = {"id": item.id, "model": model.label, "served_as": model.served, "context": item.mode,
+               "type": item.type, "answerable": item.answerable, "lang": item.lang, "question": item.question,
+               "reference": item.reference, "context_ids": item.context_ids, **{k: v for k, v in answer.items()},
+               **metrics}
+        if item.mode == "retrieved":
+            row["hit"] = item.chunk_id in item.context_ids
+        rows.append(row)
+    return rows

@@ -1,0 +1,144 @@
+"""MLflow side of evaluation: log results to the adapter's run, and the `champion` alias.
+
+The adapter's training run (named in `out/train/adapter/manifest.json`) receives the evaluation's
+metrics (`test/<context>/<model>/<metric>`) and files (`evaluation/`), so one MLflow run holds the
+training curve and the test result. Promotion: the registered model's `champion` version is
+downloaded and evaluated on the current eval split next to the candidate (the version this
+project's training registered with the alias `candidate`); the alias moves to the candidate only
+when its token F1 on gold context is better by the paired bootstrap. Without a champion the
+candidate is compared with the base model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from sovllm.config import Config
+from sovllm.errors import ConfigError
+
+
+@dataclass
+class Champion:
+    version: str
+    run_id: str
+    path: Path | None
+
+
+def _registry(root: Path, cfg: Config):
+    from sovllm.train.tracking import default_uri
+
+    out = root / cfg.project.output_dir
+    uri = cfg.train.tracking.uri or default_uri(out)
+    name = cfg.train.tracking.registered_model or f"{cfg.project.name}-adapter"
+    return out, uri, name
+
+
+def _client(uri: str):
+    import logging
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def candidate(root: Path, cfg: Config) -> dict:
+    """The registered version this project's last training produced ({} when none)."""
+    manifest = root / cfg.project.output_dir / "train" / "manifest.json"
+    if not manifest.is_file():
+        return {}
+    return (json.loads(manifest.read_text()).get("extra") or {}).get("mlflow") or {}
+
+
+def fetch_champion(root: Path, cfg: Config, log: Callable[[str], None]) -> Champion | None:
+    """The current champion's adapter, downloaded into out/eval/champion/v<N> (None: no champion yet)."""
+    out, uri, name = _registry(root, cfg)
+    if not candidate(root, cfg).get("version"):
+        raise ConfigError("--promote: this project's adapter has no registered version",
+                          hint="train until the stop check passes ('sovllm train'); only registered adapters "
+                               "can be promoted")
+    client = _client(uri)
+    try:
+        version = client.get_model_version_by_alias(name, "champion")
+    except Exception:  # noqa: BLE001 - no such model or alias: the candidate competes with the base model
+        log(f"promote: {name} has no champion yet; the candidate is compared with the base model")
+        return None
+    if str(version.version) == str(candidate(root, cfg).get("version")):
+        log(f"promote: {name} v{version.version} is the candidate and already the champion")
+        return Champion(str(version.version), version.run_id, None)
+    target = out / "eval" / "champion" / f"v{version.version}"
+    if not (target / "adapter" / "adapter_config.json").is_file():
+        import mlflow
+
+        target.mkdir(parents=True, exist_ok=True)
+        mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(target), tracking_uri=uri)
+    log(f"promote: champion is {name} v{version.version}")
+    return Champion(str(version.version), version.run_id, target / "adapter")
+
+
+def decide(root: Path, cfg: Config, summary: dict, champion: Champion | None, rows: list[dict],
+           log: Callable[[str], None]) -> dict:
+    """Move the champion alias to the candidate when it is better by the paired test; say why (not)."""
+    from sovllm.evaluate.summary import compare
+    from sovllm.evaluate.stage import adapter_name
+
+    _, uri, name = _registry(root, cfg)
+    cand = candidate(root, cfg)
+    label = adapter_name(cfg)
+    versus = "champion" if champion and champion.path else summary["reference_model"]
+    if champion is not None and champion.path is None:
+        return {"promoted": False, "version": cand["version"], "reason": "the candidate already is the champion"}
+    pick = lambda m: [r for r in rows if r["model"] == m and r["context"] == "gold"]  # noqa: E731
+    comparison = compare(pick(versus), pick(label), resamples=cfg.eval.resamples, seed=cfg.eval.seed)["f1"]
+    decision = {"candidate_version": cand.get("version"), "versus": versus,
+                "champion_version": champion.version if champion else None, "f1": comparison,
+                "promoted": comparison["verdict"] == "better"}
+    if decision["promoted"]:
+        _client(uri).set_registered_model_alias(name, "champion", str(cand["version"]))
+        decision["reason"] = (f"token F1 {comparison['mean_b']:.3f} vs {comparison['mean_a']:.3f} ({versus}), "
+                              f"difference {comparison['diff']:+.3f} with 95% interval [{comparison['low']:+.3f}, "
+                              f"{comparison['high']:+.3f}] above 0")
+        log(f"promote: {name} v{cand['version']} is now 'champion' ({decision['reason']})")
+    else:
+        decision["reason"] = (f"not promoted: token F1 difference {comparison['diff']:+.3f} vs {versus}, 95% "
+                              f"interval [{comparison['low']:+.3f}, {comparison['high']:+.3f}] does not lie above 0")
+        log(f"promote: {decision['reason']}")
+    return decision
+
+
+def log_to_mlflow(root: Path, cfg: Config, eval_dir: Path, summary: dict, log: Callable[[str], None]) -> dict | None:
+    """Log metrics and files to the adapter's MLflow run; None when there is no run (or no mlflow)."""
+    manifest = root / cfg.project.output_dir / "train" / "adapter" / "manifest.json"
+    if not manifest.is_file():
+        return None
+    info = json.loads(manifest.read_text())
+    run_id = info.get("mlflow_run_id")
+    if not run_id:
+        return None
+    try:
+        from sovllm.train.tracking import Tracker
+    except ImportError:  # pragma: no cover - mlflow is in the train extra
+        return None
+    out, uri, _ = _registry(root, cfg)
+    tracker = Tracker(info.get("tracking_uri") or uri, cfg.train.tracking.experiment or cfg.project.name, out)
+    tracker.start("eval", run_id=run_id)
+    try:
+        metrics = {}
+        for mode in summary["modes"]:
+            for model, row in summary["table"][mode].items():
+                for key in ("f1", "rouge_l", "refusal_accuracy", "false_refusal_rate", "stop_rate", "hit_at_k",
+                            "answer_tokens_mean", "broken_items"):
+                    if row.get(key) is not None:
+                        metrics[f"test/{mode}/{model}/{key}"] = row[key]
+        tracker.metrics(metrics)
+        for name in ("predictions.jsonl", "summary.json", "report.html"):
+            tracker.artifacts(eval_dir / name, "evaluation")
+    finally:
+        tracker.end()
+    log(f"eval results logged to MLflow run {run_id}")
+    return {"run_id": run_id, "tracking_uri": tracker.uri}
