@@ -97,3 +97,22 @@ def fake():
     yield start
     for endpoint in endpoints:
         endpoint.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Debian Chromium driven by Playwright (no browser download).
+
+    Module scope: Playwright's sync API keeps an event loop running in the main thread while it is
+    open, and later tests call asyncio.run()."""
+    import importlib.util
+    import shutil
+
+    require(importlib.util.find_spec("playwright") is not None, "Playwright for Python (pip install playwright)")
+    require(shutil.which("chromium") is not None, "Chromium (Debian package chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=shutil.which("chromium"), headless=True)
+        yield b
+        b.close()

@@ -43,7 +43,8 @@ def test_quick_run_of_the_example_project(tmp_path, bundled_model):
     proc = sovllm("run", project, "--quick", env={**os.environ, "COLUMNS": "200"})
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((project / "out" / "manifest.json").read_text())
-    assert [s["stage"] for s in manifest["extra"]["stages"]] == ["model", "ingest", "synth", "curate", "train"]
+    assert [s["stage"] for s in manifest["extra"]["stages"]] == ["model", "ingest", "synth", "curate", "train",
+                                                                     "eval"]
     ingest = json.loads((project / "out" / "ingest" / "manifest.json").read_text())
     assert ingest["counts"]["documents"] == 4 and ingest["counts"]["chunks"] > 0
     assert "chunk length (tokens)" in proc.stdout and "4 documents" in proc.stdout
@@ -68,6 +69,24 @@ def test_quick_run_of_the_example_project(tmp_path, bundled_model):
     assert stop["prompts"] == 8 and 0 <= stop["base_rate"] <= 1 and 0 <= stop["adapter_rate"] <= 1
     flat = " ".join(proc.stdout.split())
     assert f"adapter {adapter}" in flat and train["extra"]["mlflow"]["run_id"] in flat and "mlflow ui" in flat
+
+    # eval: base vs the new adapter through the restarted embedded server, report and MLflow
+    evaluation = json.loads((project / "out" / "eval" / "manifest.json").read_text())
+    assert evaluation["status"] == "ok" and evaluation["counts"]["items"] == 12
+    summary = json.loads((project / "out" / "eval" / "summary.json").read_text())
+    assert summary["models"] == [{"label": "base", "served_as": "smollm2-135m-instruct"},
+                                 {"label": "acme", "served_as": "acme"}]
+    gold = summary["table"]["gold"]
+    assert gold["base"]["items"] == gold["acme"]["items"] == 12 and gold["acme"]["unanswerable"] >= 1
+    assert summary["comparisons"]["gold"]["acme"]["f1"]["resamples"] == 10_000
+    assert summary["judge"]["agreement"]["items"] == 8  # --quick: 8 of the hand-labelled gold items
+    assert (project / "out" / "eval" / "report.html").stat().st_size > 2000
+    assert "gold context" in proc.stdout and "report:" in proc.stdout and "sovllm serve --project" in proc.stdout
+    assert "peak memory" in flat
+    import mlflow
+
+    run = mlflow.MlflowClient(train["extra"]["mlflow"]["tracking_uri"]).get_run(train["extra"]["mlflow"]["run_id"])
+    assert "test/gold/acme/f1" in run.data.metrics
 
     # the adapter loads in `sovllm serve` unchanged and answers
     import openai

@@ -148,18 +148,6 @@ def test_write_review_is_atomic_and_returns_the_count(tmp_path, monkeypatch):
 
 # --- browser ------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def browser():
-    require(importlib.util.find_spec("playwright") is not None, "Playwright for Python (pip install playwright)")
-    require(shutil.which("chromium") is not None, "Chromium (Debian package chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=shutil.which("chromium"), headless=True)
-        yield b
-        b.close()
-
-
 @pytest.fixture
 def open_review(browser, tmp_path):
     """Opens the review page of RECORDS (plus an optional URL hash); records page errors and requests."""

@@ -30,30 +30,70 @@ def run(
     quick: bool = options.quick("Run every stage on a few documents (the CI smoke run)."),
     set_: list[str] = options.overrides(),
     force: bool = options.force(),
-    until: str = typer.Option(None, "--until", help="Stop after this stage (model, ingest, synth, curate, train)."),
+    until: str = typer.Option(None, "--until", help="Stop after this stage (model, ingest, synth, curate, train, "
+                                                    "eval)."),
+    promote: bool = typer.Option(False, "--promote", help="After eval, move the MLflow 'champion' alias to the new "
+                                                          "adapter when it is better by the paired test."),
 ) -> None:
     """Run the pipeline; up-to-date stages are skipped, so an interrupted run resumes."""
     from sovllm.pipeline.run import run_pipeline
     from sovllm.progress import bar_factory
 
     err = Console(stderr=True)
-    report = run_pipeline(directory, overrides=tuple(set_), quick=quick, force=force, until=until,
+    report = run_pipeline(directory, overrides=tuple(set_), quick=quick, force=force, until=until, promote=promote,
                           log=lambda msg: console.print(f"[dim]{msg}[/dim]"),
                           warn=lambda msg: err.print(f"[yellow]warning:[/] {msg}"),
                           progress=lambda stage: bar_factory(stage, err))
     _print_stage_details(report)
     table = Table(title=f"sovllm run {report.root.name}" + (" --quick" if quick else "")
                   + (f" --until {until}" if until else ""))
-    for column in ("stage", "status", "wall s", "details"):
-        table.add_column(column)
-    for name, result in report.stages:
+    for column in ("stage", "status", "wall s", "prompt tok", "generated tok", "trained tok", "details"):
+        table.add_column(column, justify="right" if "tok" in column or column == "wall s" else "left",
+                         no_wrap=column == "status")
+    for entry, (name, result) in zip(report.manifest.extra["stages"], report.stages):
         details = ", ".join(f"{k}={v}" for k, v in result.manifest.counts.items()
-                            if k not in ("skipped", "reused", "generated"))
+                            if k not in ("skipped", "reused", "generated") and "tokens" not in k)
         if name == "model":
             details = f"{result.manifest.model.get('name')} base_id={str(result.manifest.model.get('base_id'))[:12]}…"
-        table.add_row(name, "skipped (up to date)" if result.skipped else "ran", f"{result.seconds:.1f}", details)
+        tokens = entry["tokens"]
+        table.add_row(name, "skipped (up to date)" if result.skipped else "ran", f"{result.seconds:.1f}",
+                      *(f"{tokens[k]:,}" if tokens[k] else "" for k in ("prompt", "generated", "trained")), details)
     console.print(table)
-    console.print(f"Run manifest: {report.out_dir / 'manifest.json'}")
+    _print_final(report)
+
+
+def _print_final(report) -> None:
+    """What was produced and where, the headline comparison, and how to look at and serve the result."""
+    extra = report.manifest.extra
+    memory = f", peak memory {extra['peak_memory_gb']:.2f} GB (process tree)" if extra.get("peak_memory_gb") else ""
+    console.print(f"Run finished in {report.manifest.timings['wall_s']:.0f} s{memory}. "
+                  f"Run manifest: {report.out_dir / 'manifest.json'}")
+    stages = dict(report.stages)
+    if "train" in stages:
+        train = stages["train"].manifest.extra
+        console.print(f"  adapter:  {train.get('adapter')}")
+    if "eval" in stages:
+        evaluation = stages["eval"].manifest.extra
+        console.print(f"  report:   {report.out_dir / 'eval' / 'report.html'}")
+        headline = evaluation.get("headline", {})
+        for model, row in headline.items():
+            if isinstance(row, dict) and "f1_diff" in row:
+                c = row["f1_diff"]
+                console.print(f"  headline ({headline['context']} context): {model} token F1 {row['f1']:.3f}, "
+                              f"{c['diff']:+.3f} vs {headline['versus']} [95% CI {c['low']:+.3f}, "
+                              f"{c['high']:+.3f}] → {c['verdict']}; refusal accuracy {row['refusal_accuracy']}, "
+                              f"stop rate {row['stop_rate']}")
+    if "train" in stages:
+        train = stages["train"].manifest.extra
+        if train.get("mlflow"):
+            console.print(f"  MLflow:   {train['mlflow']['ui']}")
+        console.print(f"  serve:    sovllm serve --project {report.root} --adapter "
+                      f"{_adapter_name(report)}={train.get('adapter')}")
+
+
+def _adapter_name(report) -> str:
+    config = report.manifest.config
+    return config["train"].get("adapter_name") or config["project"]["name"]
 
 
 def _print_stage_details(report) -> None:
@@ -75,6 +115,10 @@ def _print_stage_details(report) -> None:
             print_funnel(result.manifest.extra["funnel"])
         if name == "train" and "mlflow" in result.manifest.extra:
             print_result(result.manifest.extra)
+        if name == "eval" and (report.out_dir / "eval" / "summary.json").is_file():
+            from sovllm.cli.evaluate import print_summary
+
+            print_summary(json.loads((report.out_dir / "eval" / "summary.json").read_text()), report.out_dir / "eval")
 
 
 def register(app: typer.Typer) -> None:

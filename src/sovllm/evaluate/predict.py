@@ -110,14 +110,15 @@ async def _answers(endpoint: Endpoint, jobs: list[tuple[Model, Item]], max_token
 
     async def one(model: Model, item: Item) -> None:
         key = cache_key(model, item, max_tokens)
-        answer = cache.get(key)
+        answer = cache.get(key) if model.fingerprint else None  # unknown weights: never reuse an answer
         if answer is None:
             async with gate:
                 done = await clients[model.label].complete(item.messages, max_tokens=max_tokens, temperature=0.0)
             answer = {"answer": done.text, "finish_reason": done.finish_reason, "prompt_tokens": done.prompt_tokens,
                       "completion_tokens": done.completion_tokens, "ttft_s": round(done.ttft_s, 4),
                       "seconds": round(done.seconds, 4)}
-            cache.put(key, answer)
+            if model.fingerprint:
+                cache.put(key, answer)
         results[(model.label, item.mode, item.id)] = answer
         if on_done:
             on_done()

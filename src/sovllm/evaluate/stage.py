@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from sovllm.artifacts import StageContext, StageResult, read_jsonl, run_stage, sha256_path, write_atomic, write_jsonl
+from sovllm.artifacts import Manifest, StageContext, StageResult, read_jsonl, run_stage, sha256_path, write_atomic, write_jsonl
 from sovllm.config import Config
 from sovllm.curate.records import system_prompt
 from sovllm.errors import ConfigError, InputError
@@ -136,17 +136,21 @@ def context_of(item: Item) -> str:
 
 def run(root: Path, cfg: Config, endpoint_factory: Callable | None = None, *, quick: bool = False,
         force: bool = False, promote: bool = False, log: Callable[[str], None] = print,
-        progress_factory: Callable | None = None) -> StageResult:
+        progress_factory: Callable | None = None, in_pipeline: bool = False) -> StageResult:
     """Run (or skip when up to date) the evaluation of the project at `root`.
 
     `endpoint_factory(adapters)` yields the endpoint with those adapters served (default: the
-    configured endpoint or the embedded server).
+    configured endpoint or the embedded server). In a pipeline run (`in_pipeline`) an empty eval
+    split is a warning, not an error.
     """
     from sovllm.endpoint import open_endpoint
     from sovllm.evaluate import promotion
 
     out = root / cfg.project.output_dir
     eval_path = out / "curate" / "eval.jsonl"
+    if in_pipeline and eval_path.is_file() and not eval_path.read_text().strip():
+        log("warning: eval skipped: the eval split is empty (no document hashed into it); adjust curate.splits")
+        return StageResult(Manifest(stage="eval", key="", created_at="", status="empty"), skipped=True, seconds=0.0)
     items_all = load_items(eval_path)
     section = cfg.eval
     champion = promotion.fetch_champion(root, cfg, log) if promote else None
@@ -228,7 +232,7 @@ def headline(summary: dict) -> dict:
     """model → gold-context headline metrics (what the CLI table and the run summary print)."""
     mode = summary["modes"][0]
     table = summary["table"][mode]
-    out = {"context": mode}
+    out = {"context": mode, "versus": summary["reference_model"]}
     for model, row in table.items():
         out[model] = {k: row[k] for k in ("f1", "rouge_l", "refusal_accuracy", "false_refusal_rate", "stop_rate")}
         if model != summary["reference_model"]:

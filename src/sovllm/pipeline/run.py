@@ -3,11 +3,12 @@
 Each stage writes `out/<stage>/manifest.json`; the run writes `out/manifest.json` listing the
 stages, whether each ran or was skipped, and their wall times. A stage whose inputs and config
 hash to the same key as its last successful run is skipped, which makes re-running after an
-interruption cheap. Stages so far: `model` (prepare the base model), `ingest` (documents →
-chunks), `synth` (chunks → QA pairs), `curate` (pairs → filtered, judged, grouped splits) and
-`train` (splits → LoRA adapter, tracked in MLflow); eval joins them as it is built. All
-LLM stages of one run share one endpoint: the embedded server is started once, when the first
-stage that needs it runs, and stopped before training.
+interruption cheap. Stages: `model` (prepare the base model), `ingest` (documents → chunks),
+`synth` (chunks → QA pairs), `curate` (pairs → filtered, judged, grouped splits), `train`
+(splits → LoRA adapter, tracked in MLflow) and `eval` (base vs adapter on the eval split). synth
+and curate share one endpoint: the embedded server is started once, when the first stage that
+needs it runs, and stopped before training, so training gets every core; eval starts it again
+with the new adapter loaded. The run samples the peak memory of its whole process tree.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from sovllm import egress
 from sovllm.artifacts import Manifest, StageContext, StageResult, package_versions, run_stage, write_manifest
 from sovllm.config import Config, load_config, project_root
 from sovllm.errors import ConfigError
+from sovllm.pipeline.memory import PeakMemory
 
 
 @dataclass
@@ -31,6 +33,7 @@ class RunReport:
     out_dir: Path
     manifest: Manifest
     stages: list[tuple[str, StageResult]] = field(default_factory=list)
+    peak_memory_gb: float | None = None
 
 
 def _model_stage(cfg: Config, log: Callable[[str], None]):
@@ -58,12 +61,13 @@ def check_endpoints(cfg: Config) -> None:
         raise ConfigError("configured endpoints would send data off this machine", problems=problems)
 
 
-STAGES = ("model", "ingest", "synth", "curate", "train")
+STAGES = ("model", "ingest", "synth", "curate", "train", "eval")
 
 
 def run_pipeline(directory: str | Path = ".", *, overrides: tuple[str, ...] = (), quick: bool = False,
                  force: bool = False, log: Callable[[str], None] = print, warn: Callable[[str], None] = print,
-                 progress: Callable[[str], Callable] | None = None, until: str | None = None) -> RunReport:
+                 progress: Callable[[str], Callable] | None = None, until: str | None = None,
+                 promote: bool = False) -> RunReport:
     """Run the project's pipeline; returns the run manifest and the per-stage results.
 
     `progress(stage_name)` gives the progress-bar factory for a stage (None: no bars); `until`
@@ -84,7 +88,45 @@ def run_pipeline(directory: str | Path = ".", *, overrides: tuple[str, ...] = ()
     started = time.perf_counter()
     mark = egress.mark()
     report = RunReport(root, out_dir, manifest=None)  # type: ignore[arg-type]
+    with PeakMemory() as memory:
+        _stages(report, cfg, root, out_dir, want, quick=quick, force=force, log=log, warn=warn, progress=progress,
+                promote=promote)
+    report.peak_memory_gb = memory.peak_gb
 
+    report.manifest = Manifest(
+        stage="run",
+        key=cfg.hash(),
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        config=cfg.model_dump(mode="json"),
+        versions=package_versions(),
+        model=report.stages[0][1].manifest.model,
+        endpoints=egress.summarise(egress.events()[mark:]),
+        timings={"wall_s": round(time.perf_counter() - started, 3)},
+        extra={
+            "quick": quick,
+            "project": str(root),
+            "overrides": list(overrides),
+            "until": until,
+            "peak_memory_gb": report.peak_memory_gb,
+            "stages": [{"stage": name, "status": "skipped" if r.skipped else "ran", "wall_s": round(r.seconds, 3),
+                        "tokens": stage_tokens(r.manifest.counts),
+                        "manifest": str((out_dir / name / "manifest.json").relative_to(root))}
+                       for name, r in report.stages],
+        },
+    )
+    write_manifest(out_dir, report.manifest)
+    return report
+
+
+def stage_tokens(counts: dict) -> dict:
+    """A stage's prompt / generated / trained token counts from its manifest counts."""
+    prompt = counts.get("prompt_tokens", 0) + counts.get("judge_prompt_tokens", 0)
+    generated = counts.get("generated_tokens", 0) + counts.get("judge_generated_tokens", 0)
+    return {"prompt": prompt, "generated": generated, "trained": counts.get("trained_tokens", 0)}
+
+
+def _stages(report: RunReport, cfg: Config, root: Path, out_dir: Path, want: Callable[[str], bool], *, quick: bool,
+            force: bool, log, warn, progress, promote: bool) -> None:
     work, verify = _model_stage(cfg, log)
     result = run_stage("model", out_dir / "model", work, config=cfg.model.model_dump(), force=force, verify=verify)
     report.stages.append(("model", result))
@@ -123,24 +165,9 @@ def run_pipeline(directory: str | Path = ".", *, overrides: tuple[str, ...] = ()
         report.stages.append(("train", train.run(root, cfg, quick=quick, force=force, log=log,
                                                  progress_factory=progress("train") if progress else None)))
 
-    report.manifest = Manifest(
-        stage="run",
-        key=cfg.hash(),
-        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        config=cfg.model_dump(mode="json"),
-        versions=package_versions(),
-        model=report.stages[0][1].manifest.model,
-        endpoints=egress.summarise(egress.events()[mark:]),
-        timings={"wall_s": round(time.perf_counter() - started, 3)},
-        extra={
-            "quick": quick,
-            "project": str(root),
-            "overrides": list(overrides),
-            "until": until,
-            "stages": [{"stage": name, "status": "skipped" if r.skipped else "ran", "wall_s": round(r.seconds, 3),
-                        "manifest": str((out_dir / name / "manifest.json").relative_to(root))}
-                       for name, r in report.stages],
-        },
-    )
-    write_manifest(out_dir, report.manifest)
-    return report
+    if want("eval"):  # the embedded server starts again, now with the new adapter loaded
+        from sovllm.evaluate import stage as evaluate
+
+        report.stages.append(("eval", evaluate.run(root, cfg, quick=quick, force=force, promote=promote, log=log,
+                                                   progress_factory=progress("eval") if progress else None,
+                                                   in_pipeline=True)))

@@ -1,0 +1,59 @@
+"""Peak memory of a run: the summed RSS of this process and all its children, sampled every 0.5 s.
+
+The embedded server and training run as child processes, so the process tree is what a user's
+machine must hold. psutil (in the train extra) reads it; without psutil nothing is sampled.
+"""
+
+from __future__ import annotations
+
+import threading
+
+
+class PeakMemory:
+    """A context manager that samples the process tree's summed RSS in a daemon thread."""
+
+    def __init__(self, interval: float = 0.5):
+        self.interval = interval
+        self.peak_bytes = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self) -> int:
+        import psutil
+
+        me = psutil.Process()
+        total = 0
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                total += proc.memory_info().rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return total
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak_bytes = max(self.peak_bytes, self.sample())
+                self.samples += 1
+            except Exception:  # noqa: BLE001 - sampling must never break a run
+                return
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakMemory":
+        try:
+            import psutil  # noqa: F401
+        except ImportError:
+            return self
+        self._thread = threading.Thread(target=self._loop, name="sovllm-peak-memory", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+
+    @property
+    def peak_gb(self) -> float | None:
+        return round(self.peak_bytes / 2**30, 3) if self.samples else None

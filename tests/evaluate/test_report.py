@@ -1,0 +1,68 @@
+"""report.html: self-contained, escaped, and readable in a real headless Chromium."""
+
+from __future__ import annotations
+
+import json
+
+from sovllm.evaluate.report import render_report
+from sovllm.evaluate.summary import check_targets, most_different, summarise
+
+
+def rows_for(model: str, good: bool) -> list[dict]:
+    rows = []
+    for i in range(12):
+        answerable = i % 3 != 0
+        correct = good or i % 4 == 0
+        rows.append({"id": f"q{i}", "model": model, "context": "gold", "type": "factual" if answerable else "unanswerable",
+                     "answerable": answerable, "question": f"Question {i} <b>?", "reference": f"Reference {i}",
+                     "answer": f"Answer {i} by {model} <script>alert(1)</script>",
+                     "f1": 1.0 if correct else 0.1, "rouge_l": 1.0 if correct else 0.1,
+                     "refused": (not answerable) and correct, "refusal_correct": correct, "stopped": good or i % 2 == 0,
+                     "broken": [] if good else ["hit_max_tokens"], "completion_tokens": 20, "prompt_tokens": 300,
+                     "seconds": 1.5, "ttft_s": 0.4})
+    return rows
+
+
+def summary() -> dict:
+    rows = rows_for("base", False) + rows_for("acme", True)
+    s = summarise(rows, ["base", "acme"], resamples=1000, seed=0)
+    s.update(targets=check_targets(s), models=[{"label": "base", "served_as": "m"}, {"label": "acme", "served_as": "acme"}],
+             max_tokens=64, resamples=1000, retrieval_k=2, most_different={"acme": most_different(rows, "base", "acme")},
+             judge={"enabled": True, "judge": {"model": "smollm2"}, "reliable": False,
+                    "agreement": {"items": 40, "judged": 40, "kappa": 0.12, "kappa_min": 0.4, "percent_agreement": 0.5,
+                                  "kappa_without_ties": 0.2, "items_without_ties": 30},
+                    "repeat_consistency": 1.0, "repeat_items": 4,
+                    "verbosity_probe": {"items": 4, "padded_wins": 1, "failed": 0, "passed": False},
+                    "pairwise": {"acme": {"versus": "base", "items": 8, "wins": 5, "losses": 1, "ties": 2, "failed": 0,
+                                          "position_consistency": 0.75}},
+                    "grades": {"base": {"A": 2, "B": 3, "C": 3, "failed": 0}}, "failures": {"schema": 2}})
+    return s
+
+
+def test_report_is_self_contained_and_escaped():
+    html = render_report(summary())
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert "http://" not in html and "https://" not in html
+    assert "default-src 'none'" in html
+
+
+def test_report_renders_in_chromium(browser, tmp_path):
+    path = tmp_path / "report.html"
+    path.write_text(render_report(summary()))
+    page = browser.new_page()
+    requests, errors = [], []
+    page.on("request", lambda r: requests.append(r.url))
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(path.as_uri())
+    assert errors == [] and requests == [path.as_uri()]  # nothing loaded from anywhere else
+    f1_cell = page.locator('table.headline[data-mode="gold"] td[data-metric="f1"]')
+    assert f1_cell.get_attribute("data-verdict") == "better" and f1_cell.is_visible()
+    assert "better" in f1_cell.inner_text()
+    assert "unreliable" in page.locator("body").inner_text()
+    # the side-by-side items show both answers as text, never as markup
+    first = page.locator(".item").first
+    assert "<script>alert(1)</script>" in first.inner_text()
+    assert page.locator(".item").count() == 10
+    assert page.locator("table.broken").inner_text().count("hit max tokens") == 1
+    page.close()
+    json.dumps(summary())  # the summary the page renders is plain JSON
