@@ -188,11 +188,10 @@ def run(root: Path, cfg: Config, endpoint_factory: Callable | None = None, *, qu
             total = sum(len(r) for r in runs) * len(models)
             bar = progress_factory(total) if progress_factory else None
             started = time.perf_counter()
-            rows = []
-            for run_items in runs:
-                rows += predict(endpoint, models, run_items, max_tokens=max_tokens, refusal=cfg.prompt.refusal,
-                                cache=cache, concurrency=section.concurrency, languages=tuple(cfg.ingest.languages),
-                                on_done=(lambda: bar.advance()) if bar else None)
+            # one pass over every context mode keeps the server's batch full until the very end
+            rows = predict(endpoint, models, [i for r in runs for i in r], max_tokens=max_tokens,
+                           refusal=cfg.prompt.refusal, cache=cache, concurrency=section.concurrency,
+                           languages=tuple(cfg.ingest.languages), on_done=(lambda: bar.advance()) if bar else None)
             if bar:
                 bar.close()
             ctx.timings["generate_s"] = round(time.perf_counter() - started, 1)
