@@ -293,7 +293,7 @@ class EvalJudgeSection(Section):
     gold: str = Field("labels/judge-gold.jsonl", description="hand-labelled pairwise items, relative to the project")
     gold_limit: int = Field(0, ge=0, description="gold items judged; 0 = all")
     kappa_min: float = Field(0.4, ge=-1.0, le=1.0, description="below this Cohen's kappa the judge is unreliable")
-    max_tokens: int = Field(120, ge=32, le=2048)
+    max_tokens: int = Field(160, ge=32, le=2048)
 
 
 class EvalSection(Section):

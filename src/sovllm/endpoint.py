@@ -60,7 +60,8 @@ def open_endpoint(cfg: Config, *, log: Callable[[str], None] = lambda _: None,
     log(f"starting the embedded server with {cfg.model.base} …")
     started = time.perf_counter()
     slots = str(max(16, cfg.synth.concurrency, cfg.eval.concurrency))
-    with EmbeddedServer(cfg.model.base, adapters=adapters, extra_args=["--max-num-seqs", slots, "--max-model-len", "3072"]) as server:
+    with EmbeddedServer(cfg.model.base, adapters=adapters,
+                        extra_args=["--max-num-seqs", slots, "--max-model-len", "3072"]) as server:
         log(f"embedded server ready at {server.base_url} ({time.perf_counter() - started:.1f} s)")
         yield Endpoint(server.base_url, server.served_name, None, True)
 
@@ -148,3 +149,57 @@ class ChatClient:
         seconds = time.perf_counter() - started
         return Completion("".join(parts), finish, usage.prompt_tokens if usage else 0,
                           usage.completion_tokens if usage else 0, first if first is not None else seconds, seconds)
+
+
+class CompletionCache:
+    """Finished completions in an append-only JSONL file, keyed by (model fingerprint, messages, params).
+
+    Only a model with a fingerprint of its weights may be cached (an empty fingerprint is never
+    cached): a remote name can point at different weights tomorrow. A torn last line (kill -9) is
+    dropped on load.
+    """
+
+    def __init__(self, path):
+        import json
+        from pathlib import Path
+
+        self.path = Path(path) if path is not None else None  # None: in memory only
+        self.entries: dict[str, dict] = {}
+        if self.path is not None and self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    entry = json.loads(line)
+                    self.entries[entry["key"]] = entry
+                except (ValueError, KeyError, TypeError):
+                    continue
+
+    @staticmethod
+    def key(fingerprint: str, messages: list[dict], params: dict) -> str:
+        import hashlib
+        import json
+
+        blob = json.dumps([fingerprint, messages, params], sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    def put(self, key: str, completion: Completion) -> None:
+        import json
+        from dataclasses import asdict
+
+        entry = {"key": key, **asdict(completion)}
+        self.entries[key] = entry
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+    async def complete(self, client: ChatClient, fingerprint: str, messages: list[dict], **params) -> Completion:
+        """The cached completion, or a new one from `client` (stored when `fingerprint` is set)."""
+        key = self.key(fingerprint, messages, params) if fingerprint else None
+        if key and key in self.entries:
+            entry = {k: v for k, v in self.entries[key].items() if k != "key"}
+            return Completion(**entry)
+        completion = await client.complete(messages, **params)
+        if key:
+            self.put(key, completion)
+        return completion

@@ -162,7 +162,7 @@ eval:
     gold: labels/judge-gold.jsonl   # hand-labelled pairwise items for percent agreement and Cohen's kappa
     gold_limit: 0           # 0 = all
     kappa_min: 0.4          # below: the judge is marked unreliable
-    max_tokens: 120
+    max_tokens: 160
 """
 
 

@@ -16,7 +16,7 @@ from typing import Callable
 
 import jsonschema
 
-from sovllm.endpoint import ChatClient, Endpoint
+from sovllm.endpoint import ChatClient, CompletionCache, Endpoint
 from sovllm.errors import BackendError
 
 
@@ -144,9 +144,13 @@ class Judge:
     """Grades items `{context, question, answer[, reference]}` against one endpoint with one rubric."""
 
     def __init__(self, endpoint: Endpoint, rubric: Rubric, *, max_tokens: int = 160, concurrency: int = 8,
-                 timeout: float = 300, few_shot: bool = True):
+                 timeout: float = 300, few_shot: bool = True, cache: CompletionCache | None = None,
+                 fingerprint: str = ""):
         self.endpoint, self.rubric, self.few_shot = endpoint, rubric, few_shot
         self.max_tokens, self.concurrency, self.timeout = max_tokens, concurrency, timeout
+        # verdicts of a judge whose weights are known (fingerprint) can be reused across runs
+        self.cache = cache or CompletionCache(None)
+        self.fingerprint = fingerprint
 
     async def grade_many(self, items: list[dict], on_done: Callable[[Verdict], None] | None = None
                          ) -> tuple[list[Verdict], JudgeStats]:
@@ -158,8 +162,8 @@ class Judge:
             messages = self.rubric.messages(item["context"], item["question"], item["answer"], item.get("reference"),
                                             self.few_shot)
             try:
-                completion = await client.complete(messages, max_tokens=self.max_tokens, temperature=0.0,
-                                                   response_format=schema)
+                completion = await self.cache.complete(client, self.fingerprint, messages, max_tokens=self.max_tokens,
+                                                       temperature=0.0, response_format=schema)
             except BackendError as exc:
                 verdict = Verdict(None, reasoning=str(exc)[:200], error="endpoint")
             else:

@@ -14,7 +14,6 @@ marked unreliable. None of this feeds the headline table or the promotion gate.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import jsonschema
 
 from sovllm.curate.judge import Judge, Rubric, register_rubric
-from sovllm.endpoint import ChatClient, Endpoint
+from sovllm.endpoint import ChatClient, CompletionCache, Endpoint
 from sovllm.errors import BackendError, InputError
 from sovllm.evaluate.stats import cohen_kappa, percent_agreement
 
@@ -92,16 +91,19 @@ def _to_ab(winner: str | None, swapped: bool) -> str | None:
 class PairJudge:
     """Pairwise verdicts through JSON-schema output, both orders, with bounded concurrency."""
 
-    def __init__(self, endpoint: Endpoint, *, max_tokens: int = 120, concurrency: int = 8, timeout: float = 600):
+    def __init__(self, endpoint: Endpoint, *, max_tokens: int = 160, concurrency: int = 8, timeout: float = 600,
+                 cache: CompletionCache | None = None, fingerprint: str = ""):
         self.endpoint, self.max_tokens, self.concurrency, self.timeout = endpoint, max_tokens, concurrency, timeout
         self.counts = Counts()
+        self.cache = cache or CompletionCache(None)
+        self.fingerprint = fingerprint
 
     async def _verdict(self, client: ChatClient, messages: list[dict]) -> tuple[str | None, str]:
         response_format = {"type": "json_schema", "json_schema": {"name": "pairwise", "schema": PAIRWISE_SCHEMA}}
         self.counts.verdicts += 1
         try:
-            done = await client.complete(messages, max_tokens=self.max_tokens, temperature=0.0,
-                                         response_format=response_format)
+            done = await self.cache.complete(client, self.fingerprint, messages, max_tokens=self.max_tokens,
+                                             temperature=0.0, response_format=response_format)
         except BackendError:
             self.counts.fail("endpoint")
             return None, ""
@@ -187,10 +189,6 @@ def agreement(gold: list[str], judged: list[str | None], kappa_min: float) -> di
 def gold_label(outcome: PairOutcome) -> str | None:
     """A both-orders outcome as a gold-file label: a → '1', b → '2'."""
     return {"a": "1", "b": "2", "tie": "tie"}.get(outcome.winner) if outcome.winner else None
-
-
-def fingerprint(endpoint: Endpoint) -> str:
-    return hashlib.sha256(f"{endpoint.base_url}|{endpoint.model}".encode()).hexdigest()[:16]
 
 
 __all__ = ["ANSWER_ABC", "Judge", "PairJudge", "PairOutcome", "agreement", "gold_label", "load_gold", "padded"]

@@ -6,22 +6,20 @@ BM25 index over the eval split's chunks returns for the question — only for an
 because an unanswerable item's question was written from another chunk of the same split, which
 retrieval would rightly find. Generation is greedy with one `max_tokens` for every model.
 
-Answers are cached in `out/eval/cache.jsonl` by (model fingerprint, messages, max_tokens): an
-interrupted evaluation resumes where it stopped, and re-evaluating an unchanged model is free.
+Answers are cached in `out/eval/cache.jsonl` (`endpoint.CompletionCache`) by (model weights
+fingerprint, messages, parameters): an interrupted evaluation resumes where it stopped, and
+re-evaluating an unchanged model is free.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from sovllm.artifacts import read_jsonl
 from sovllm.curate.records import user_message
-from sovllm.endpoint import ChatClient, Endpoint
+from sovllm.endpoint import ChatClient, CompletionCache, Endpoint
 from sovllm.errors import BackendError
 from sovllm.evaluate.metrics import score
 from sovllm.retrieval import BM25
@@ -72,53 +70,20 @@ def retrieved_items(items: list[Item], chunks: list[dict], k: int) -> list[Item]
     return out
 
 
-def cache_key(model: Model, item: Item, max_tokens: int) -> str:
-    blob = json.dumps([model.fingerprint, item.messages, max_tokens], sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-class AnswerCache:
-    """Append-only JSONL of finished answers; a torn last line (kill -9) is ignored."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.entries: dict[str, dict] = {}
-        if path.is_file():
-            try:
-                for entry in read_jsonl(path):
-                    self.entries[entry["key"]] = entry
-            except Exception:  # noqa: BLE001 - a torn tail: keep what parsed, rewrite below
-                self.path.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in self.entries.values()))
-
-    def get(self, key: str) -> dict | None:
-        return self.entries.get(key)
-
-    def put(self, key: str, answer: dict) -> None:
-        entry = {"key": key, **answer}
-        self.entries[key] = entry
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
-
-
 async def _answers(endpoint: Endpoint, jobs: list[tuple[Model, Item]], max_tokens: int, concurrency: int,
-                   cache: AnswerCache, on_done: Callable[[], None] | None, timeout: float) -> dict[tuple, dict]:
+                   cache: CompletionCache, on_done: Callable[[], None] | None, timeout: float) -> dict[tuple, dict]:
     clients = {m.label: ChatClient(Endpoint(endpoint.base_url, m.served, endpoint.api_key, endpoint.embedded),
                                    timeout=timeout) for m, _ in jobs}
     gate = asyncio.Semaphore(concurrency)  # at most `concurrency` requests in flight, whatever the job count
     results: dict[tuple, dict] = {}
 
     async def one(model: Model, item: Item) -> None:
-        key = cache_key(model, item, max_tokens)
-        answer = cache.get(key) if model.fingerprint else None  # unknown weights: never reuse an answer
-        if answer is None:
-            async with gate:
-                done = await clients[model.label].complete(item.messages, max_tokens=max_tokens, temperature=0.0)
-            answer = {"answer": done.text, "finish_reason": done.finish_reason, "prompt_tokens": done.prompt_tokens,
-                      "completion_tokens": done.completion_tokens, "ttft_s": round(done.ttft_s, 4),
-                      "seconds": round(done.seconds, 4)}
-            if model.fingerprint:
-                cache.put(key, answer)
+        async with gate:
+            done = await cache.complete(clients[model.label], model.fingerprint, item.messages, max_tokens=max_tokens,
+                                        temperature=0.0)
+        answer = {"answer": done.text, "finish_reason": done.finish_reason, "prompt_tokens": done.prompt_tokens,
+                  "completion_tokens": done.completion_tokens, "ttft_s": round(done.ttft_s, 4),
+                  "seconds": round(done.seconds, 4)}
         results[(model.label, item.mode, item.id)] = answer
         if on_done:
             on_done()
@@ -132,7 +97,7 @@ async def _answers(endpoint: Endpoint, jobs: list[tuple[Model, Item]], max_token
 
 
 def predict(endpoint: Endpoint, models: list[Model], items: list[Item], *, max_tokens: int, refusal: str,
-            cache: AnswerCache, concurrency: int = 16, languages: tuple[str, ...] = (),
+            cache: CompletionCache, concurrency: int = 16, languages: tuple[str, ...] = (),
             on_done: Callable[[], None] | None = None, timeout: float = 600) -> list[dict]:
     """One scored prediction row per (model, item), items in order, models interleaved."""
     jobs = [(m, i) for i in items for m in models]

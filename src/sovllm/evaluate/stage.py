@@ -24,7 +24,8 @@ from sovllm.config import Config
 from sovllm.curate.records import system_prompt
 from sovllm.errors import ConfigError, InputError
 from sovllm.evaluate import judge as judging
-from sovllm.evaluate.predict import AnswerCache, Item, Model, predict, retrieved_items
+from sovllm.endpoint import CompletionCache
+from sovllm.evaluate.predict import Item, Model, predict, retrieved_items
 from sovllm.evaluate.summary import check_targets, most_different, summarise, token_totals
 from sovllm.train.stopcheck import percentile
 
@@ -180,7 +181,7 @@ def run(root: Path, cfg: Config, endpoint_factory: Callable | None = None, *, qu
                                         section.retrieval_k))
         if "gold" not in section.contexts:
             runs = runs[1:]
-        cache = AnswerCache(ctx.out_dir / "cache.jsonl")
+        cache = CompletionCache(ctx.out_dir / "cache.jsonl")
         with factory(adapters) as endpoint:
             models = resolve_models(cfg, endpoint, adapters, base_id)
             log(f"eval: {', '.join(m.label for m in models)} on {len(items)} items "
@@ -205,7 +206,7 @@ def run(root: Path, cfg: Config, endpoint_factory: Callable | None = None, *, qu
             summary["tokens"] = token_totals(rows)
             summary["most_different"] = {m: most_different(rows, labels[0], m) for m in labels[1:]}
             started = time.perf_counter()
-            summary["judge"] = _judge(root, cfg, endpoint, items, rows, labels, quick, log) \
+            summary["judge"] = _judge(root, cfg, endpoint, items, rows, models, quick, log, cache) \
                 if section.judge.enabled else {"enabled": False}
             ctx.timings["judge_s"] = round(time.perf_counter() - started, 1)
         summary["models"] = [{"label": m.label, "served_as": m.served} for m in models]
@@ -239,12 +240,16 @@ def headline(summary: dict) -> dict:
     return out
 
 
-def _judge(root: Path, cfg: Config, endpoint, items: list[Item], rows: list[dict], labels: list[str], quick: bool,
-           log: Callable[[str], None]) -> dict:
+def _judge(root: Path, cfg: Config, endpoint, items: list[Item], rows: list[dict], models: list[Model], quick: bool,
+           log: Callable[[str], None], cache: CompletionCache) -> dict:
     from sovllm.curate.stage import judge_endpoint_config
 
     section = cfg.eval.judge
-    judge_ep = judge_endpoint_config(cfg) or endpoint
+    labels = [m.label for m in models]
+    configured = judge_endpoint_config(cfg)
+    judge_ep = configured or endpoint
+    # the embedded base model's verdicts depend only on its weights: reusable across runs
+    fingerprint = "" if configured else next((m.fingerprint for m in models if m.served == endpoint.model), "")
     by_key = {(r["model"], r["id"]): r for r in rows if r["context"] == "gold"}
     limit = min(section.items, 4) if quick else section.items
     chosen = sample([i for i in items if all((m, i.id) in by_key for m in labels)], limit, cfg.eval.seed + 1)
@@ -255,8 +260,11 @@ def _judge(root: Path, cfg: Config, endpoint, items: list[Item], rows: list[dict
 
     async def everything() -> None:
         rubric = judging.Judge(judge_ep, judging.ANSWER_ABC, max_tokens=section.max_tokens,
-                               concurrency=cfg.eval.concurrency, few_shot=False)
-        pair = judging.PairJudge(judge_ep, max_tokens=section.max_tokens, concurrency=cfg.eval.concurrency)
+                               concurrency=cfg.eval.concurrency, few_shot=False, cache=cache, fingerprint=fingerprint)
+        pair = judging.PairJudge(judge_ep, max_tokens=section.max_tokens, concurrency=cfg.eval.concurrency,
+                                 cache=cache, fingerprint=fingerprint)
+        again = judging.Judge(judge_ep, judging.ANSWER_ABC, max_tokens=section.max_tokens,
+                              concurrency=cfg.eval.concurrency, few_shot=False)  # repeats are asked, never cached
         graded = [{"context": context_of(i), "question": i.question, "reference": i.reference,
                    "answer": by_key[(m, i.id)]["answer"], "model": m} for m in labels for i in chosen]
         repeat_n = min(section.repeat, 2) if quick else section.repeat
@@ -270,7 +278,7 @@ def _judge(root: Path, cfg: Config, endpoint, items: list[Item], rows: list[dict
         gold_items = [{"context": g["context"], "question": g["question"], "reference": g["reference"],
                        "a": g["answer_1"], "b": g["answer_2"]} for g in gold]
         (verdicts, stats), (again, stats2), outcomes, probe_out, gold_out = await asyncio.gather(
-            rubric.grade_many(graded), rubric.grade_many(repeats), pair.compare_many(comparisons),
+            rubric.grade_many(graded), again.grade_many(repeats), pair.compare_many(comparisons),
             pair.compare_many(probes), pair.compare_many(gold_items))
         grades = {}
         for m in labels:
