@@ -73,8 +73,11 @@ def fetch_champion(root: Path, cfg: Config, log: Callable[[str], None]) -> Champ
         return Champion(str(version.version), version.run_id, None)
     target = out / "eval" / "champion" / f"v{version.version}"
     if not (target / "adapter" / "adapter_config.json").is_file():
+        import os
+
         import mlflow
 
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # sovllm prints its own lines
         target.mkdir(parents=True, exist_ok=True)
         mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(target), tracking_uri=uri)
     log(f"promote: champion is {name} v{version.version}")

@@ -1,0 +1,96 @@
+"""--promote against a real local MLflow registry: the alias moves only when the paired test says better."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sovllm.config import load_config
+from sovllm.evaluate import stage
+from sovllm.train.tracking import Tracker, default_uri
+from tests.evaluate.conftest import eval_project, load_answers, script
+
+
+def register(root, version_alias: str) -> str:
+    """Log a (dummy) adapter folder in a new run and register it with `version_alias`."""
+    out = root / "out"
+    adapter = out / "stash" / "adapter"
+    adapter.mkdir(parents=True, exist_ok=True)
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "alias": version_alias}))
+    (adapter / "adapter_model.safetensors").write_bytes(version_alias.encode())
+    tracker = Tracker(default_uri(out), "t", out)
+    tracker.start(version_alias)
+    tracker.artifacts(adapter, "adapter")
+    version = tracker.register("t-adapter", "adapter", alias=version_alias)
+    tracker.end()
+    return version
+
+
+def candidate_manifest(root, version: str) -> None:
+    train = root / "out" / "train"
+    train.mkdir(parents=True, exist_ok=True)
+    (train / "manifest.json").write_text(json.dumps({"extra": {"mlflow": {"version": version}}}))
+
+
+@pytest.fixture
+def promo(tmp_path, fake, request):
+    quality = request.param  # how the champion answers: "good" (like the candidate) or "bad"
+
+    def answers(body, n):
+        if not body.get("response_format") and body["model"] == "champion" and quality == "bad":
+            return 200, "Something unrelated."
+        if not body.get("response_format") and body["model"] == "champion":
+            body = {**body, "model": "tuned"}
+        return script({**body, "model": "tuned" if body["model"] == "t" else body["model"]}, n)
+
+    endpoint = fake(answers)
+    root = eval_project(tmp_path / "p", endpoint.port, "  contexts: [gold]\n")
+    (root / "sovllm.yaml").write_text((root / "sovllm.yaml").read_text().replace("models: [fake-model, tuned]",
+                                                                                   "models: [fake-model, t]"))
+    load_answers(root)
+    return root, endpoint
+
+
+def alias_version(root, alias):
+    from mlflow import MlflowClient
+
+    return str(MlflowClient(default_uri(root / "out")).get_model_version_by_alias("t-adapter", alias).version)
+
+
+@pytest.mark.parametrize("promo", ["bad"], indirect=True)
+def test_candidate_better_than_champion_takes_the_alias(promo):
+    root, endpoint = promo
+    assert register(root, "champion") == "1"
+    candidate_manifest(root, register(root, "candidate"))
+    cfg = load_config(root, ("eval.judge.enabled=false",))
+    stage.run(root, cfg, promote=True, log=lambda _: None)
+    summary = json.loads((root / "out" / "eval" / "summary.json").read_text())
+    decision = summary["promotion"]
+    assert decision["promoted"] is True and decision["versus"] == "champion" and decision["f1"]["verdict"] == "better"
+    assert alias_version(root, "champion") == "2"
+    # the champion was served from the downloaded artifact, under its own name
+    assert any(b["model"] == "champion" for b in endpoint.requests)
+    assert (root / "out" / "eval" / "champion" / "v1" / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("promo", ["good"], indirect=True)
+def test_candidate_not_better_keeps_the_champion_and_says_why(promo):
+    root, _ = promo
+    register(root, "champion")
+    candidate_manifest(root, register(root, "candidate"))
+    cfg = load_config(root, ("eval.judge.enabled=false",))
+    stage.run(root, cfg, promote=True, log=lambda _: None)
+    decision = json.loads((root / "out" / "eval" / "summary.json").read_text())["promotion"]
+    assert decision["promoted"] is False and "does not lie above 0" in decision["reason"]
+    assert alias_version(root, "champion") == "1"
+
+
+@pytest.mark.parametrize("promo", ["good"], indirect=True)
+def test_without_champion_the_candidate_must_beat_the_base(promo):
+    root, _ = promo
+    candidate_manifest(root, register(root, "candidate"))
+    stage.run(root, load_config(root, ("eval.judge.enabled=false",)), promote=True, log=lambda _: None)
+    decision = json.loads((root / "out" / "eval" / "summary.json").read_text())["promotion"]
+    assert decision["versus"] == "base" and decision["promoted"] is True
+    assert alias_version(root, "champion") == "1"
