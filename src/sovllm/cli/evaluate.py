@@ -66,12 +66,9 @@ def evaluate(
     import json
 
     from sovllm.evaluate import stage
-    from sovllm.pipeline.run import check_endpoints
     from sovllm.progress import bar_factory
 
-    root, cfg = options.load_project(project, set_)
-    check_endpoints(cfg)
-    log = lambda msg: err.print(f"[dim]{msg}[/dim]")  # noqa: E731
+    root, cfg, log = options.stage_project(project, set_)
     result = stage.run(root, cfg, quick=quick, force=force, promote=promote, log=log,
                        progress_factory=bar_factory("eval", err))
     out_dir = root / cfg.project.output_dir / "eval"

@@ -48,3 +48,16 @@ def load_project(directory, overrides_: list[str]):
     cfg = load_config(root, tuple(overrides_))
     egress.install(cfg.egress.allow)
     return root, cfg
+
+
+def stage_project(directory, overrides_: list[str]):
+    """(root, config, log) for a stage command: the project loaded, its endpoints checked against
+    `egress.allow`, and a logger that prints dim lines to stderr."""
+    from rich.console import Console
+
+    from sovllm.pipeline.run import check_endpoints
+
+    root, cfg = load_project(directory, overrides_)
+    check_endpoints(cfg)
+    err = Console(stderr=True)
+    return root, cfg, lambda msg: err.print(f"[dim]{msg}[/dim]")

@@ -37,11 +37,7 @@ def train(
     from sovllm.progress import bar_factory
     from sovllm.train import stage
 
-    from sovllm.pipeline.run import check_endpoints
-
-    root, cfg = options.load_project(project, set_)
-    check_endpoints(cfg)
-    log = lambda msg: err.print(f"[dim]{msg}[/dim]")  # noqa: E731
+    root, cfg, log = options.stage_project(project, set_)
     result = stage.run(root, cfg, quick=quick, force=force, allow_non_vllm=allow_non_vllm_adapter, log=log,
                        progress_factory=bar_factory("train", err))
     print_result(result.manifest.extra, "train (up to date, skipped)" if result.skipped else "train")

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import jsonschema
 
-from sovllm.curate.judge import Judge, Rubric, register_rubric
+from sovllm.curate.judge import Judge, JudgeStats, Rubric, register_rubric
 from sovllm.endpoint import ChatClient, CompletionCache, Endpoint
 from sovllm.errors import BackendError, InputError
 from sovllm.evaluate.stats import cohen_kappa, percent_agreement
@@ -70,17 +70,6 @@ class PairOutcome:
     reasoning: str = ""
 
 
-@dataclass
-class Counts:
-    verdicts: int = 0
-    failures: dict[str, int] = field(default_factory=dict)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-    def fail(self, kind: str) -> None:
-        self.failures[kind] = self.failures.get(kind, 0) + 1
-
-
 def _to_ab(winner: str | None, swapped: bool) -> str | None:
     if winner is None or winner == "tie":
         return winner
@@ -94,29 +83,32 @@ class PairJudge:
     def __init__(self, endpoint: Endpoint, *, max_tokens: int = 160, concurrency: int = 8, timeout: float = 600,
                  cache: CompletionCache | None = None, fingerprint: str = ""):
         self.endpoint, self.max_tokens, self.concurrency, self.timeout = endpoint, max_tokens, concurrency, timeout
-        self.counts = Counts()
+        self.counts = JudgeStats()
         self.cache = cache or CompletionCache(None)
         self.fingerprint = fingerprint
 
+    def _fail(self, kind: str) -> None:
+        self.counts.failures[kind] = self.counts.failures.get(kind, 0) + 1
+
     async def _verdict(self, client: ChatClient, messages: list[dict]) -> tuple[str | None, str]:
         response_format = {"type": "json_schema", "json_schema": {"name": "pairwise", "schema": PAIRWISE_SCHEMA}}
-        self.counts.verdicts += 1
+        self.counts.graded += 1
         try:
             done = await self.cache.complete(client, self.fingerprint, messages, max_tokens=self.max_tokens,
                                              temperature=0.0, response_format=response_format)
         except BackendError:
-            self.counts.fail("endpoint")
+            self._fail("endpoint")
             return None, ""
         self.counts.prompt_tokens += done.prompt_tokens
         self.counts.completion_tokens += done.completion_tokens
         if done.finish_reason == "length":
-            self.counts.fail("truncated")
+            self._fail("truncated")
             return None, ""
         try:
             data = json.loads(done.text)
             jsonschema.validate(data, PAIRWISE_SCHEMA)
         except (ValueError, jsonschema.ValidationError):
-            self.counts.fail("schema")
+            self._fail("schema")
             return None, ""
         return data["winner"], data["reasoning"].strip()
 

@@ -310,7 +310,7 @@ def _judge(root: Path, cfg: Config, endpoint, items: list[Item], rows: list[dict
             "gold_verdicts": [{"id": g["id"], "label": g["label"], "judge": judging.gold_label(o)}
                               for g, o in zip(gold, gold_out)],
             "failures": _merge(stats.failures, stats2.failures, pair.counts.failures),
-            "verdicts": stats.graded + stats2.graded + pair.counts.verdicts,
+            "verdicts": stats.graded + stats2.graded + pair.counts.graded,
             "prompt_tokens": stats.prompt_tokens + stats2.prompt_tokens + pair.counts.prompt_tokens,
             "completion_tokens": stats.completion_tokens + stats2.completion_tokens + pair.counts.completion_tokens,
         })
