@@ -28,6 +28,16 @@ from sovllm.errors import BackendError, ConfigError
 _sleep = asyncio.sleep  # the backoff wait (tests observe it)
 
 
+def embedded_max_model_len(cfg: Config) -> int:
+    """The embedded server's context window: room for two chunks plus instructions and the answer.
+
+    The longest prompts are the judge's (chunk + reference + two answers, about 1,300 tokens with 512-token
+    chunks) and retrieved context (two chunks). With the default chunk size this is 2,048, which keeps the
+    preallocated KV cache of 16 slots of the bundled model at 1.5 GB (3,072 would take 2.3 GB).
+    """
+    return max(2048, 2 * cfg.ingest.chunk_size + 1024)
+
+
 @dataclass(frozen=True)
 class Endpoint:
     base_url: str
@@ -61,7 +71,7 @@ def open_endpoint(cfg: Config, *, log: Callable[[str], None] = lambda _: None,
     started = time.perf_counter()
     slots = str(max(16, cfg.synth.concurrency, cfg.eval.concurrency))
     with EmbeddedServer(cfg.model.base, adapters=adapters,
-                        extra_args=["--max-num-seqs", slots, "--max-model-len", "3072"]) as server:
+                        extra_args=["--max-num-seqs", slots, "--max-model-len", str(embedded_max_model_len(cfg))]) as server:
         log(f"embedded server ready at {server.base_url} ({time.perf_counter() - started:.1f} s)")
         yield Endpoint(server.base_url, server.served_name, None, True)
 

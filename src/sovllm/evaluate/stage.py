@@ -30,6 +30,9 @@ from sovllm.evaluate.summary import check_targets, most_different, summarise, to
 from sovllm.train.stopcheck import percentile
 
 BASE = "base"
+# --quick is a smoke run of every check, sized to keep `sovllm run --quick` within its 5 minutes: at most
+# this many retrieved-context items, judged items per model, repeats, verbosity probes and gold items.
+QUICK_CAPS = {"retrieved": 4, "judge_items": 2, "repeat": 1, "verbosity": 1, "gold": 6}
 
 
 def adapter_name(cfg: Config) -> str:
@@ -176,7 +179,7 @@ def run(root: Path, cfg: Config, endpoint_factory: Callable | None = None, *, qu
         runs = [items]
         if "retrieved" in section.contexts:
             answerable = [i for i in items if i.answerable]
-            limit = 0 if quick else section.retrieved_limit
+            limit = QUICK_CAPS["retrieved"] if quick else section.retrieved_limit
             runs.append(retrieved_items(sample(answerable, limit, section.seed), eval_chunks(root, cfg),
                                         section.retrieval_k))
         if "gold" not in section.contexts:
@@ -251,10 +254,10 @@ def _judge(root: Path, cfg: Config, endpoint, items: list[Item], rows: list[dict
     # the embedded base model's verdicts depend only on its weights: reusable across runs
     fingerprint = "" if configured else next((m.fingerprint for m in models if m.served == endpoint.model), "")
     by_key = {(r["model"], r["id"]): r for r in rows if r["context"] == "gold"}
-    limit = min(section.items, 4) if quick else section.items
+    limit = min(section.items, QUICK_CAPS["judge_items"]) if quick else section.items
     chosen = sample([i for i in items if all((m, i.id) in by_key for m in labels)], limit, cfg.eval.seed + 1)
     gold = judging.load_gold(root / section.gold)
-    gold = sample(gold, min(section.gold_limit or len(gold), 8) if quick else section.gold_limit, cfg.eval.seed)
+    gold = sample(gold, min(section.gold_limit or len(gold), QUICK_CAPS["gold"]) if quick else section.gold_limit, cfg.eval.seed)
     out: dict = {"enabled": True, "judge": judge_ep.describe(), "items": len(chosen)}
     log(f"judge {judge_ep.model}: {len(chosen)} items × {len(labels)} models, {len(gold)} gold items")
 
@@ -267,12 +270,12 @@ def _judge(root: Path, cfg: Config, endpoint, items: list[Item], rows: list[dict
                               concurrency=cfg.eval.concurrency, few_shot=False)  # repeats are asked, never cached
         graded = [{"context": context_of(i), "question": i.question, "reference": i.reference,
                    "answer": by_key[(m, i.id)]["answer"], "model": m} for m in labels for i in chosen]
-        repeat_n = min(section.repeat, 2) if quick else section.repeat
+        repeat_n = min(section.repeat, QUICK_CAPS["repeat"]) if quick else section.repeat
         repeats = graded[-repeat_n:] if repeat_n else []
         comparisons = [{"context": context_of(i), "question": i.question, "reference": i.reference,
                         "a": by_key[(labels[0], i.id)]["answer"], "b": by_key[(m, i.id)]["answer"], "model": m}
                        for m in labels[1:] for i in chosen]
-        probes_n = min(section.verbosity, 2) if quick else section.verbosity
+        probes_n = min(section.verbosity, QUICK_CAPS["verbosity"]) if quick else section.verbosity
         probes = [{"context": context_of(i), "question": i.question, "reference": i.reference, "a": i.reference,
                    "b": judging.padded(i.reference, i.question)} for i in chosen if i.answerable][:probes_n]
         gold_items = [{"context": g["context"], "question": g["question"], "reference": g["reference"],

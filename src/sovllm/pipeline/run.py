@@ -24,7 +24,7 @@ from sovllm import egress
 from sovllm.artifacts import Manifest, StageContext, StageResult, package_versions, run_stage, write_manifest
 from sovllm.config import Config, load_config, project_root
 from sovllm.errors import ConfigError
-from sovllm.pipeline.memory import PeakMemory
+from sovllm.pipeline.memory import PeakMemory, release_memory
 
 
 @dataclass
@@ -164,6 +164,7 @@ def _stages(report: RunReport, cfg: Config, root: Path, out_dir: Path, want: Cal
     if want("train"):  # after the embedded server has stopped: training gets every core
         report.stages.append(("train", train.run(root, cfg, quick=quick, force=force, log=log,
                                                  progress_factory=progress("train") if progress else None)))
+        release_memory()  # training ran in this process: free its heap before eval's server starts
 
     if want("eval"):  # the embedded server starts again, now with the new adapter loaded
         from sovllm.evaluate import stage as evaluate
