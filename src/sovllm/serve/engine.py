@@ -100,7 +100,8 @@ class Engine:
     """Continuous-batching generator over one base model and any number of LoRA adapters."""
 
     def __init__(self, model_dir, tokenizer, *, max_num_seqs: int = 16, max_model_len: int = 2048,
-                 threads: int | None = None, max_prefill_batch: int = 8, max_prefill_tokens: int = 512):
+                 threads: int | None = None, max_prefill_batch: int = 8, max_prefill_tokens: int = 512,
+                 metrics=None):
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -138,6 +139,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.step = 0  # decode iterations so far (sequences record the steps they join and leave)
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "requests": 0}
+        self.metrics = metrics  # serve.metrics.Metrics or None: told of every prompt, token and finish
+        if metrics is not None:
+            metrics.attach(self)
 
     # --- public API (any thread) ---------------------------------------------------------------
 
@@ -189,6 +193,20 @@ class Engine:
     @property
     def busy(self) -> int:
         return len(self._running) + len(self._pending) + self._waiting.qsize()
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a KV-cache slot."""
+        return len(self._pending) + self._waiting.qsize()
+
+    def load(self) -> dict:
+        """A snapshot for the metrics (read from another thread: copies, never the live lists)."""
+        running, pending = list(self._running), list(self._pending)
+        queued = list(self._waiting.queue)
+        return {"running": len({s.request.id for s in running}), "waiting": len(pending) + len(queued),
+                "slots_used": self.max_num_seqs - len(self._free), "slots": self.max_num_seqs,
+                "running_adapters": sorted({s.request.adapter for s in running if s.request.adapter}),
+                "waiting_adapters": sorted({r.adapter for r in pending + queued if r.adapter})}
 
     # --- engine thread ----------------------------------------------------------------------------
 
@@ -257,6 +275,10 @@ class Engine:
         if not self._aborted:
             return
         aborted, self._aborted = self._aborted, set()
+        if self.metrics is not None:
+            for request in self._pending:
+                if request.id in aborted:
+                    self.metrics.finished(request.adapter, "abort", time.monotonic() - request.arrival)
         self._pending = [r for r in self._pending if r.id not in aborted]
         for seq in [s for s in self._running if s.request.id in aborted]:
             self._finish(seq, "abort")
@@ -301,6 +323,8 @@ class Engine:
                 self.values[:, slot, :, :n_prompt] = self.values[:, group[0], :, :n_prompt]
             self.stats["prompt_tokens"] += n_prompt
             self.stats["requests"] += 1
+            if self.metrics is not None:
+                self.metrics.prompt(request.adapter, n_prompt)
             for index, slot in enumerate(group):
                 seq = Sequence(request=request, index=index, slot=slot, length=n_prompt, joined_step=self.step,
                                detok=Detokenizer(self.tokenizer, request.params.stop))
@@ -328,6 +352,12 @@ class Engine:
         seq.tokens.append(token)
         seq.last_token = token
         self.stats["generation_tokens"] += 1
+        if self.metrics is not None:
+            now = time.monotonic()
+            first = len(seq.tokens) == 1
+            if seq.index == 0 or not first:  # time to first token counts once per request
+                self.metrics.token(seq.request.adapter, first, now - (seq.request.arrival if first else seq.last_at))
+            seq.last_at = now
         params = seq.request.params
         finish = None
         is_stop_token = token in self.stop_ids or token in params.stop_token_ids
@@ -354,6 +384,8 @@ class Engine:
             self._running.remove(seq)
         self._free.append(seq.slot)
         seq.finished_step = self.step
+        if self.metrics is not None and seq.index == 0:
+            self.metrics.finished(seq.request.adapter, reason, time.monotonic() - seq.request.arrival)
         if not emitted:
             seq.request.emit({"index": seq.index, "token": None, "text": "", "logprobs": None,
                               "finish_reason": reason, "error": error, "step": self.step})

@@ -15,12 +15,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 class APIError(Exception):
     """An error with an HTTP status and an OpenAI error type; rendered as OpenAI-style JSON."""
 
-    def __init__(self, message: str, status: int = 400, type: str = "BadRequestError", param: str | None = None):
+    def __init__(self, message: str, status: int = 400, type: str = "BadRequestError", param: str | None = None,
+                 headers: dict[str, str] | None = None, code: str | int | None = None):
         super().__init__(message)
         self.message, self.status, self.type, self.param = message, status, type, param
+        self.headers = headers or {}
+        self.code = code if code is not None else status
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 class _Wire(BaseModel):

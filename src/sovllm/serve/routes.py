@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from contextlib import asynccontextmanager
 from typing import Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sovllm import __version__
@@ -36,8 +37,13 @@ async def _sse_stream(chunks):
     yield "data: [DONE]\n\n"
 
 
-def create_app(service: Service, on_start: Callable[[Service], Awaitable[None]] | None = None) -> FastAPI:
-    """The FastAPI app; `on_start(service)` runs as a background task once the server accepts connections."""
+def create_app(service: Service, on_start: Callable[[Service], Awaitable[None]] | None = None,
+               api_keys: list[str] = ()) -> FastAPI:
+    """The FastAPI app; `on_start(service)` runs as a background task once the server accepts connections.
+
+    With `api_keys`, every `/v1/*` route needs `Authorization: Bearer <key>` (as vLLM's `--api-key`);
+    `/health` and `/metrics` stay open for probes and the Prometheus scrape.
+    """
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -51,7 +57,21 @@ def create_app(service: Service, on_start: Callable[[Service], Awaitable[None]] 
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    if api_keys:
+        expected = [key.encode() for key in api_keys]
+
+        @app.middleware("http")
+        async def authenticate(request: Request, call_next):
+            if request.url.path.startswith("/v1"):
+                given = request.headers.get("authorization", "")
+                token = given[7:].strip().encode() if given[:7].lower() == "bearer " else b""
+                if not any(hmac.compare_digest(token, key) for key in expected):
+                    return JSONResponse(APIError("Incorrect API key provided. Send it as 'Authorization: Bearer "
+                                                 "<key>'.", 401, "AuthenticationError",
+                                                 code="invalid_api_key").body(), status_code=401)
+            return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError):
@@ -78,6 +98,12 @@ def create_app(service: Service, on_start: Callable[[Service], Awaitable[None]] 
         if not service.healthy:
             return JSONResponse({"status": "starting"}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics():
+        if service.metrics is None:
+            return _error("metrics are not enabled", 404, "NotFoundError")
+        return Response(service.metrics.render(), media_type=service.metrics.content_type)
 
     @app.get("/version")
     async def version():

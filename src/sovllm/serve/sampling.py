@@ -102,6 +102,7 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)
     last_token: int = 0
     finished_step: int | None = None
+    last_at: float = 0.0  # monotonic time of the last token (inter-token latency)
     generator: Any = None
     matcher: Any = None
     bitmask: Any = None

@@ -8,9 +8,11 @@ stages and tests find a server they started.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -33,9 +35,30 @@ def parse_adapter_specs(specs: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def read_api_keys(path: Path | None, literal: str | None, env: str | None, warn=print) -> list[str]:
+    """API keys from --api-key-file (one per line), --api-key (warns) and SOVLLM_API_KEY; [] = no auth."""
+    from sovllm.errors import ConfigError
+
+    keys = []
+    if path is not None:
+        try:
+            keys += [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except OSError as exc:
+            raise ConfigError(f"--api-key-file {path}: cannot read it ({exc.strerror or exc})") from None
+        if not keys:
+            raise ConfigError(f"--api-key-file {path}: the file holds no key", hint="write one key per line")
+    if literal:
+        warn("--api-key puts the key into the process list and shell history; use --api-key-file or SOVLLM_API_KEY")
+        keys.append(literal.strip())
+    if env and env.strip():
+        keys.append(env.strip())
+    return keys
+
+
 def build(model: str, *, served_name: str | None = None, adapters: list[tuple[str, str]] = (),
           adapter_roots: list[Path] = (), max_lora_rank: int = 64, max_num_seqs: int = 16,
-          max_model_len: int = 2048, on_start=None):
+          max_model_len: int = 2048, threads: int | None = None, max_queue: int = 0, api_keys: list[str] = (),
+          on_start=None):
     """The app and its service, with the engine started and start-up adapters loaded."""
     from sovllm.models import registry
     from sovllm.models.tokenizer import load_tokenizer
@@ -45,25 +68,34 @@ def build(model: str, *, served_name: str | None = None, adapters: list[tuple[st
     from sovllm.serve.service import Service
     from sovllm.errors import AdapterError
 
+    from sovllm.serve.metrics import Metrics
+
     info = registry.prepare(model)
     tokenizer = load_tokenizer(info.path)
-    engine = Engine(info.path, tokenizer, max_num_seqs=max_num_seqs, max_model_len=max_model_len)
-    engine.start()
     name = served_name or (info.name if info.kind == "bundled" else Path(info.path).name)
+    metrics = Metrics(name)
+    engine = Engine(info.path, tokenizer, max_num_seqs=max_num_seqs, max_model_len=max_model_len, threads=threads,
+                    metrics=metrics)
+    engine.start()
     service = Service(engine, tokenizer, served_name=name, base_path=str(info.path), base_id=info.base_id,
-                      adapter_roots=list(adapter_roots) or [Path.cwd()], max_lora_rank=max_lora_rank)
+                      adapter_roots=list(adapter_roots) or [Path.cwd()], max_lora_rank=max_lora_rank,
+                      max_queue=max_queue, metrics=metrics)
     for adapter_name, path in adapters:
         try:
             service.load_adapter_now(adapter_name, path, from_api=False)
         except APIError as exc:
             engine.shutdown()
             raise AdapterError(f"--adapter {adapter_name}={path}: {exc.message}") from None
-    return create_app(service, on_start), service
+    return create_app(service, on_start, api_keys=list(api_keys)), service
 
 
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, ready_file: str | None = None,
-          log_level: str = "info", **kwargs) -> None:
-    """Run the server until interrupted (blocking)."""
+          log_level: str = "info", grace_period: float = 30.0, adapters_dir: Path | None = None, **kwargs) -> None:
+    """Run the server until interrupted (blocking).
+
+    On SIGTERM or Ctrl-C the server stops accepting connections, lets running requests finish for
+    up to `grace_period` seconds, aborts the rest and returns (exit code 0).
+    """
     import uvicorn
 
     started = time.perf_counter()
@@ -81,6 +113,8 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, ready_file: 
 
     async def warm(service) -> None:  # runs in uvicorn's loop once the socket accepts connections
         await service.warm_up()
+        if adapters_dir is not None:
+            service.watch_task = asyncio.create_task(service.watch(Path(adapters_dir)))
         elapsed = time.perf_counter() - started
         print(f"sovllm serve: {service.served_name} ready on http://{host}:{bound_port}/v1 "
               f"({len(service.adapters)} adapters, {elapsed:.1f} s)", flush=True)
@@ -88,8 +122,14 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, ready_file: 
             write_atomic(ready_file, json.dumps({"host": host, "port": bound_port, "pid": os.getpid(),
                                                  "model": service.served_name}))
 
+    if adapters_dir is not None:
+        kwargs["adapter_roots"] = [*(kwargs.get("adapter_roots") or [Path.cwd()]), Path(adapters_dir)]
     app, service = build(model, on_start=warm, **kwargs)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=5))
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False,
+                                           timeout_graceful_shutdown=grace_period))
+    # uvicorn re-raises the signal it stopped on once it is done; a no-op handler makes that a clean exit 0
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: None)
     try:
         server.run(sockets=[sock])
     finally:

@@ -30,7 +30,7 @@ class Service:
     """Everything the HTTP routes call."""
 
     def __init__(self, engine: Engine, tokenizer, *, served_name: str, base_path: str, base_id: str,
-                 adapter_roots: list[Path], max_lora_rank: int):
+                 adapter_roots: list[Path], max_lora_rank: int, max_queue: int = 0, metrics=None):
         self.engine = engine
         self.tokenizer = tokenizer
         self.served_name = served_name
@@ -43,6 +43,8 @@ class Service:
         self.created = int(time.time())
         self.grammars = GrammarCache(tokenizer, engine.vocab_size, sorted(engine.stop_ids))
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.max_queue = max_queue  # waiting requests beyond this get 503 + Retry-After (0: unbounded)
+        self.metrics = metrics
 
     # --- models and adapters -------------------------------------------------------------------
 
@@ -72,6 +74,14 @@ class Service:
 
     def load_adapter_now(self, name: str, path: str, *, from_api: bool) -> None:
         """Validate and load an adapter (blocking; used at start-up and by the async route)."""
+        try:
+            self._load_adapter(name, path, from_api=from_api)
+        except APIError:
+            if self.metrics is not None:
+                self.metrics.load_failed(name)
+            raise
+
+    def _load_adapter(self, name: str, path: str, *, from_api: bool) -> None:
         try:
             validate_name(name)
         except AdapterError as exc:
@@ -112,6 +122,45 @@ class Service:
             del self.adapters[name]
         return f"Success: LoRA adapter '{name}' removed successfully."
 
+    async def watch(self, folder: Path, interval: float = 2.0) -> None:
+        """Keep the adapters in `folder` loaded: a new subfolder with an adapter loads under its name,
+        a removed one unloads (retried while requests still use it). A folder that fails to load is
+        retried only after it changes."""
+        watched: dict[str, str] = {}  # name → path loaded by this watcher
+        failed: dict[str, float] = {}  # name → mtime of the adapter_config.json that failed
+        while True:
+            present = {}
+            if folder.is_dir():
+                for sub in sorted(folder.iterdir()):
+                    config = sub / "adapter_config.json"
+                    if sub.is_dir() and config.is_file() and (sub / "adapter_model.safetensors").is_file():
+                        present[sub.name] = config
+            for name, config in present.items():
+                if name in watched or name in self.adapters or failed.get(name) == config.stat().st_mtime:
+                    continue
+                try:
+                    async with self._locks[name]:
+                        await asyncio.to_thread(self.load_adapter_now, name, str(config.parent), from_api=True)
+                    watched[name] = str(config.parent)
+                    failed.pop(name, None)
+                    log.info("adapters dir: loaded %s from %s", name, config.parent)
+                except APIError as exc:
+                    failed[name] = config.stat().st_mtime
+                    log.warning("adapters dir: cannot load %s: %s", name, exc.message)
+            for name in [n for n in watched if n not in present]:
+                if name not in self.adapters:  # already unloaded through the API
+                    del watched[name]
+                    continue
+                try:
+                    await self.unload_adapter(name)
+                    del watched[name]
+                    log.info("adapters dir: unloaded %s (its folder was removed)", name)
+                except APIError as exc:
+                    log.info("adapters dir: %s not unloaded yet: %s", name, exc.message)
+            for name in [n for n in failed if n not in present]:
+                del failed[name]
+            await asyncio.sleep(interval)
+
     # --- generation ------------------------------------------------------------------------------
 
     def _params(self, req, prompt_len: int, max_tokens: int | None, logprobs: bool, top: int) -> SamplingParams:
@@ -127,6 +176,10 @@ class Service:
         events: asyncio.Queue = asyncio.Queue()
         request = Request(request_id, prompt_ids, params, adapter,
                           lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), grammar)
+        if self.max_queue and self.engine.waiting >= self.max_queue:
+            raise APIError(f"The server is overloaded: {self.engine.waiting} requests are waiting (--max-queue "
+                           f"{self.max_queue}). Retry later.", 503, "ServiceUnavailableError",
+                           headers={"Retry-After": "1"})
         try:
             self.engine.submit(request)
         except (InputError, AdapterError) as exc:

@@ -1,0 +1,73 @@
+"""`sovllm serve` as a real process on the tiny model: SIGTERM drains within the grace period, then exits 0."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+import time
+
+import httpx
+import openai
+
+from sovllm.serve.launch import EmbeddedServer
+
+
+def server(model_dir, grace: float) -> EmbeddedServer:
+    return EmbeddedServer(str(model_dir), extra_args=["--max-num-seqs", "1", "--max-model-len", "1024",
+                                                      "--grace-period", str(grace)])
+
+
+def long_request(base_url: str, tokens: int):
+    client = openai.OpenAI(base_url=base_url, api_key="x", max_retries=0, timeout=60)
+    try:
+        reply = client.completions.create(model=client.models.list().data[0].id, prompt="Hello", max_tokens=tokens,
+                                          temperature=0, extra_body={"ignore_eos": True})
+        return reply.choices[0].finish_reason, reply.usage.completion_tokens
+    except openai.APIError as exc:
+        return "error", type(exc).__name__
+
+
+def running(srv: EmbeddedServer) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(srv.base_url.removesuffix("/v1") + "/metrics").text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "vllm:num_requests_running")
+
+
+def wait_exit(process, timeout: float) -> float:
+    started = time.monotonic()
+    process.wait(timeout=timeout)
+    return time.monotonic() - started
+
+
+def test_sigterm_lets_running_requests_finish_then_exits_0(tiny_model_dir):
+    with server(tiny_model_dir, grace=30) as srv:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            future = pool.submit(long_request, srv.base_url, 300)
+            deadline = time.monotonic() + 30
+            while running(srv) < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            srv.process.send_signal(signal.SIGTERM)
+            assert future.result(timeout=60) == ("length", 300)  # drained, not cut off
+        wait_exit(srv.process, 30)
+        assert srv.process.returncode == 0, srv.log_tail()
+        try:
+            httpx.get(srv.base_url + "/models", timeout=2)
+            raise AssertionError("the server still accepts connections")
+        except httpx.TransportError:
+            pass
+
+
+def test_sigterm_aborts_what_the_grace_period_cannot_finish(tiny_model_dir):
+    with server(tiny_model_dir, grace=0.5) as srv:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(long_request, srv.base_url, 1000) for _ in range(3)]  # one slot: they queue
+            time.sleep(1.0)
+            srv.process.send_signal(signal.SIGTERM)
+            seconds = wait_exit(srv.process, 30)
+            results = [f.result(timeout=30) for f in futures]
+        assert srv.process.returncode == 0, srv.log_tail()
+        assert seconds < 15
+        assert sum(r == ("length", 1000) for r in results) < 3  # not everything was allowed to finish
