@@ -166,3 +166,16 @@ def test_watched_adapters_dir_loads_new_and_unloads_removed(tiny_model_dir, tiny
     finally:
         task.cancel()
         stop(client, service)
+
+
+def test_oversized_bodies_get_413_before_parsing(tiny_model_dir):
+    client, service = start(tiny_model_dir, max_num_seqs=2, max_body_bytes=1_000_000)
+    try:
+        huge = b'{"model": "tiny", "messages": [{"role": "user", "content": "' + b"x" * 10_000_000 + b'"}]}'
+        for body in (huge, iter([huge[i:i + 65536] for i in range(0, len(huge), 65536)])):  # declared, chunked
+            response = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+            assert response.status_code == 413, response.text
+            assert response.json()["error"]["type"] == "RequestTooLargeError"
+            assert chat(client).status_code == 200
+    finally:
+        stop(client, service)

@@ -29,6 +29,10 @@ def serve(
                                                         "list: prefer --api-key-file)."),
     adapters_dir: Path = typer.Option(None, "--adapters-dir", help="Watch this folder: each subfolder with an "
                                                                    "adapter loads under its name, removed ones unload."),
+    max_body_bytes: int = typer.Option(4 * 2**20, "--max-body-bytes", help="Larger request bodies get 413 (0: no "
+                                                                            "limit)."),
+    limit_concurrency: int = typer.Option(512, "--limit-concurrency", help="Open connections beyond this get 503 "
+                                                                          "(0: no limit)."),
     grace_period: float = typer.Option(30.0, "--grace-period", help="Seconds running requests may finish after "
                                                                     "SIGTERM before they are aborted."),
     ready_file: Path = typer.Option(None, "--ready-file", help="Write {host, port, pid, model} here when healthy."),
@@ -52,7 +56,8 @@ def serve(
                log_level=log_level, served_name=served_model_name, adapters=parse_adapter_specs(adapter),
                adapter_roots=list(adapter_root), max_lora_rank=max_lora_rank, max_num_seqs=max_num_seqs,
                max_model_len=max_model_len, threads=threads or (os.cpu_count() or 1), max_queue=max_queue,
-               api_keys=keys, adapters_dir=adapters_dir, grace_period=grace_period)
+               api_keys=keys, adapters_dir=adapters_dir, grace_period=grace_period, max_body_bytes=max_body_bytes,
+               limit_concurrency=limit_concurrency)
 
 
 def register(app: typer.Typer) -> None:

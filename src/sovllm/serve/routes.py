@@ -37,8 +37,44 @@ async def _sse_stream(chunks):
     yield "data: [DONE]\n\n"
 
 
+class BodyLimit:
+    """ASGI middleware: a request body gets 413 as soon as it passes `limit` bytes, before anything parses it."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self.limit:
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(send)
+        # read the whole body first (it is parsed as one JSON document anyway), then replay it to the app
+        chunks, seen, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > self.limit:
+                return await self._refuse(send)
+            more = message.get("more_body", False)
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replayed():
+            return replay.pop() if replay else await receive()
+
+        await self.app(scope, replayed, send)
+
+    async def _refuse(self, send):
+        error = APIError(f"The request body exceeds the server's limit of {self.limit:,} bytes (--max-body-bytes).",
+                         413, "RequestTooLargeError")
+        await JSONResponse(error.body(), status_code=413)({"type": "http"}, None, send)
+
+
 def create_app(service: Service, on_start: Callable[[Service], Awaitable[None]] | None = None,
-               api_keys: list[str] = ()) -> FastAPI:
+               api_keys: list[str] = (), max_body_bytes: int = 0) -> FastAPI:
     """The FastAPI app; `on_start(service)` runs as a background task once the server accepts connections.
 
     With `api_keys`, every `/v1/*` route needs `Authorization: Bearer <key>` (as vLLM's `--api-key`);
@@ -54,6 +90,8 @@ def create_app(service: Service, on_start: Callable[[Service], Awaitable[None]] 
 
     app = FastAPI(title="sovllm", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.service = service
+    if max_body_bytes:
+        app.add_middleware(BodyLimit, limit=max_body_bytes)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError):

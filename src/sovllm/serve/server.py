@@ -58,7 +58,7 @@ def read_api_keys(path: Path | None, literal: str | None, env: str | None, warn=
 def build(model: str, *, served_name: str | None = None, adapters: list[tuple[str, str]] = (),
           adapter_roots: list[Path] = (), max_lora_rank: int = 64, max_num_seqs: int = 16,
           max_model_len: int = 2048, threads: int | None = None, max_queue: int = 0, api_keys: list[str] = (),
-          on_start=None):
+          max_body_bytes: int = 4 * 2**20, on_start=None):
     """The app and its service, with the engine started and start-up adapters loaded."""
     from sovllm.models import registry
     from sovllm.models.tokenizer import load_tokenizer
@@ -86,11 +86,12 @@ def build(model: str, *, served_name: str | None = None, adapters: list[tuple[st
         except APIError as exc:
             engine.shutdown()
             raise AdapterError(f"--adapter {adapter_name}={path}: {exc.message}") from None
-    return create_app(service, on_start, api_keys=list(api_keys)), service
+    return create_app(service, on_start, api_keys=list(api_keys), max_body_bytes=max_body_bytes), service
 
 
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, ready_file: str | None = None,
-          log_level: str = "info", grace_period: float = 30.0, adapters_dir: Path | None = None, **kwargs) -> None:
+          log_level: str = "info", grace_period: float = 30.0, adapters_dir: Path | None = None,
+          limit_concurrency: int | None = 512, **kwargs) -> None:
     """Run the server until interrupted (blocking).
 
     On SIGTERM or Ctrl-C the server stops accepting connections, lets running requests finish for
@@ -125,8 +126,10 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, ready_file: 
     if adapters_dir is not None:
         kwargs["adapter_roots"] = [*(kwargs.get("adapter_roots") or [Path.cwd()]), Path(adapters_dir)]
     app, service = build(model, on_start=warm, **kwargs)
+    # limit_concurrency: connections beyond it get uvicorn's 503 before any work is done for them
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False,
-                                           timeout_graceful_shutdown=grace_period))
+                                           timeout_graceful_shutdown=grace_period,
+                                           limit_concurrency=limit_concurrency or None))
     # uvicorn re-raises the signal it stopped on once it is done; a no-op handler makes that a clean exit 0
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: None)
