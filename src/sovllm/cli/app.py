@@ -41,7 +41,7 @@ def root(
 
 
 def _register() -> None:
-    from sovllm.cli import curate, doctor, egress_cmd, evaluate, ingest, models, project, serve, synth, train
+    from sovllm.cli import bench, curate, doctor, egress_cmd, evaluate, ingest, models, project, serve, synth, train
 
     project.register(app)
     ingest.register(app)
@@ -53,6 +53,7 @@ def _register() -> None:
     doctor.register(app)
     app.add_typer(models.app, name="models")
     app.add_typer(egress_cmd.app, name="egress")
+    app.add_typer(bench.app, name="bench")
 
 
 _register()
