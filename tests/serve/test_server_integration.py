@@ -166,3 +166,25 @@ def test_greedy_output_equals_plain_generate_on_the_real_model(client, bundled_m
             expected = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
             served = greedy(client, model=model_name, messages=messages, max_tokens=24).choices[0].message.content
             assert served == expected, (model_name, prompt)
+
+
+def test_soak_burst_of_mixed_requests_from_a_second_process(bundled_server, client, tmp_path):
+    """Valid and invalid requests at once from another process: every invalid one gets its 4xx, every valid
+    answer equals the same request sent alone afterwards (greedy), and the server keeps serving."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "soak.json"
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "tests.serve.soak_client", bundled_server.base_url, str(out)],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(out.read_text())
+    wrong = [(r["kind"], r["status"], r.get("error_type")) for r in results if r["status"] != r["expected"]]
+    assert not wrong, wrong
+    assert all(r["error_type"] for r in results if r["expected"] >= 400)  # OpenAI-style error JSON
+    for r in (r for r in results if r["kind"].startswith("valid")):
+        alone = greedy(client, model=r["model"], messages=[{"role": "user", "content": r["question"]}], max_tokens=12)
+        assert (r["text"], r["finish"]) == (alone.choices[0].message.content, alone.choices[0].finish_reason), r
+    assert greedy(client).choices[0].finish_reason == "stop"

@@ -76,7 +76,10 @@ def selective_loss(model, inputs: dict, num_items: int | None = None):
     import torch.nn.functional as F
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.get_decoder()(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+    # The collator pads on the right, so under the causal mask no real token ever sees a pad token and
+    # positions count from 0 either way: no padding mask is needed. Without one, SDPA runs its causal
+    # kernel instead of materialising a [batch, 1, L, L] mask (measured: 8.4 -> 7.5 GB at 4 x 1000 tokens).
+    hidden = base.get_decoder()(input_ids=inputs["input_ids"]).last_hidden_state
     targets = inputs["labels"][:, 1:]
     mask = targets != IGNORE
     logits = base.get_output_embeddings()(hidden[:, :-1][mask])
