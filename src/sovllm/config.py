@@ -304,7 +304,7 @@ class EvalSection(Section):
                                                                        "name: path")
     contexts: list[Literal["gold", "retrieved"]] = Field(default_factory=lambda: ["gold", "retrieved"])
     retrieval_k: int = Field(2, ge=1, le=10, description="chunks in the user turn in retrieved mode (hit@k)")
-    retrieved_limit: int = Field(40, ge=0, description="answerable items evaluated in retrieved mode "
+    retrieved_limit: int = Field(24, ge=0, description="answerable items evaluated in retrieved mode "
                                                        "(a seeded sample); 0 = all")
     max_tokens: int = Field(0, ge=0, description="0 = 2 x the 95th percentile of reference answer tokens")
     concurrency: int = Field(16, ge=1, le=256)
