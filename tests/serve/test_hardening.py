@@ -162,6 +162,9 @@ def test_watched_adapters_dir_loads_new_and_unloads_removed(tiny_model_dir, tiny
         assert served(want=False)
         assert chat(client, model="hr").status_code == 404
         assert "broken" not in {c["id"] for c in client.get("/v1/models").json()["data"]}
+        for name in ("adapter_config.json", "adapter_model.safetensors"):  # the copy completes: retried
+            shutil.copy(tiny_adapters["r4"] / name, folder / "broken" / name)
+        assert served(name="broken")
         assert chat(client).status_code == 200
     finally:
         task.cancel()

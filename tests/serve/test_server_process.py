@@ -71,3 +71,30 @@ def test_sigterm_aborts_what_the_grace_period_cannot_finish(tiny_model_dir):
         assert srv.process.returncode == 0, srv.log_tail()
         assert seconds < 15
         assert sum(r == ("length", 1000) for r in results) < 3  # not everything was allowed to finish
+
+
+def metric(srv: EmbeddedServer, name: str, **labels) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(srv.base_url.removesuffix("/v1") + "/metrics").text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def test_client_disconnect_aborts_its_sequence(tiny_model_dir):
+    with server(tiny_model_dir, grace=5) as srv:
+        body = {"model": "model", "prompt": "Hello", "max_tokens": 900, "temperature": 0, "ignore_eos": True,
+                "stream": True}
+        with httpx.stream("POST", srv.base_url + "/completions", json=body, timeout=60) as response:
+            for i, _ in enumerate(response.iter_lines()):
+                if i >= 5:
+                    break  # leaving the block closes the connection mid-stream
+        deadline = time.monotonic() + 20
+        while metric(srv, "sovllm:adapter_requests_total", finished_reason="abort") < 1:
+            assert time.monotonic() < deadline, srv.log_tail()
+            time.sleep(0.05)
+        assert running(srv) == 0
+        generated = metric(srv, "vllm:generation_tokens_total")
+        assert generated < 900 + 4  # the warm-up's 4 tokens + what was made before the abort
+        time.sleep(0.5)
+        assert metric(srv, "vllm:generation_tokens_total") == generated  # nothing runs on for the gone client

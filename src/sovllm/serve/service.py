@@ -124,42 +124,53 @@ class Service:
 
     async def watch(self, folder: Path, interval: float = 2.0) -> None:
         """Keep the adapters in `folder` loaded: a new subfolder with an adapter loads under its name,
-        a removed one unloads (retried while requests still use it). A folder that fails to load is
-        retried only after it changes."""
+        a removed one unloads (retried while requests still use it). A folder that fails to load (for
+        example one still being copied) is retried once its files change."""
         watched: dict[str, str] = {}  # name → path loaded by this watcher
-        failed: dict[str, float] = {}  # name → mtime of the adapter_config.json that failed
+        failed: dict[str, tuple] = {}  # name → signature of the files that failed to load
+
+        def signature(sub: Path) -> tuple:
+            config, weights = (sub / "adapter_config.json").stat(), (sub / "adapter_model.safetensors").stat()
+            return config.st_mtime_ns, weights.st_mtime_ns, weights.st_size
+
         while True:
-            present = {}
-            if folder.is_dir():
-                for sub in sorted(folder.iterdir()):
-                    config = sub / "adapter_config.json"
-                    if sub.is_dir() and config.is_file() and (sub / "adapter_model.safetensors").is_file():
-                        present[sub.name] = config
-            for name, config in present.items():
-                if name in watched or name in self.adapters or failed.get(name) == config.stat().st_mtime:
-                    continue
-                try:
-                    async with self._locks[name]:
-                        await asyncio.to_thread(self.load_adapter_now, name, str(config.parent), from_api=True)
-                    watched[name] = str(config.parent)
-                    failed.pop(name, None)
-                    log.info("adapters dir: loaded %s from %s", name, config.parent)
-                except APIError as exc:
-                    failed[name] = config.stat().st_mtime
-                    log.warning("adapters dir: cannot load %s: %s", name, exc.message)
-            for name in [n for n in watched if n not in present]:
-                if name not in self.adapters:  # already unloaded through the API
-                    del watched[name]
-                    continue
-                try:
-                    await self.unload_adapter(name)
-                    del watched[name]
-                    log.info("adapters dir: unloaded %s (its folder was removed)", name)
-                except APIError as exc:
-                    log.info("adapters dir: %s not unloaded yet: %s", name, exc.message)
-            for name in [n for n in failed if n not in present]:
-                del failed[name]
+            try:
+                await self._watch_once(folder, watched, failed, signature)
+            except Exception:  # noqa: BLE001 - a bad folder entry must not stop the watcher
+                log.exception("adapters dir: scanning %s failed", folder)
             await asyncio.sleep(interval)
+
+    async def _watch_once(self, folder: Path, watched: dict, failed: dict, signature) -> None:
+        present = {}
+        if folder.is_dir():
+            for sub in sorted(folder.iterdir()):
+                if sub.is_dir() and (sub / "adapter_config.json").is_file() \
+                        and (sub / "adapter_model.safetensors").is_file():
+                    present[sub.name] = sub
+        for name, sub in present.items():
+            if name in watched or name in self.adapters or failed.get(name) == signature(sub):
+                continue
+            try:
+                async with self._locks[name]:
+                    await asyncio.to_thread(self.load_adapter_now, name, str(sub), from_api=True)
+                watched[name] = str(sub)
+                failed.pop(name, None)
+                log.info("adapters dir: loaded %s from %s", name, sub)
+            except APIError as exc:
+                failed[name] = signature(sub)
+                log.warning("adapters dir: cannot load %s: %s", name, exc.message)
+        for name in [n for n in watched if n not in present]:
+            if name not in self.adapters:  # already unloaded through the API
+                del watched[name]
+                continue
+            try:
+                await self.unload_adapter(name)
+                del watched[name]
+                log.info("adapters dir: unloaded %s (its folder was removed)", name)
+            except APIError as exc:
+                log.info("adapters dir: %s not unloaded yet: %s", name, exc.message)
+        for name in [n for n in failed if n not in present]:
+            del failed[name]
 
     # --- generation ------------------------------------------------------------------------------
 
