@@ -310,7 +310,7 @@ class EvalSection(Section):
     concurrency: int = Field(16, ge=1, le=256)
     resamples: int = Field(10_000, ge=100, description="paired bootstrap resamples")
     seed: int = 0
-    quick_limit: int = Field(12, ge=1, description="eval items under --quick")
+    quick_limit: int = Field(8, ge=1, description="eval items under --quick")
     judge: EvalJudgeSection = Field(default_factory=EvalJudgeSection)
 
 

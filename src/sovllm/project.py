@@ -122,8 +122,8 @@ train:
   epochs: 1.0
   max_steps: 0              # optimizer steps; 0 = derived from epochs
   learning_rate: 0.001      # cosine schedule with warmup
-  batch_size: 4             # micro-batch; 4 × 1024 tokens needs ~10 GB on a CPU
-  grad_accum: 1             # micro-batches per optimizer step
+  batch_size: 2             # micro-batch; 2 × 1024 tokens peak at ~4.7 GB on a CPU (4 × 1024: ~8.4 GB)
+  grad_accum: 2             # micro-batches per optimizer step (2 × 2 = 4 examples a step)
   warmup_ratio: 0.05
   weight_decay: 0.0
   max_length: 1024          # tokens; longer examples are dropped (too_long: drop) or fail the run
@@ -148,12 +148,12 @@ eval:
   adapters: {{}}              # extra adapters for the embedded server, name: path
   contexts: [gold, retrieved]   # gold: the item's own chunk; retrieved: top-k BM25 chunks of the eval split
   retrieval_k: 2
-  retrieved_limit: 40       # answerable items in retrieved mode (a seeded sample); 0 = all
+  retrieved_limit: 24       # answerable items in retrieved mode (a seeded sample); 0 = all
   max_tokens: 0             # 0 = 2 × the 95th percentile of reference answer tokens
   concurrency: 16
   resamples: 10000          # paired bootstrap; "better" = the 95% interval of the difference excludes 0
   seed: 0
-  quick_limit: 12           # eval items under --quick
+  quick_limit: 8            # eval items under --quick
   judge:
     enabled: true           # rubric, pairwise (both orders), repeat and verbosity checks; never the headline
     items: 8                # eval items graded and compared pairwise (a seeded sample)

@@ -72,12 +72,12 @@ def test_quick_run_of_the_example_project(tmp_path, bundled_model):
 
     # eval: base vs the new adapter through the restarted embedded server, report and MLflow
     evaluation = json.loads((project / "out" / "eval" / "manifest.json").read_text())
-    assert evaluation["status"] == "ok" and evaluation["counts"]["items"] == 12
+    assert evaluation["status"] == "ok" and evaluation["counts"]["items"] == 8
     summary = json.loads((project / "out" / "eval" / "summary.json").read_text())
     assert summary["models"] == [{"label": "base", "served_as": "smollm2-135m-instruct"},
                                  {"label": "acme", "served_as": "acme"}]
     gold = summary["table"]["gold"]
-    assert gold["base"]["items"] == gold["acme"]["items"] == 12 and gold["acme"]["unanswerable"] >= 1
+    assert gold["base"]["items"] == gold["acme"]["items"] == 8 and gold["acme"]["unanswerable"] >= 1
     assert summary["comparisons"]["gold"]["acme"]["f1"]["resamples"] == 10_000
     assert summary["judge"]["agreement"]["items"] == 6  # --quick: 6 of the hand-labelled gold items
     assert summary["table"]["retrieved"]["acme"]["items"] == 4  # --quick: 4 answerable items, retrieved context
