@@ -71,6 +71,15 @@ def test_metrics_use_vllm_names_and_count_every_request(tiny_model_dir, tiny_ada
             assert after[gauge, m] == 0  # idle again
         assert after["vllm:num_preemptions_total", m] == 0
         assert any(name == "vllm:lora_requests_info" for name, _ in after)
+        assert grew("vllm:prefix_cache_queries_total") == grew("vllm:prompt_tokens_total")
+        assert grew("vllm:prefix_cache_hits_total") == 0  # same prompt, other adapter: nothing to reuse
+        # the same long prompt twice on the base: the second prefill reuses all but its last token
+        long = [{"role": "user", "content": "Tell me what the incident runbook says. " * 6}]
+        first = chat(client, messages=long).json()["usage"]["prompt_tokens"]
+        chat(client, messages=long)
+        again = samples(client.get("/metrics").text)
+        assert again["vllm:prefix_cache_hits_total", m] - after["vllm:prefix_cache_hits_total", m] == first - 1
+        assert again["vllm:prefix_cache_queries_total", m] - after["vllm:prefix_cache_queries_total", m] == 2 * first
         assert client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/nowhere"}).status_code >= 400
         failures = samples(client.get("/metrics").text)
         assert failures["sovllm:adapter_load_failures_total", (("adapter", "x"),)] == 1

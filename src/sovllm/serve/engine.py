@@ -15,6 +15,14 @@ The KV cache is a preallocated tensor per layer, `[slots, kv_heads, max_model_le
 a custom attention function registered with transformers writes each row's new keys and values
 into its slot and attends over that slot's prefix (a view, no copy), so sequences of different
 lengths and positions share a batch without padding.
+
+Automatic prefix caching (on by default, as in vLLM): a slot keeps the prompt whose keys and values
+it holds, also after its sequence finished, until the slot is given to another request. A new
+request looks for the slot (same adapter) whose prompt shares the longest prefix with its own,
+copies the prefix's keys and values from it into a free slot (or takes that slot as it is when it
+is free and the new prompt extends its whole prompt), and prefills only the rest. Requests that share a prefix with one admitted in the same iteration wait one iteration, so
+the shared part is computed once. Free slots are handed out least recently used first, which keeps
+recent prompts available longest. Loading or unloading an adapter forgets its cached prompts.
 """
 
 from __future__ import annotations
@@ -34,6 +42,24 @@ from sovllm.serve.sampling import Detokenizer, SamplingParams, Sequence, sample_
 log = logging.getLogger("sovllm.engine")
 BASE = "__base__"
 _ATTENTION = "sovllm_slots"
+MIN_PREFIX = 16  # shorter shared prefixes are recomputed: not worth a copy (vLLM's block size)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists (binary search over C-level slice compares)."""
+    hi = min(len(a), len(b))
+    if hi == 0 or a[0] != b[0]:
+        return 0
+    if a[:hi] == b[:hi]:
+        return hi
+    lo = 1  # a[:lo] == b[:lo] holds, a[:hi] == b[:hi] does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 @dataclass
@@ -101,7 +127,7 @@ class Engine:
 
     def __init__(self, model_dir, tokenizer, *, max_num_seqs: int = 16, max_model_len: int = 2048,
                  threads: int | None = None, max_prefill_batch: int = 8, max_prefill_tokens: int = 512,
-                 metrics=None):
+                 metrics=None, prefix_caching: bool = True, min_prefix: int = MIN_PREFIX):
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -128,7 +154,11 @@ class Engine:
             self.stop_ids.add(tokenizer.eos_token_id)
         self.peft = None  # the PeftModel wrapper once an adapter is loaded
         self.adapters: set[str] = set()
-        self._free = list(range(max_num_seqs))
+        self._free = list(range(max_num_seqs))  # least recently used first
+        self.prefix_caching = prefix_caching
+        self.min_prefix = max(1, min_prefix)
+        # per slot: (adapter, prompt ids) whose keys and values the slot holds, or None
+        self._resident: list[tuple[str | None, list[int]] | None] = [None] * max_num_seqs
         self._waiting: queue.Queue = queue.Queue()
         self._commands: queue.Queue = queue.Queue()
         self._pending: list[Request] = []
@@ -138,7 +168,7 @@ class Engine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.step = 0  # decode iterations so far (sequences record the steps they join and leave)
-        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "requests": 0}
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "requests": 0, "cached_prompt_tokens": 0}
         self.metrics = metrics  # serve.metrics.Metrics or None: told of every prompt, token and finish
         if metrics is not None:
             metrics.attach(self)
@@ -219,11 +249,13 @@ class Engine:
         else:
             self.peft.load_adapter(path, adapter_name=name, is_trainable=False)
         self.adapters.add(name)
+        self._forget(name)
 
     def _unload_adapter(self, name: str) -> None:
         if any(s.request.adapter == name for s in self._running) or any(r.adapter == name for r in self._pending):
             raise AdapterError(f"adapter {name!r} is in use by running requests; retry when they finish")
         self.adapters.discard(name)
+        self._forget(name)
         if self.adapters:
             self.peft.delete_adapter(name)
         else:  # the last one: take the LoRA layers out again, back to the plain base model
@@ -256,18 +288,30 @@ class Engine:
         while not self._waiting.empty():
             self._pending.append(self._waiting.get())
         self._drop_aborted()
-        admitted, free = [], len(self._free)
+        admitted, free, plans, reserved = [], len(self._free), [], set()
         while self._pending and free >= self._pending[0].params.n and len(admitted) < self.max_prefill_batch:
+            request = self._pending[0]
+            source, cached = self._lookup(request, reserved)
             if admitted:
-                width = max(len(r.prompt_ids) for r in [*admitted, self._pending[0]])
+                if self.prefix_caching and any(
+                        common_prefix(request.prompt_ids, r.prompt_ids) >= max(cached + self.min_prefix,
+                                                                                self.min_prefix)
+                        for r in admitted if r.adapter == request.adapter):
+                    break  # shares more with a prompt prefilled now: reuse it from the next iteration
+                suffixes = [len(r.prompt_ids) - c for r, (_, c) in zip(admitted, plans)]
+                suffix = len(request.prompt_ids) - cached
+                width = max(*suffixes, suffix)
                 if width * (len(admitted) + 1) > self.max_prefill_tokens:
                     break  # long prompts are compute-bound: batching them only delays first tokens
-                if not 0.5 <= len(self._pending[0].prompt_ids) / len(admitted[0].prompt_ids) <= 2:
+                if not 0.5 <= suffix / suffixes[0] <= 2:
                     break  # very different lengths would mostly pad: prefill it in the next iteration
-            free -= self._pending[0].params.n
+            free -= request.params.n
+            if source is not None and source in self._free:
+                reserved.add(source)  # may be used in place: no other request may copy from or take it
+            plans.append((source, cached))
             admitted.append(self._pending.pop(0))
         if admitted:
-            self._prefill(admitted)
+            self._prefill(admitted, plans)
         if self._running:
             self._decode()
 
@@ -293,23 +337,78 @@ class Engine:
                     sovllm_batch=batch, **kwargs)
         return out.logits[:, -1, :].float()
 
-    def _prefill(self, requests: list[Request]) -> None:
+    def _lookup(self, request: Request, reserved: set[int]) -> tuple[int | None, int]:
+        """The slot holding the longest cached prefix of the request's prompt, and that prefix's length.
+
+        At least one prompt token is always left to prefill (its logits give the first token);
+        prefixes shorter than `min_prefix` do not count. Slots in `reserved` (the sources of requests
+        admitted in this iteration that will overwrite them) are skipped.
+        """
+        if not self.prefix_caching:
+            return None, 0
+        best, best_len = None, 0
+        limit = len(request.prompt_ids) - 1
+        for slot, resident in enumerate(self._resident):
+            if resident is None or resident[0] != request.adapter or slot in reserved:
+                continue
+            n = min(common_prefix(request.prompt_ids, resident[1]), limit)
+            if n > best_len or (n == best_len and n and slot in self._free):
+                best, best_len = slot, n
+        if best_len < self.min_prefix:
+            return None, 0
+        return best, best_len
+
+    def _forget(self, adapter: str) -> None:
+        """Drop the cached prompts computed with `adapter` (its weights changed or are gone)."""
+        self._resident = [None if r is not None and r[0] == adapter else r for r in self._resident]
+
+    def _pop_free(self, protected: set[int]) -> int:
+        """The least recently used free slot that no request of this iteration uses in place."""
+        for i, slot in enumerate(self._free):
+            if slot not in protected:
+                return self._free.pop(i)
+        raise RuntimeError("no free KV-cache slot")  # admission counted the slots: cannot happen
+
+    def _take_slots(self, request: Request, source: int | None, cached: int, protected: set[int]) -> list[int]:
+        """Free slots for the request's sequences, its prompt's cached prefix already in the first one."""
+        resident = self._resident[source] if source is not None else None
+        in_place = source is not None and source in self._free and (
+            cached >= len(resident[1]) - 1 or len(self._free) - len(protected) <= request.params.n)
+        if in_place:  # the new prompt extends the cached one (or no other slot is free): use it as it is
+            self._free.remove(source)
+            first = source
+        else:  # copy, so the cached prompt stays available for others
+            first = self._pop_free(protected)
+            if source is not None:
+                self.keys[:, first, :, :cached] = self.keys[:, source, :, :cached]
+                self.values[:, first, :, :cached] = self.values[:, source, :, :cached]
+        group = [first] + [self._pop_free(protected) for _ in range(request.params.n - 1)]
+        for slot in group:
+            self._resident[slot] = None  # overwritten from here on
+        return group
+
+    def _prefill(self, requests: list[Request], plans: list[tuple[int | None, int]] | None = None) -> None:
         """Prefill several prompts in one forward pass (left-padded), then start their sequences.
 
-        On a CPU a forward pass costs about the same for one short prompt as for several: the time
-        goes into reading the weights. Batching the prefills of requests that arrived together
-        saves those passes.
+        Each prompt starts after its cached prefix (`plans`: source slot and cached length). On a
+        CPU a forward pass costs about the same for one short prompt as for several: the time goes
+        into reading the weights. Batching the prefills of requests that arrived together saves
+        those passes.
         """
         import torch
 
-        width = max(len(r.prompt_ids) for r in requests)
+        plans = plans or [(None, 0)] * len(requests)
+        cached = [c for _, c in plans]
+        protected = {source for source, _ in plans if source is not None and source in self._free}
+        slots = [self._take_slots(r, source, c, protected) for r, (source, c) in zip(requests, plans)]
+        suffixes = [r.prompt_ids[c:] for r, c in zip(requests, cached)]
+        width = max(len(x) for x in suffixes)
         pad = self.tokenizer.pad_token_id or 0
-        slots = [[self._free.pop(0) for _ in range(r.params.n)] for r in requests]
-        input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in requests])
-        positions = torch.tensor([[0] * (width - len(r.prompt_ids)) + list(range(len(r.prompt_ids)))
-                                  for r in requests])
-        batch = Batch(self.keys, self.values, [s[0] for s in slots], [0] * len(requests),
-                      [len(r.prompt_ids) for r in requests], [width - len(r.prompt_ids) for r in requests])
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in suffixes])
+        positions = torch.tensor([[0] * (width - len(x)) + list(range(c, c + len(x)))
+                                  for x, c in zip(suffixes, cached)])
+        batch = Batch(self.keys, self.values, [s[0] for s in slots], cached, [len(x) for x in suffixes],
+                      [width - len(x) for x in suffixes])
         try:
             logits = self._forward(input_ids, positions, batch, [r.adapter for r in requests])
         except Exception:
@@ -321,10 +420,14 @@ class Engine:
             for slot in group[1:]:  # n > 1: share the prompt's cache instead of recomputing it
                 self.keys[:, slot, :, :n_prompt] = self.keys[:, group[0], :, :n_prompt]
                 self.values[:, slot, :, :n_prompt] = self.values[:, group[0], :, :n_prompt]
+            if self.prefix_caching:
+                for slot in group:
+                    self._resident[slot] = (request.adapter, request.prompt_ids)
             self.stats["prompt_tokens"] += n_prompt
+            self.stats["cached_prompt_tokens"] += cached[row]
             self.stats["requests"] += 1
             if self.metrics is not None:
-                self.metrics.prompt(request.adapter, n_prompt)
+                self.metrics.prompt(request.adapter, n_prompt, cached[row] if self.prefix_caching else None)
             for index, slot in enumerate(group):
                 seq = Sequence(request=request, index=index, slot=slot, length=n_prompt, joined_step=self.step,
                                detok=Detokenizer(self.tokenizer, request.params.stop))

@@ -8,6 +8,8 @@ are read from the engine at scrape time. What the terms mean here:
 - `vllm:kv_cache_usage_perc`: share of KV-cache slots in use (a slot holds one sequence's whole
   context window, the analogue of vLLM's blocks).
 - `vllm:num_preemptions_total`: always 0 — a sequence keeps its slot from admission to the end.
+- `vllm:prefix_cache_queries_total` / `vllm:prefix_cache_hits_total`: prompt tokens looked up in
+  the prefix cache / found there (both stay 0 with `--no-enable-prefix-caching`).
 - `vllm:lora_requests_info`: value = time of the scrape; labels name the adapters of running and
   waiting requests and `max_lora` (adapters loaded at most at once: unlimited here, reported 0).
 
@@ -62,6 +64,10 @@ class Metrics:
                              buckets=ITL_BUCKETS, registry=r)
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", m,
                              buckets=E2E_BUCKETS, registry=r)
+        self.prefix_queries = Counter("vllm:prefix_cache_queries",
+                                      "Prefix cache queries, in terms of number of queried tokens.", m, registry=r)
+        self.prefix_hits = Counter("vllm:prefix_cache_hits",
+                                   "Prefix cache hits, in terms of number of cached tokens.", m, registry=r)
         self.lora_info = Gauge("vllm:lora_requests_info", "Running stats on lora requests.",
                                ["running_lora_adapters", "max_lora", "waiting_lora_adapters"], registry=r)
         self.adapter_requests = Counter("sovllm:adapter_requests", "Finished requests per adapter.",
@@ -70,15 +76,20 @@ class Metrics:
                                       ["adapter", "kind"], registry=r)
         self.adapter_load_failures = Counter("sovllm:adapter_load_failures", "Adapter loads that failed.",
                                              ["adapter"], registry=r)
-        for child in (self.preemptions, self.prompt_tokens, self.generation_tokens):
+        for child in (self.preemptions, self.prompt_tokens, self.generation_tokens, self.prefix_queries,
+                      self.prefix_hits):
             child.labels(model_name)  # present (at 0) from the first scrape, as in vLLM
         self._engine = None
         self._lora_labels: tuple | None = None
 
     # --- from the engine thread ---------------------------------------------------------------------
 
-    def prompt(self, adapter: str | None, tokens: int) -> None:
+    def prompt(self, adapter: str | None, tokens: int, cached: int | None = None) -> None:
+        """A prefilled prompt of `tokens` tokens, `cached` of them from the prefix cache (None: caching off)."""
         self.prompt_tokens.labels(self.model_name).inc(tokens)
+        if cached is not None:
+            self.prefix_queries.labels(self.model_name).inc(tokens)
+            self.prefix_hits.labels(self.model_name).inc(cached)
         self.adapter_tokens.labels(adapter or BASE, "prompt").inc(tokens)
 
     def token(self, adapter: str | None, first: bool, since: float) -> None:
