@@ -114,7 +114,7 @@ QA_TYPES = ("factual", "conceptual", "comparison")
 
 class SynthSection(Section):
     types: list[Literal["factual", "conceptual", "comparison"]] = Field(default_factory=lambda: list(QA_TYPES))
-    concurrency: int = Field(16, ge=1, le=256)
+    concurrency: int = Field(32, ge=1, le=256)
     temperature: float = Field(0.5, ge=0.0, le=2.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     seed: int = 0

@@ -52,7 +52,7 @@ ingest:
 
 synth:
   types: [factual, conceptual, comparison]   # one question of each type per chunk
-  concurrency: 16           # requests in flight against the endpoint ('sovllm synth --sweep' measures)
+  concurrency: 32           # requests in flight against the endpoint ('sovllm synth --sweep' measures)
   temperature: 0.5
   top_p: 0.95
   seed: 0

@@ -21,7 +21,7 @@ def make_project(tmp_path, base_url, concurrency=1):
     root = init_project(tmp_path / "p").parent
     config = root / "sovllm.yaml"
     text = config.read_text().replace("base_url: null", f"base_url: {base_url}").replace("model: null", "model: fake")
-    config.write_text(text.replace("concurrency: 16", f"concurrency: {concurrency}"))
+    config.write_text(text.replace("concurrency: 32", f"concurrency: {concurrency}", 1))
     (root / "out" / "ingest").mkdir(parents=True)
     (root / "out" / "ingest" / "chunks.jsonl").write_text("".join(json.dumps(c) + "\n" for c in CHUNKS))
     return root

@@ -145,8 +145,10 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         shape = (config.num_hidden_layers, max_num_seqs, config.num_key_value_heads, self.max_model_len, head_dim)
-        self.keys = torch.zeros(shape, dtype=torch.float32)
-        self.values = torch.zeros(shape, dtype=torch.float32)
+        # uninitialised: attention only reads positions a prefill, decode step or prefix copy wrote, and
+        # the operating system maps pages only when first written, so memory follows the contexts in use
+        self.keys = torch.empty(shape, dtype=torch.float32)
+        self.values = torch.empty(shape, dtype=torch.float32)
         self.vocab_size = config.vocab_size
         eos = self.model.generation_config.eos_token_id
         self.stop_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
