@@ -20,8 +20,8 @@ Automatic prefix caching (on by default, as in vLLM): a slot keeps the prompt wh
 it holds, also after its sequence finished, until the slot is given to another request. A new
 request looks for the slot (same adapter) whose prompt shares the longest prefix with its own,
 copies the prefix's keys and values from it into a free slot (or takes that slot as it is when it
-is free and the new prompt extends its whole prompt), and prefills only the rest. Requests that share a prefix with one admitted in the same iteration wait one iteration, so
-the shared part is computed once. Free slots are handed out least recently used first, which keeps
+is free and the new prompt extends its whole prompt), and prefills only the rest. A request that shares most of its prompt with one admitted in the same iteration waits one
+iteration, so the shared part is computed once. Free slots are handed out least recently used first, which keeps
 recent prompts available longest. Loading or unloading an adapter forgets its cached prompts.
 """
 
@@ -155,6 +155,7 @@ class Engine:
         if tokenizer.eos_token_id is not None:
             self.stop_ids.add(tokenizer.eos_token_id)
         self.peft = None  # the PeftModel wrapper once an adapter is loaded
+        self._lora_enabled: bool | None = None  # state of its LoRA layers (None: as PEFT left them)
         self.adapters: set[str] = set()
         self._free = list(range(max_num_seqs))  # least recently used first
         self.prefix_caching = prefix_caching
@@ -245,6 +246,9 @@ class Engine:
     def _load_adapter(self, name: str, path: str) -> None:
         from peft import PeftModel
 
+        if self.peft is not None:
+            self._lora_layers(True)  # new layers come enabled: keep all of them in one state
+
         if self.peft is None:
             self.peft = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=False)
             self.peft.eval()
@@ -263,6 +267,7 @@ class Engine:
         else:  # the last one: take the LoRA layers out again, back to the plain base model
             self.model = self.peft.unload()
             self.peft = None
+            self._lora_enabled = None
 
     def _loop(self) -> None:
         import torch
@@ -295,11 +300,8 @@ class Engine:
             request = self._pending[0]
             source, cached = self._lookup(request, reserved)
             if admitted:
-                if self.prefix_caching and any(
-                        common_prefix(request.prompt_ids, r.prompt_ids) >= max(cached + self.min_prefix,
-                                                                                self.min_prefix)
-                        for r in admitted if r.adapter == request.adapter):
-                    break  # shares more with a prompt prefilled now: reuse it from the next iteration
+                if self.prefix_caching and any(self._worth_waiting(request, r, cached) for r in admitted):
+                    break  # shares much with a prompt prefilled now: reuse it from the next iteration
                 suffixes = [len(r.prompt_ids) - c for r, (_, c) in zip(admitted, plans)]
                 suffix = len(request.prompt_ids) - cached
                 width = max(*suffixes, suffix)
@@ -329,12 +331,25 @@ class Engine:
         for seq in [s for s in self._running if s.request.id in aborted]:
             self._finish(seq, "abort")
 
+    def _lora_layers(self, enabled: bool) -> None:
+        """Switch the LoRA layers on or off (off: a base-only batch skips them, ~20% faster here)."""
+        if self._lora_enabled is not enabled:
+            if enabled:
+                self.peft.base_model.enable_adapter_layers()
+            else:
+                self.peft.base_model.disable_adapter_layers()
+            self._lora_enabled = enabled
+
     def _forward(self, input_ids, positions, batch: Batch, adapters: list[str | None]):
         kwargs = {}
         model = self.model
         if self.peft is not None:
             model = self.peft
-            kwargs["adapter_names"] = [a or BASE for a in adapters]
+            if any(adapters):
+                self._lora_layers(True)
+                kwargs["adapter_names"] = [a or BASE for a in adapters]
+            else:
+                self._lora_layers(False)
         out = model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=1,
                     sovllm_batch=batch, **kwargs)
         return out.logits[:, -1, :].float()
@@ -359,6 +374,18 @@ class Engine:
         if best_len < self.min_prefix:
             return None, 0
         return best, best_len
+
+    def _worth_waiting(self, request: Request, admitted: Request, cached: int) -> bool:
+        """Whether `request` should wait for `admitted`'s prefill to reuse the prefix they share.
+
+        Waiting costs a forward pass of its own later; it pays when the shared part not cached yet is
+        at least as long as what would remain to compute (a long context or few-shot head, not just a
+        chat template's first line).
+        """
+        if admitted.adapter != request.adapter:
+            return False
+        shared = min(common_prefix(request.prompt_ids, admitted.prompt_ids), len(request.prompt_ids) - 1)
+        return shared - cached >= max(self.min_prefix, len(request.prompt_ids) - shared)
 
     def _forget(self, adapter: str) -> None:
         """Drop the cached prompts computed with `adapter` (its weights changed or are gone)."""
