@@ -52,7 +52,8 @@ def make_engine(tiny_model_dir, tiny_adapters, prompts_and_reference):
     started = []
 
     def make(**kwargs) -> Engine:
-        engine = Engine(tiny_model_dir, prompts_and_reference[0], max_num_seqs=8, max_model_len=256, **kwargs)
+        kwargs.setdefault("max_num_seqs", 8)
+        engine = Engine(tiny_model_dir, prompts_and_reference[0], max_model_len=256, **kwargs)
         engine.start()
         engine.load_adapter("r4", tiny_adapters["r4"])
         started.append(engine)
@@ -119,6 +120,35 @@ def test_prefix_copied_from_a_running_sequence(make_engine, prompts_and_referenc
     assert engine.stats["cached_prompt_tokens"] == SHARED
 
 
+def test_every_free_slot_caching_a_prompt_still_admits_new_requests(make_engine, tiny_model_dir):
+    """Two slots, both holding a cached prompt that the next two requests share only in part."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    ids = tokenizer(TEXT * 3, add_special_tokens=False)["input_ids"]
+    heads = [ids[:40], ids[50:90]]
+    first = [heads[0] + ids[100:106], heads[1] + ids[110:116]]
+    second = [heads[0] + ids[120:127], heads[1] + ids[130:137]]
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+
+    def reference(prompt):
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                                 output_scores=True, return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
+        return out.sequences[0, len(prompt):].tolist(), [float(t[0] - t[1]) for t in
+                                                        (s[0].topk(2).values for s in out.scores)]
+
+    engine = make_engine(max_num_seqs=2)
+    for prompt in first:
+        submit(engine, prompt, None, max_tokens=2, temperature=0).wait()
+    jobs = [submit(engine, prompt, None, max_tokens=NEW_TOKENS, temperature=0) for prompt in second]
+    for prompt, job in zip(second, jobs):
+        assert check(job.wait().tokens(), *reference(prompt))[0]
+        assert not any(e.get("error") for e in job.events)
+    # the first reuses its head and evicts the least recently used other prompt, the second's head
+    assert engine.stats["cached_prompt_tokens"] == 40
+
+
 def test_reloading_an_adapter_forgets_its_cached_prompts(make_engine, prompts_and_reference, tiny_adapters):
     tokenizer, prompts, expected = prompts_and_reference
     engine = make_engine()
@@ -139,3 +169,37 @@ def test_caching_off_recomputes_everything(make_engine, prompts_and_reference):
     results = run(engine, prompts[:3], expected, None, together=False)
     assert all(ok for _, ok in results), results
     assert engine.stats["cached_prompt_tokens"] == 0
+
+
+def test_random_bursts_of_shared_prefixes_never_fail_and_match_generate(make_engine, tiny_model_dir):
+    """40 requests in bursts over 4 slots: three heads, random tails, n of 1 or 2, some sent twice."""
+    import random
+
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    ids = tokenizer(TEXT * 4, add_special_tokens=False)["input_ids"]
+    rng = random.Random(7)
+    heads = [ids[:30], ids[40:100], ids[110:130]]
+    prompts = []
+    for _ in range(30):
+        start = rng.randrange(140, 300)
+        prompts.append(rng.choice(heads) + ids[start:start + rng.randint(1, 25)])
+    prompts += rng.sample(prompts, 10)  # exact repeats
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    engine = make_engine(max_num_seqs=4)
+    jobs = []
+    for burst in range(0, len(prompts), 5):
+        for prompt in prompts[burst:burst + 5]:
+            jobs.append((prompt, submit(engine, prompt, None, max_tokens=8, temperature=0, n=rng.choice([1, 2]))))
+        time.sleep(rng.random() * 0.05)
+    for prompt, job in jobs:
+        job.wait()
+        assert not any(e.get("error") for e in job.events), [e["error"] for e in job.events if e.get("error")]
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, output_scores=True,
+                                 return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
+        margins = [float(t[0] - t[1]) for t in (s[0].topk(2).values for s in out.scores)]
+        for index in range(job.remaining + len({e["index"] for e in job.events})):
+            assert check(job.tokens(index), out.sequences[0, len(prompt):].tolist(), margins)[0]
+    assert engine.stats["cached_prompt_tokens"] > 0

@@ -19,8 +19,9 @@ lengths and positions share a batch without padding.
 Automatic prefix caching (on by default, as in vLLM): a slot keeps the prompt whose keys and values
 it holds, also after its sequence finished, until the slot is given to another request. A new
 request looks for the slot (same adapter) whose prompt shares the longest prefix with its own,
-copies the prefix's keys and values from it into a free slot (or takes that slot as it is when it
-is free and the new prompt extends its whole prompt), and prefills only the rest. A request that shares most of its prompt with one admitted in the same iteration waits one
+copies the prefix's keys and values from it into an empty or the least recently used free slot (or
+takes that slot as it is when it is free and the new prompt extends its whole prompt), and
+prefills only the rest. A request that shares most of its prompt with one admitted in the same iteration waits one
 iteration, so the shared part is computed once. Free slots are handed out least recently used first, which keeps
 recent prompts available longest. Loading or unloading an adapter forgets its cached prompts.
 """
@@ -278,9 +279,8 @@ class Engine:
                     self._iteration()
                 except Exception as exc:  # noqa: BLE001 - fail the requests in flight, keep serving
                     log.exception("engine iteration failed")
-                    for seq in self._running:
+                    for seq in list(self._running):
                         self._finish(seq, "error", error=f"engine error: {type(exc).__name__}: {exc}")
-                    self._running.clear()
                 if not self._running and not self._pending and self._waiting.empty() and self._commands.empty():
                     self._wake.wait(timeout=1.0)
                     self._wake.clear()
@@ -295,24 +295,30 @@ class Engine:
         while not self._waiting.empty():
             self._pending.append(self._waiting.get())
         self._drop_aborted()
-        admitted, free, plans, reserved = [], len(self._free), [], set()
-        while self._pending and free >= self._pending[0].params.n and len(admitted) < self.max_prefill_batch:
+        admitted, plans = [], []
+        avail = list(self._free)  # free slots not yet given to a request of this iteration (LRU first)
+        taken: set[int] = set()   # slots given out now: their cached prompts are no source any more
+        sources: set[int] = set()  # slots a request copies a prefix from: never a destination now
+        while self._pending and len(admitted) < self.max_prefill_batch:
             request = self._pending[0]
-            source, cached = self._lookup(request, reserved)
+            source, cached = self._lookup(request, taken)
             if admitted:
                 if self.prefix_caching and any(self._worth_waiting(request, r, cached) for r in admitted):
                     break  # shares much with a prompt prefilled now: reuse it from the next iteration
-                suffixes = [len(r.prompt_ids) - c for r, (_, c) in zip(admitted, plans)]
+                suffixes = [len(r.prompt_ids) - c for r, (_, c, _) in zip(admitted, plans)]
                 suffix = len(request.prompt_ids) - cached
                 width = max(*suffixes, suffix)
                 if width * (len(admitted) + 1) > self.max_prefill_tokens:
                     break  # long prompts are compute-bound: batching them only delays first tokens
                 if not 0.5 <= suffix / suffixes[0] <= 2:
                     break  # very different lengths would mostly pad: prefill it in the next iteration
-            free -= request.params.n
-            if source is not None and source in self._free:
-                reserved.add(source)  # may be used in place: no other request may copy from or take it
-            plans.append((source, cached))
+            group = self._assign(request, source, cached, avail, sources)
+            if group is None:
+                break  # not enough slots now
+            taken.update(group)
+            if source is not None and source != group[0]:
+                sources.add(source)
+            plans.append((source, cached, group))
             admitted.append(self._pending.pop(0))
         if admitted:
             self._prefill(admitted, plans)
@@ -354,19 +360,19 @@ class Engine:
                     sovllm_batch=batch, **kwargs)
         return out.logits[:, -1, :].float()
 
-    def _lookup(self, request: Request, reserved: set[int]) -> tuple[int | None, int]:
+    def _lookup(self, request: Request, taken: set[int]) -> tuple[int | None, int]:
         """The slot holding the longest cached prefix of the request's prompt, and that prefix's length.
 
         At least one prompt token is always left to prefill (its logits give the first token);
-        prefixes shorter than `min_prefix` do not count. Slots in `reserved` (the sources of requests
-        admitted in this iteration that will overwrite them) are skipped.
+        prefixes shorter than `min_prefix` do not count. Slots in `taken` (given to requests admitted
+        in this iteration, which will overwrite them) are skipped.
         """
         if not self.prefix_caching:
             return None, 0
         best, best_len = None, 0
         limit = len(request.prompt_ids) - 1
         for slot, resident in enumerate(self._resident):
-            if resident is None or resident[0] != request.adapter or slot in reserved:
+            if resident is None or resident[0] != request.adapter or slot in taken:
                 continue
             n = min(common_prefix(request.prompt_ids, resident[1]), limit)
             if n > best_len or (n == best_len and n and slot in self._free):
@@ -391,45 +397,59 @@ class Engine:
         """Drop the cached prompts computed with `adapter` (its weights changed or are gone)."""
         self._resident = [None if r is not None and r[0] == adapter else r for r in self._resident]
 
-    def _pop_free(self, protected: set[int]) -> int:
-        """The least recently used free slot that no request of this iteration uses in place."""
-        for i, slot in enumerate(self._free):
-            if slot not in protected:
-                return self._free.pop(i)
-        raise RuntimeError("no free KV-cache slot")  # admission counted the slots: cannot happen
+    def _assign(self, request: Request, source: int | None, cached: int, avail: list[int],
+                sources: set[int]) -> list[int] | None:
+        """KV-cache slots for the request's sequences (None when too few are free), taken from `avail`.
 
-    def _take_slots(self, request: Request, source: int | None, cached: int, protected: set[int]) -> list[int]:
-        """Free slots for the request's sequences, its prompt's cached prefix already in the first one."""
-        resident = self._resident[source] if source is not None else None
-        in_place = source is not None and source in self._free and (
-            cached >= len(resident[1]) - 1 or len(self._free) - len(protected) <= request.params.n)
-        if in_place:  # the new prompt extends the cached one (or no other slot is free): use it as it is
-            self._free.remove(source)
+        The first slot receives the cached prefix: copied into an empty free slot if there is one;
+        else, when the source slot is free and the new prompt extends its whole cached prompt, the
+        source itself; else copied into the least recently used other free slot (its prompt is
+        evicted, as vLLM evicts its least recently used blocks); the source itself only when no
+        other slot is free. A slot another request copies from in this iteration is never a
+        destination (copies happen before the forward pass, the only thing that writes a source slot).
+        """
+        n = request.params.n
+        usable = [slot for slot in avail if slot not in sources]
+        usable.sort(key=lambda slot: self._resident[slot] is not None)  # empty first, then LRU (stable)
+        others = [slot for slot in usable if slot != source]
+        source_free = source is not None and source in avail
+        if source_free and (not others or (self._resident[others[0]] is not None
+                                            and cached >= len(self._resident[source][1]) - 1)):
             first = source
-        else:  # copy, so the cached prompt stays available for others
-            first = self._pop_free(protected)
-            if source is not None:
-                self.keys[:, first, :, :cached] = self.keys[:, source, :, :cached]
-                self.values[:, first, :, :cached] = self.values[:, source, :, :cached]
-        group = [first] + [self._pop_free(protected) for _ in range(request.params.n - 1)]
+        elif others:
+            first = others[0]
+        else:
+            return None
+        rest = [slot for slot in usable if slot not in (first, source)][:n - 1]
+        if len(rest) < n - 1:
+            return None
+        group = [first, *rest]
         for slot in group:
-            self._resident[slot] = None  # overwritten from here on
+            avail.remove(slot)
         return group
 
-    def _prefill(self, requests: list[Request], plans: list[tuple[int | None, int]] | None = None) -> None:
+    def _prefill(self, requests: list[Request], plans: list[tuple[int | None, int, list[int]]]) -> None:
         """Prefill several prompts in one forward pass (left-padded), then start their sequences.
 
-        Each prompt starts after its cached prefix (`plans`: source slot and cached length). On a
+        Each prompt starts after its cached prefix (`plans`: source slot, cached length and the
+        request's slots, from `_assign`). On a
         CPU a forward pass costs about the same for one short prompt as for several: the time goes
         into reading the weights. Batching the prefills of requests that arrived together saves
         those passes.
         """
         import torch
 
-        plans = plans or [(None, 0)] * len(requests)
-        cached = [c for _, c in plans]
-        protected = {source for source, _ in plans if source is not None and source in self._free}
-        slots = [self._take_slots(r, source, c, protected) for r, (source, c) in zip(requests, plans)]
+        for _, _, group in plans:
+            for slot in group:
+                self._free.remove(slot)
+        cached = [c for _, c, _ in plans]
+        slots = [group for _, _, group in plans]
+        for source, c, group in plans:  # all copies before the forward pass writes any slot
+            if source is not None and source != group[0]:
+                self.keys[:, group[0], :, :c] = self.keys[:, source, :, :c]
+                self.values[:, group[0], :, :c] = self.values[:, source, :, :c]
+            for slot in group:
+                self._resident[slot] = None  # overwritten from here on
         suffixes = [r.prompt_ids[c:] for r, c in zip(requests, cached)]
         width = max(len(x) for x in suffixes)
         pad = self.tokenizer.pad_token_id or 0
@@ -512,6 +532,8 @@ class Engine:
             self._finish(seq, finish, emitted=True)
 
     def _finish(self, seq: Sequence, reason: str, *, emitted: bool = False, error: str | None = None) -> None:
+        if seq.finished_step is not None:
+            return  # already finished: its slot is free once, never twice
         if seq in self._running:
             self._running.remove(seq)
         self._free.append(seq.slot)
