@@ -61,16 +61,19 @@ def stats(produced: int, wall: float, ttfts: list[float], gaps: list[float]) -> 
             "itl_p50_s": percentile(gaps, 0.5), "itl_p95_s": percentile(gaps, 0.95)}
 
 
-async def drive(base_url: str, jobs: list[tuple[str, str]], tokens: int, streams: int, ignore_eos: bool = True) -> dict:
+async def drive(base_url: str, jobs: list[tuple[str, str]], tokens: int, streams: int, ignore_eos: bool = True,
+                time_limit: float | None = None, tokenizer=None) -> dict:
     """Run (model, prompt) jobs through `streams` concurrent streaming clients.
 
-    Output tokens come from the streamed usage; a server that sends none is counted by content chunks.
+    Output tokens come from the streamed usage. With `time_limit`, the run stops after that many
+    seconds and the text streamed so far by every request (finished or not) is counted with
+    `tokenizer`: the throughput of a server too slow to finish the jobs in reasonable time.
     """
     import openai
 
     client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=1800)
     queue = list(reversed(jobs))
-    produced, ttfts, gaps = 0, [], []
+    produced, ttfts, gaps, texts = 0, [], [], []
 
     async def worker():
         nonlocal produced
@@ -78,6 +81,8 @@ async def drive(base_url: str, jobs: list[tuple[str, str]], tokens: int, streams
             model, prompt = queue.pop()
             sent = last = time.perf_counter()
             first, chunks, usage = True, 0, None
+            text: list[str] = []
+            texts.append(text)
             stream = await client.chat.completions.create(
                 model=model, messages=[{"role": "user", "content": prompt}], max_tokens=tokens, temperature=0,
                 stream=True, stream_options={"include_usage": True},
@@ -87,14 +92,25 @@ async def drive(base_url: str, jobs: list[tuple[str, str]], tokens: int, streams
                     now = time.perf_counter()
                     (ttfts if first else gaps).append(now - (sent if first else last))
                     first, last, chunks = False, now, chunks + 1
+                    text.append(chunk.choices[0].delta.content)
                 if chunk.usage:
                     usage = chunk.usage.completion_tokens
             produced += usage if usage is not None else chunks
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(streams)))
+    workers = [asyncio.ensure_future(worker()) for _ in range(streams)]
+    done, pending = await asyncio.wait(workers, timeout=time_limit)
     wall = time.perf_counter() - started
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    for task in done:
+        task.result()  # surface a failed request
     await client.close()
+    if pending:  # cut off: count what every request streamed so far
+        produced = sum(len(tokenizer("".join(t), add_special_tokens=False)["input_ids"]) for t in texts if t)
+        return {**stats(produced, wall, ttfts, gaps), "cut_off_after_s": time_limit,
+                "requests_started": len(texts), "requests_unfinished": len(pending)}
     return stats(produced, wall, ttfts, gaps)
 
 
@@ -153,8 +169,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def transformers_serve(model_dir, jobs: list[str], tokens: int, streams: int) -> dict:
-    """Peer (b): `transformers serve --continuous-batching` on the same directory, base model only."""
+def transformers_serve(model_dir, jobs: list[str], tokens: int, streams: int, time_limit: float,
+                       tokenizer) -> dict:
+    """Peer (b): `transformers serve --continuous-batching` on the same directory, base model only.
+
+    Measured over at most `time_limit` seconds (tokens streamed in that window), since it may not
+    finish the jobs in any reasonable time on a CPU.
+    """
     import httpx
 
     exe = Path(sys.executable).parent / "transformers"
@@ -180,7 +201,8 @@ def transformers_serve(model_dir, jobs: list[str], tokens: int, streams: int) ->
             time.sleep(1)
         # it refuses vLLM's ignore_eos (422), so answers may stop before `tokens`: output_tokens says how many came
         asyncio.run(drive(base_url, [(str(model_dir), jobs[0])], 4, 1, ignore_eos=False))  # warm-up
-        return {**asyncio.run(drive(base_url, [(str(model_dir), p) for p in jobs], tokens, streams, ignore_eos=False)),
+        return {**asyncio.run(drive(base_url, [(str(model_dir), p) for p in jobs], tokens, streams, ignore_eos=False,
+                                    time_limit=time_limit, tokenizer=tokenizer)),
                 "note": "no ignore_eos support: answers may end before max_tokens"}
     except Exception as exc:  # noqa: BLE001 - a peer failure is reported, not hidden
         return {"error": f"{type(exc).__name__}: {exc}"}
@@ -201,6 +223,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--skip-transformers-serve", action="store_true")
     parser.add_argument("--only-transformers-serve", action="store_true", help="run only peer (b)")
+    parser.add_argument("--peer-b-seconds", type=float, default=300,
+                        help="measure peer (b) over at most this many seconds (it may not finish on a CPU)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from sovllm import egress
@@ -218,7 +242,7 @@ def main(argv=None) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     if args.only_transformers_serve:
         print(json.dumps({"transformers_serve_continuous_batching": transformers_serve(
-            info.path, many, args.tokens, args.streams)}, indent=2))
+            info.path, many, args.tokens, args.streams, args.peer_b_seconds, tokenizer)}, indent=2))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         adapters = {f"lora{i}": make_random_adapter(info.path, Path(tmp) / f"lora{i}", rank=8, seed=i, scale=0.3,
@@ -253,7 +277,7 @@ def main(argv=None) -> int:
     if not args.skip_transformers_serve:
         log(f"peer (b): transformers serve --continuous-batching, {args.streams} streams, base")
         result["peers"]["transformers_serve_continuous_batching"] = transformers_serve(
-            info.path, many, args.tokens, args.streams)
+            info.path, many, args.tokens, args.streams, args.peer_b_seconds, tokenizer)
     ours, peers = result["ours"], result["peers"]
     tps = lambda d: d.get("tokens_per_s") if isinstance(d, dict) else None  # noqa: E731
     ratios = {
