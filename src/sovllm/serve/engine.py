@@ -21,9 +21,10 @@ it holds, also after its sequence finished, until the slot is given to another r
 request looks for the slot (same adapter) whose prompt shares the longest prefix with its own,
 copies the prefix's keys and values from it into an empty or the least recently used free slot (or
 takes that slot as it is when it is free and the new prompt extends its whole prompt), and
-prefills only the rest. A request that shares most of its prompt with one admitted in the same iteration waits one
-iteration, so the shared part is computed once. Free slots are handed out least recently used first, which keeps
-recent prompts available longest. Loading or unloading an adapter forgets its cached prompts.
+prefills only the rest. A request that shares most of its prompt with one admitted in the same
+iteration waits one iteration, so the shared part is computed once. Free slots are handed out least
+recently used first, which keeps recent prompts available longest. Loading or unloading an adapter
+forgets its cached prompts.
 """
 
 from __future__ import annotations
@@ -299,7 +300,7 @@ class Engine:
         avail = list(self._free)  # free slots not yet given to a request of this iteration (LRU first)
         taken: set[int] = set()   # slots given out now: their cached prompts are no source any more
         sources: set[int] = set()  # slots a request copies a prefix from: never a destination now
-        while self._pending and len(admitted) < self.max_prefill_batch:
+        while self._pending and avail and len(admitted) < self.max_prefill_batch:
             request = self._pending[0]
             source, cached = self._lookup(request, taken)
             if admitted:
@@ -428,14 +429,18 @@ class Engine:
             avail.remove(slot)
         return group
 
+    def _copy_prefix(self, source: int, dest: int, length: int) -> None:
+        """Copy the keys and values of the first `length` positions of slot `source` into slot `dest`."""
+        self.keys[:, dest, :, :length] = self.keys[:, source, :, :length]
+        self.values[:, dest, :, :length] = self.values[:, source, :, :length]
+
     def _prefill(self, requests: list[Request], plans: list[tuple[int | None, int, list[int]]]) -> None:
         """Prefill several prompts in one forward pass (left-padded), then start their sequences.
 
         Each prompt starts after its cached prefix (`plans`: source slot, cached length and the
-        request's slots, from `_assign`). On a
-        CPU a forward pass costs about the same for one short prompt as for several: the time goes
-        into reading the weights. Batching the prefills of requests that arrived together saves
-        those passes.
+        request's slots, from `_assign`). On a CPU a forward pass costs about the same for one short
+        prompt as for several: the time goes into reading the weights. Batching the prefills of
+        requests that arrived together saves those passes.
         """
         import torch
 
@@ -446,8 +451,7 @@ class Engine:
         slots = [group for _, _, group in plans]
         for source, c, group in plans:  # all copies before the forward pass writes any slot
             if source is not None and source != group[0]:
-                self.keys[:, group[0], :, :c] = self.keys[:, source, :, :c]
-                self.values[:, group[0], :, :c] = self.values[:, source, :, :c]
+                self._copy_prefix(source, group[0], c)
             for slot in group:
                 self._resident[slot] = None  # overwritten from here on
         suffixes = [r.prompt_ids[c:] for r, c in zip(requests, cached)]
@@ -467,8 +471,7 @@ class Engine:
         for row, (request, group) in enumerate(zip(requests, slots)):
             n_prompt = len(request.prompt_ids)
             for slot in group[1:]:  # n > 1: share the prompt's cache instead of recomputing it
-                self.keys[:, slot, :, :n_prompt] = self.keys[:, group[0], :, :n_prompt]
-                self.values[:, slot, :, :n_prompt] = self.values[:, group[0], :, :n_prompt]
+                self._copy_prefix(group[0], slot, n_prompt)
             if self.prefix_caching:
                 for slot in group:
                     self._resident[slot] = (request.adapter, request.prompt_ids)
