@@ -307,7 +307,8 @@ class EvalSection(Section):
     retrieved_limit: int = Field(24, ge=0, description="answerable items evaluated in retrieved mode "
                                                        "(a seeded sample); 0 = all")
     max_tokens: int = Field(0, ge=0, description="0 = 2 x the 95th percentile of reference answer tokens")
-    concurrency: int = Field(16, ge=1, le=256)
+    concurrency: int = Field(32, ge=1, le=256, description="requests in flight (the embedded server gets as "
+                                                            "many KV-cache slots)")
     resamples: int = Field(10_000, ge=100, description="paired bootstrap resamples")
     seed: int = 0
     quick_limit: int = Field(8, ge=1, description="eval items under --quick")

@@ -150,7 +150,7 @@ eval:
   retrieval_k: 2
   retrieved_limit: 24       # answerable items in retrieved mode (a seeded sample); 0 = all
   max_tokens: 0             # 0 = 2 × the 95th percentile of reference answer tokens
-  concurrency: 16
+  concurrency: 32           # requests in flight; the embedded server gets as many KV-cache slots
   resamples: 10000          # paired bootstrap; "better" = the 95% interval of the difference excludes 0
   seed: 0
   quick_limit: 8            # eval items under --quick
