@@ -127,6 +127,10 @@ class SynthSection(Section):
         "auto", description="extractive: answers are sentences of the chunk; auto = extractive on the embedded server")
     prompt_dir: str | None = Field(None, description="project folder with qa.en.j2 / qa.de.j2 to override the prompts")
     quick_chunks: int = Field(12, ge=1, description="chunks sent to synth under --quick")
+    structure: list[Literal["faq", "overview"]] = Field(
+        default_factory=lambda: ["faq", "overview"],
+        description="pairs read off the documents without a model: FAQ questions with their answers, and one "
+                    "overview question per section heading; [] = off")
 
     @field_validator("types")
     @classmethod

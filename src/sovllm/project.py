@@ -67,6 +67,7 @@ synth:
   timeout_s: 300
   prompt_dir: null          # folder with qa.en.j2 / qa.de.j2 to override the built-in prompts
   quick_chunks: 12          # chunks used by 'sovllm run --quick'
+  structure: [faq, overview]  # pairs read off the documents, no model: FAQ entries, one overview per heading
 
 curate:
   # rule flags that drop a pair (all are recorded; 'sovllm curate review' shows them)

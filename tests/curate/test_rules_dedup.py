@@ -110,3 +110,12 @@ def test_dedup_switches_off():
 def test_template_questions_are_not_near_duplicates():
     pairs = _pairs("What is the purpose of the Hafen ticket system?", "What is the purpose of the Tourbook module?")
     assert find_duplicates(pairs, DedupSection(), rank=lambda p: (0,)) == {}
+
+
+def test_faq_question_quoted_from_the_chunk_is_not_a_copy():
+    chunk = {**CHUNK_EN, "text": "How long are customer database backups kept?\n" + CHUNK_EN["text"]}
+    pair = {"question": "How long are customer database backups kept?",
+            "answer": "Customer database backups are kept for 35 days in the Frankfurt region."}
+    assert "copied_question" in flags_for(pair, chunk, SECTION)
+    mined = {**pair, "generator": {"model": None, "endpoint": None, "method": "faq"}}
+    assert flags_for(mined, chunk, SECTION) == []

@@ -52,7 +52,8 @@ def flags_for(pair: dict, chunk: dict | None, section: CurateSection, languages:
         flags.append("assistant_speak")
     if chunk is not None and wrong_language(f"{question} {answer}", chunk.get("lang"), languages):
         flags.append("wrong_language")
-    if chunk is not None and copied_question(question, chunk["text"]):
+    mined = (pair.get("generator") or {}).get("method") == "faq"  # an FAQ question is quoted on purpose
+    if chunk is not None and not mined and copied_question(question, chunk["text"]):
         flags.append("copied_question")
     return flags
 

@@ -30,6 +30,7 @@ from sovllm.config import SynthSection
 from sovllm.endpoint import ChatClient, Endpoint
 from sovllm.errors import BackendError
 from sovllm.synth.prompt import PromptSet
+from sovllm.synth.structure import structure_pairs
 from sovllm.synth.validate import (check_output, check_question, max_tokens_for, norm_question, question_schema,
                                    rank_answers, schema_for)
 
@@ -252,21 +253,33 @@ async def generate(chunks: list[dict], *, endpoint: Endpoint, prompts: PromptSet
 
 
 def assemble(chunks: list[dict], results: dict[str, dict], keys: dict[str, str], endpoint: Endpoint,
-             stats: RunStats) -> tuple[list[dict], list[dict]]:
-    """`qa.jsonl` and `errors.jsonl` records for the current chunks, in chunk order."""
+             stats: RunStats, *, structure: list[str] | tuple[str, ...] = (),
+             answer_max: int = 240) -> tuple[list[dict], list[dict]]:
+    """`qa.jsonl` and `errors.jsonl` records for the current chunks, in chunk order.
+
+    After a chunk's model pairs come its `structure` pairs (FAQ entries, the section overview),
+    unless a model pair already asks the same question.
+    """
     pairs, errors = [], []
+    generator = {"model": endpoint.model, "endpoint": endpoint.base_url, "method": "model"}
     for chunk in chunks:
         record = results.get(keys[chunk["id"]])
         if record is None:
             continue
+        asked = set()
         for pair in record["pairs"]:
+            asked.add(norm_question(pair["question"]))
             pairs.append({"id": f"{chunk['id']}-{pair['type']}", "chunk_id": chunk["id"], "question": pair["question"],
-                          "answer": pair["answer"], "type": pair["type"],
-                          "generator": {"model": endpoint.model, "endpoint": endpoint.base_url}})
+                          "answer": pair["answer"], "type": pair["type"], "generator": generator})
+        for pair in structure_pairs(chunk, list(structure), answer_max) if structure else []:
+            if norm_question(pair["question"]) not in asked:
+                asked.add(norm_question(pair["question"]))
+                pairs.append({"id": f"{chunk['id']}-{pair['name']}", "chunk_id": chunk["id"],
+                              "question": pair["question"], "answer": pair["answer"], "type": pair["type"],
+                              "generator": {"model": None, "endpoint": None, "method": pair["type"]}})
         for failure in record["failed"]:
             errors.append({"chunk_id": chunk["id"], "type": failure["type"], "reason": failure["reason"],
                            "raw": failure["raw"]})
             stats.by_reason[failure["reason"]] = stats.by_reason.get(failure["reason"], 0) + 1
     stats.pairs, stats.failures = len(pairs), len(errors)
     return pairs, errors
-

@@ -65,6 +65,10 @@ def prompt_set(root: Path, cfg: Config) -> PromptSet:
 
 def summarise(chunks: list[dict], pairs: list[dict], errors: list[dict], stats: RunStats, wall: float) -> dict:
     with_pair = {p["chunk_id"] for p in pairs}
+    with_model_pair = {p["chunk_id"] for p in pairs if p["generator"].get("method", "model") == "model"}
+    by_method: dict[str, int] = {}
+    for p in pairs:
+        by_method[p["generator"].get("method", "model")] = by_method.get(p["generator"].get("method", "model"), 0) + 1
     by_type: dict[str, int] = {}
     for p in pairs:
         by_type[p["type"]] = by_type.get(p["type"], 0) + 1
@@ -72,11 +76,13 @@ def summarise(chunks: list[dict], pairs: list[dict], errors: list[dict], stats: 
     for lang in sorted({c.get("lang", "und") for c in chunks}):
         ids = [c["id"] for c in chunks if c.get("lang", "und") == lang]
         langs[lang] = {"chunks": len(ids), "with_pair": sum(i in with_pair for i in ids),
+                       "with_model_pair": sum(i in with_model_pair for i in ids),
                        "pairs": sum(p["chunk_id"] in set(ids) for p in pairs)}
     return {
         "chunks": len(chunks), "reused": stats.reused, "generated": stats.generated, "pairs": len(pairs),
         "chunks_with_pair": len(with_pair), "share_with_pair": round(len(with_pair) / max(len(chunks), 1), 3),
-        "pairs_per_chunk": round(len(pairs) / max(len(chunks), 1), 2), "pairs_by_type": by_type,
+        "chunks_with_model_pair": len(with_model_pair), "pairs_per_chunk": round(len(pairs) / max(len(chunks), 1), 2),
+        "pairs_by_type": by_type, "pairs_by_method": by_method,
         "failures": len(errors), "failures_by_reason": dict(sorted(stats.by_reason.items())),
         "by_language": langs, "requests": stats.requests, "prompt_tokens": stats.prompt_tokens,
         "generated_tokens": stats.completion_tokens, "prompt_time_s": round(stats.ttft_s, 1),
@@ -123,7 +129,8 @@ def run(root: Path, cfg: Config, endpoint_factory: Callable, *, quick: bool = Fa
                 if bar:
                     bar.close()
             keys = {c["id"]: chunk_key(c, prompts, endpoint.model, settings) for c in chunks}
-            pairs, errors = assemble(chunks, results, keys, endpoint, stats)
+            pairs, errors = assemble(chunks, results, keys, endpoint, stats, structure=cfg.synth.structure,
+                                     answer_max=cfg.synth.answer_max_chars)
         wall = time.perf_counter() - started
         write_jsonl(ctx.out_dir / "qa.jsonl", pairs)
         write_jsonl(ctx.out_dir / "errors.jsonl", errors)

@@ -52,6 +52,11 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'„“(]?[A-ZÄÖÜ0-9])")
 _LIST_MARK = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
 
 
+def split_sentences(line: str) -> list[str]:
+    """The sentences of one line of text (split after ., ! or ? before a capital or digit)."""
+    return [s.strip() for s in _SENTENCE_END.split(line) if s.strip()]
+
+
 def answer_candidates(text: str, max_chars: int) -> list[str]:
     """Sentences of a chunk usable as extractive answers, plus consecutive pairs that fit.
 
@@ -63,8 +68,7 @@ def answer_candidates(text: str, max_chars: int) -> list[str]:
         if line.count("|") >= 2:
             continue
         line = _LIST_MARK.sub("", line).strip()
-        for sentence in _SENTENCE_END.split(line):
-            sentence = sentence.strip()
+        for sentence in split_sentences(line):
             if len(sentence.split()) >= 6 and len(sentence) <= max_chars and '"' not in sentence \
                     and "\\" not in sentence:
                 sentences.append(sentence)

@@ -1,0 +1,108 @@
+"""Pairs read off the document structure: FAQ entries and section overviews, and how synth adds them."""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+
+from sovllm.artifacts import read_jsonl
+from sovllm.config import load_config
+from sovllm.project import init_project
+from sovllm.synth import stage
+from sovllm.synth.structure import faq_pairs, overview_pair, structure_pairs
+from tests.synth.conftest import endpoint_of, first_sentence
+
+
+def chunk(text: str, *, lang: str = "en", path=("HR FAQ",), title: str | None = None, cid: str = "d-00000") -> dict:
+    return {"id": cid, "doc_id": cid.split("-")[0], "lang": lang, "heading_path": list(path), "n_tokens": 80,
+            "source": {"path": "x.md", "sha256": "0" * 64, "page": None}, "meta": {"title": title or path[0]},
+            "text": text}
+
+
+FAQ = chunk("""Vacation
+How many vacation days do I get?
+Full-time employees on a 5-day week receive 30 vacation days per calendar year.
+Can I work part-time during parental leave?
+Yes, up to 32 hours per week. Requests have to be submitted at least 7 weeks before the part-time phase starts.
+Who approves a restore?
+- the data owner
+- the DPO
+| Queue | Owner |
+What about a sick child? | see table
+""")
+
+
+def test_faq_questions_get_the_statements_below_them():
+    pairs = faq_pairs(FAQ, 240)
+    assert pairs == [
+        {"question": "How many vacation days do I get?",
+         "answer": "Full-time employees on a 5-day week receive 30 vacation days per calendar year."},
+        {"question": "Can I work part-time during parental leave?",  # a short first sentence is fine for FAQ
+         "answer": "Yes, up to 32 hours per week. Requests have to be submitted at least 7 weeks before the "
+                   "part-time phase starts."},
+    ]  # a question followed by a bare list, and a table row, give nothing
+
+
+def test_faq_answer_respects_the_length_limit():
+    long = chunk("How do I file the request?\n" + " ".join(["Open a ticket in the DATA-RESTORE queue today."] * 8))
+    answer = faq_pairs(long, 100)[0]["answer"]
+    assert len(answer) <= 100 and answer.startswith("Open a ticket")
+    assert faq_pairs(chunk("How do I file it?\n" + "word " * 60 + "end."), 100) == []  # one sentence too long
+
+
+def test_overview_question_names_document_and_section_in_its_language():
+    en = chunk("6. Patching deadlines\nDeadlines start when the vendor releases the patch. Critical fixes take "
+               "at most 72 hours on servers.", path=("IT Security Policy",))
+    assert overview_pair(en, 240) == {
+        "question": "What does the IT Security Policy say about “Patching deadlines”?",
+        "answer": "Deadlines start when the vendor releases the patch. Critical fixes take at most 72 hours on servers."}
+    de = chunk("3.4 Sonderurlaub\nFür bestimmte persönliche Anlässe gewährt Acme bezahlten Sonderurlaub von bis zu "
+               "drei Tagen.", lang="de", path=("Personalhandbuch Leipzig", "3. Urlaub"))
+    assert overview_pair(de, 240)["question"] == "Was steht in „Personalhandbuch Leipzig“ zum Thema „Urlaub: Sonderurlaub“?"
+
+
+def test_one_word_sub_heading_gets_its_parent_only_when_numbering_nests_it():
+    text = "{} Anspruch\nVollzeitbeschäftigte erhalten 30 Urlaubstage pro Kalenderjahr bei einer Fünf-Tage-Woche."
+    nested = chunk(text.format("3.1"), lang="de", path=("Handbuch", "3. Urlaub"))
+    sibling = chunk(text.format("4."), lang="de", path=("Handbuch", "3. Urlaub"))
+    assert "„Urlaub: Anspruch“" in overview_pair(nested, 240)["question"]
+    assert "„Anspruch“" in overview_pair(sibling, 240)["question"]
+
+
+def test_no_overview_without_a_heading_that_opens_with_a_statement():
+    assert overview_pair(chunk("Deadlines start when the vendor releases the patch, for every server."), 240) is None
+    assert overview_pair(chunk("Approvals\n- the data owner\n- the DPO and the CISO"), 240) is None
+    assert overview_pair(chunk("IT Security Policy\nThis policy sets the minimum rules for every user of IT.",
+                               path=("IT Security Policy",)), 240) is None  # the title is not a section
+    kinds = structure_pairs(FAQ, ["faq"], 240)
+    assert [p["name"] for p in kinds] == ["faq-1", "faq-2"] and structure_pairs(FAQ, [], 240) == []
+
+
+def test_synth_adds_structure_pairs_after_model_pairs_unless_the_question_was_asked(fake, tmp_path):
+    init_project(tmp_path / "p")
+    root = tmp_path / "p"
+    (root / "out" / "ingest").mkdir(parents=True)
+    (root / "out" / "ingest" / "chunks.jsonl").write_text(json.dumps(FAQ) + "\n")
+
+    def answer(body, n):  # the model asks one of the FAQ questions itself
+        return 200, json.dumps({"factual": {"question": "How many vacation days do I get?",
+                                            "answer": first_sentence(FAQ["text"].splitlines()[2])}})
+
+    endpoint = fake(answer)
+
+    @contextmanager
+    def factory():
+        yield endpoint_of(endpoint)
+
+    cfg = load_config(root, ["synth.types=[factual]", "synth.answer_mode=free"])
+    stage.run(root, cfg, factory, log=lambda _: None)
+    pairs = list(read_jsonl(root / "out" / "synth" / "qa.jsonl"))
+    assert [(p["id"], p["generator"]["method"]) for p in pairs] == [("d-00000-factual", "model"),
+                                                                     ("d-00000-faq-2", "faq")]
+    summary = json.loads((root / "out" / "synth" / "summary.json").read_text())
+    assert summary["pairs_by_method"] == {"model": 1, "faq": 1} and summary["chunks_with_model_pair"] == 1
+
+    cfg = load_config(root, ["synth.types=[factual]", "synth.answer_mode=free", "synth.structure=[]"])
+    stage.run(root, cfg, factory, log=lambda _: None)  # a config change re-runs; the model pair is reused
+    assert [p["id"] for p in read_jsonl(root / "out" / "synth" / "qa.jsonl")] == ["d-00000-factual"]
+    assert len(endpoint.requests) == 1
