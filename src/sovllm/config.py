@@ -131,6 +131,9 @@ class SynthSection(Section):
         default_factory=lambda: ["faq", "overview"],
         description="pairs read off the documents without a model: FAQ questions with their answers, and one "
                     "overview question per section heading; [] = off")
+    model_pairs: Literal["auto", "all", "fill"] = Field(
+        "auto", description="all: ask the model for every chunk; fill: only for chunks without structure pairs; "
+                            "auto = fill in extractive mode (the small embedded model), all otherwise")
 
     @field_validator("types")
     @classmethod

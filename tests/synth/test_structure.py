@@ -106,3 +106,45 @@ def test_synth_adds_structure_pairs_after_model_pairs_unless_the_question_was_as
     stage.run(root, cfg, factory, log=lambda _: None)  # a config change re-runs; the model pair is reused
     assert [p["id"] for p in read_jsonl(root / "out" / "synth" / "qa.jsonl")] == ["d-00000-factual"]
     assert len(endpoint.requests) == 1
+
+
+def test_unnumbered_heading_under_a_heading_line_and_the_title_of_a_web_page():
+    notes = chunk("Ledgerline 7.2\nNew features\n- Lesefix, Acme's own OCR engine, replaces the licensed engine for "
+                  "PDF invoices.", path=("Ledgerline Release Notes",), title="Ledgerline Release Notes – Kompass")
+    assert overview_pair(notes, 240)["question"] == \
+        "What does the Ledgerline Release Notes say about “Ledgerline 7.2: New features”?"
+
+
+def test_fill_asks_the_model_only_for_chunks_without_structure_pairs(fake, tmp_path):
+    init_project(tmp_path / "p")
+    root = tmp_path / "p"
+    (root / "out" / "ingest").mkdir(parents=True)
+    plain = chunk("The Tunnelwerk session ends after eight hours of use. Engineers must reconnect with the blue key.",
+                  cid="e-00000")
+    (root / "out" / "ingest" / "chunks.jsonl").write_text(json.dumps(FAQ) + "\n" + json.dumps(plain) + "\n")
+
+    def answer(body, n):  # a valid pair for whichever chunk is in the prompt
+        faq = "vacation days" in body["messages"][-1]["content"]
+        source = FAQ["text"].splitlines()[2] if faq else plain["text"]
+        return 200, json.dumps({"factual": {"question": f"When does the {'vacation' if faq else 'session'} rule apply?",
+                                            "answer": first_sentence(source)}})
+
+    endpoint = fake(answer)
+
+    @contextmanager
+    def factory():
+        yield endpoint_of(endpoint)
+
+    for mode, asked in (("fill", 1), ("all", 2)):  # `all` reuses the cached chunk and asks for the other
+        cfg = load_config(root, ["synth.types=[factual]", "synth.answer_mode=free", f"synth.model_pairs={mode}"])
+        stage.run(root, cfg, factory, log=lambda _: None)
+        assert len(endpoint.requests) == asked
+    cfg = load_config(root, ["synth.types=[factual]", "synth.answer_mode=free", "synth.model_pairs=fill"])
+    stage.run(root, cfg, factory, log=lambda _: None)
+    assert len(endpoint.requests) == 2
+    assert [p["id"] for p in read_jsonl(root / "out" / "synth" / "qa.jsonl")] == \
+        ["d-00000-faq-1", "d-00000-faq-2", "e-00000-factual"]
+    # `auto` is fill only in extractive mode (the small embedded model)
+    from sovllm.synth.generate import Settings
+    auto = load_config(root).synth
+    assert Settings.from_config(auto, embedded=True).fill and not Settings.from_config(auto, embedded=False).fill

@@ -22,10 +22,14 @@ def print_summary(summary: dict, title: str = "synth") -> None:
                   str(summary["prompt_tokens"]), str(summary["generated_tokens"]), str(summary["wall_s"]))
     console.print(table)
     console.print("pairs by type: " + ", ".join(f"{k} {v}" for k, v in summary["pairs_by_type"].items()))
+    if "pairs_by_method" in summary:
+        console.print("pairs by method: " + ", ".join(f"{k} {v}" for k, v in summary["pairs_by_method"].items())
+                      + f"; chunks with a model pair: {summary['chunks_with_model_pair']}")
     if summary["failures_by_reason"]:
         console.print("failures by reason: " + ", ".join(f"{k} {v}" for k, v in summary["failures_by_reason"].items()))
     for lang, row in summary["by_language"].items():
-        console.print(f"  {lang}: {row['with_pair']}/{row['chunks']} chunks with a pair, {row['pairs']} pairs")
+        console.print(f"  {lang}: {row['with_pair']}/{row['chunks']} chunks with a pair "
+                      f"({row.get('with_model_pair', row['with_pair'])} with a model pair), {row['pairs']} pairs")
     if summary.get("pairs_per_min"):
         console.print(f"{summary['pairs_per_min']} pairs/min; prompt time {summary['prompt_time_s']} s, "
                       f"generation time {summary['generation_time_s']} s (summed over requests)")

@@ -48,18 +48,21 @@ class Settings:
     question_max: int
     answer_max: int
     extractive: bool
+    fill: bool = False  # not in the cache key's effect: it only chooses which chunks are asked
 
     @classmethod
     def from_config(cls, synth: SynthSection, *, embedded: bool) -> "Settings":
         extractive = synth.answer_mode == "extractive" or (synth.answer_mode == "auto" and embedded)
+        fill = synth.model_pairs == "fill" or (synth.model_pairs == "auto" and extractive)
         return cls(list(synth.types), synth.temperature, synth.top_p, synth.seed, synth.max_attempts,
-                   synth.grounding, synth.question_max_chars, synth.answer_max_chars, extractive)
+                   synth.grounding, synth.question_max_chars, synth.answer_max_chars, extractive, fill)
 
 
 def chunk_key(chunk: dict, prompts: PromptSet, model: str, settings: Settings) -> str:
     text_hash = hashlib.sha256(chunk["text"].encode("utf-8")).hexdigest()
     blob = json.dumps([text_hash, chunk.get("heading_path"), prompts.language(chunk.get("lang")),
-                       prompts.template_hash(prompts.language(chunk.get("lang"))), model, settings.__dict__],
+                       prompts.template_hash(prompts.language(chunk.get("lang"))), model,
+                       {k: v for k, v in settings.__dict__.items() if k != "fill"}],
                       sort_keys=True)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:24]
 
@@ -263,9 +266,8 @@ def assemble(chunks: list[dict], results: dict[str, dict], keys: dict[str, str],
     pairs, errors = [], []
     generator = {"model": endpoint.model, "endpoint": endpoint.base_url, "method": "model"}
     for chunk in chunks:
-        record = results.get(keys[chunk["id"]])
-        if record is None:
-            continue
+        # no record: a chunk the model was not asked for (`synth.model_pairs: fill`)
+        record = results.get(keys[chunk["id"]]) or {"pairs": [], "failed": []}
         asked = set()
         for pair in record["pairs"]:
             asked.add(norm_question(pair["question"]))

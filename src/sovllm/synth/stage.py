@@ -24,6 +24,7 @@ from sovllm.endpoint import Endpoint
 from sovllm.errors import ConfigError, InputError
 from sovllm.synth.generate import RunStats, Settings, assemble, chunk_key, generate, load_cache
 from sovllm.synth.prompt import PromptSet
+from sovllm.synth.structure import structure_pairs
 
 CACHE = "cache.jsonl"
 
@@ -63,6 +64,13 @@ def prompt_set(root: Path, cfg: Config) -> PromptSet:
     return PromptSet(root / cfg.synth.prompt_dir if cfg.synth.prompt_dir else None)
 
 
+def model_chunks(chunks: list[dict], cfg: Config, settings: Settings) -> list[dict]:
+    """The chunks the model is asked for: all, or with `fill` those without structure pairs."""
+    if not settings.fill or not cfg.synth.structure:
+        return chunks
+    return [c for c in chunks if not structure_pairs(c, cfg.synth.structure, cfg.synth.answer_max_chars)]
+
+
 def summarise(chunks: list[dict], pairs: list[dict], errors: list[dict], stats: RunStats, wall: float) -> dict:
     with_pair = {p["chunk_id"] for p in pairs}
     with_model_pair = {p["chunk_id"] for p in pairs if p["generator"].get("method", "model") == "model"}
@@ -87,7 +95,8 @@ def summarise(chunks: list[dict], pairs: list[dict], errors: list[dict], stats: 
         "by_language": langs, "requests": stats.requests, "prompt_tokens": stats.prompt_tokens,
         "generated_tokens": stats.completion_tokens, "prompt_time_s": round(stats.ttft_s, 1),
         "generation_time_s": round(stats.request_s - stats.ttft_s, 1), "wall_s": round(wall, 1),
-        "pairs_per_min": round(60 * len(pairs) / wall, 1) if wall > 0 and stats.generated else None,
+        # throughput of the model: structure pairs cost no request
+        "pairs_per_min": round(60 * by_method.get("model", 0) / wall, 1) if wall > 0 and stats.generated else None,
     }
 
 
@@ -112,7 +121,11 @@ def run(root: Path, cfg: Config, endpoint_factory: Callable, *, quick: bool = Fa
         started = time.perf_counter()
         with endpoint_factory() as endpoint:
             settings = Settings.from_config(cfg.synth, embedded=endpoint.embedded)
-            bar = progress_factory(len(chunks)) if progress_factory else None
+            asked = model_chunks(chunks, cfg, settings)
+            if len(asked) < len(chunks):
+                log(f"synth: {len(chunks) - len(asked)} of {len(chunks)} chunks have pairs from their structure; "
+                    f"the model is asked for the other {len(asked)} (synth.model_pairs: fill)")
+            bar = progress_factory(len(asked)) if progress_factory else None
             done = {"pairs": 0, "failed": 0}
 
             def on_done(record):
@@ -123,14 +136,17 @@ def run(root: Path, cfg: Config, endpoint_factory: Callable, *, quick: bool = Fa
 
             try:
                 results, stats = asyncio.run(generate(
-                    chunks, endpoint=endpoint, prompts=prompts, settings=settings, cache_path=ctx.out_dir / CACHE,
+                    asked, endpoint=endpoint, prompts=prompts, settings=settings, cache_path=ctx.out_dir / CACHE,
                     concurrency=cfg.synth.concurrency, timeout=cfg.synth.timeout_s, reuse=reuse, on_done=on_done))
             finally:
                 if bar:
                     bar.close()
             keys = {c["id"]: chunk_key(c, prompts, endpoint.model, settings) for c in chunks}
+            wanted = {keys[c["id"]] for c in asked}  # a cached result of a chunk not asked for now is not used
+            results = {k: v for k, v in results.items() if k in wanted}
             pairs, errors = assemble(chunks, results, keys, endpoint, stats, structure=cfg.synth.structure,
                                      answer_max=cfg.synth.answer_max_chars)
+            stats.chunks = len(chunks)
         wall = time.perf_counter() - started
         write_jsonl(ctx.out_dir / "qa.jsonl", pairs)
         write_jsonl(ctx.out_dir / "errors.jsonl", errors)

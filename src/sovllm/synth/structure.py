@@ -71,24 +71,32 @@ def _lines(text: str) -> list[str]:
 
 
 def _title(chunk: dict) -> str:
-    title = (chunk.get("meta") or {}).get("title") or (chunk.get("heading_path") or [""])[0]
+    """The document's title: its top heading (a web page's <title> often carries the site's name)."""
+    title = (chunk.get("heading_path") or [""])[0] or (chunk.get("meta") or {}).get("title") or ""
     return re.sub(r"\s+", " ", title).strip()
 
 
-def _topic(heading: str, chunk: dict) -> str:
-    """The heading without its numbering; a one-word sub-heading gets its parent ("Urlaub: Anspruch").
+def _topic(heading: str, above: str | None, chunk: dict) -> str:
+    """The heading without its numbering, with its parent where the heading alone says little.
 
-    The parent is the last heading of the chunk's path, and only when the numbering shows that
-    the heading lies inside it (3.4 inside 3.).
+    `above` is a heading line right above it in the chunk. A one-word numbered sub-heading gets
+    the parent its numbering nests it in (3.4 inside "3. Urlaub": „Urlaub: Anspruch“), taken from
+    `above` or the chunk's heading path; an unnumbered heading under an unnumbered heading line
+    gets that line ("Ledgerline 7.2: New features").
     """
     own = _NUMBERING.match(heading)
     topic = heading[own.end():].strip() if own else heading
+    if own is None:
+        if above is not None and _NUMBERING.match(above) is None:
+            return f"{above}: {topic}"
+        return topic
+    if len(topic.split()) > 1:
+        return topic
     path = (chunk.get("heading_path") or [])[1:]
-    parent = _NUMBERING.match(path[-1]) if path else None
-    if own and parent and len(topic.split()) == 1:
-        inside = own.group(0).strip().rstrip(".").startswith(parent.group(0).strip().rstrip(".") + ".")
-        if inside:
-            topic = f"{path[-1][parent.end():].strip()}: {topic}"
+    for parent in ([above] if above else []) + path[-1:]:
+        number = _NUMBERING.match(parent)
+        if number and own.group(0).strip().rstrip(".").startswith(number.group(0).strip().rstrip(".") + "."):
+            return f"{parent[number.end():].strip()}: {topic}"
     return topic
 
 
@@ -120,7 +128,8 @@ def overview_pair(chunk: dict, answer_max: int) -> dict | None:
         if _is_heading(line) and line != title:
             answer = _following_statements(lines, i + 1, answer_max)
             if answer:
-                return {"question": overview_question(title, _topic(line, chunk), chunk.get("lang")),
+                above = lines[i - 1] if i and _is_heading(lines[i - 1]) and lines[i - 1] != title else None
+                return {"question": overview_question(title, _topic(line, above, chunk), chunk.get("lang")),
                         "answer": answer}
     return None
 
