@@ -100,3 +100,11 @@ def test_max_tokens_covers_the_schema():
     assert max_tokens_for(["factual"], 120, 240) >= 120 + 240
     assert max_tokens_for(["factual", "comparison"], 120, 240, ["short answer."]) < max_tokens_for(
         ["factual", "comparison"], 120, 240)
+
+
+def test_sentences_are_not_split_after_abbreviations_or_german_day_numbers():
+    from sovllm.synth.validate import split_sentences
+    assert split_sentences("Die Liste erscheint bis zum 1. Dezember. Danach gilt sie z. B. für Leipzig.") == \
+        ["Die Liste erscheint bis zum 1. Dezember.", "Danach gilt sie z. B. für Leipzig."]
+    assert split_sentences("Escalate to the CEO's office (Dr. Anna Weber). Then stop. Plan A. Version 2. Done.") == \
+        ["Escalate to the CEO's office (Dr. Anna Weber).", "Then stop.", "Plan A.", "Version 2.", "Done."]

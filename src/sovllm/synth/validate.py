@@ -52,9 +52,31 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'„“(]?[A-ZÄÖÜ0-9])")
 _LIST_MARK = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
 
 
+# a full stop that does not end a sentence: an abbreviation ("Dr.", "z. B.") or a German ordinal day
+# before its month ("bis zum 1. Dezember")
+_ABBREVIATION = re.compile(r"(?:^|\s|\()(?:Dr|Prof|Nr|Mr|Mrs|Ms|St|No|ca|bzw|vgl|ggf|inkl|zzgl|Abs|Art|Str|"
+                           r"z\. ?B|d\. ?h|u\. ?a|e\.g|i\.e|approx)\.$", re.IGNORECASE)
+_LETTER = re.compile(r"(?:^|\s)[a-zäöü]\.$")  # "z." of "z. B.": a lower-case letter never ends a sentence
+_ORDINAL = re.compile(r"(?:^|\s)\d{1,2}\.$")
+_MONTH = re.compile(r"^(?:Januar|Jänner|Februar|März|April|Mai|Juni|Juli|August|September|Oktober|November|"
+                    r"Dezember)\b")
+
+
 def split_sentences(line: str) -> list[str]:
-    """The sentences of one line of text (split after ., ! or ? before a capital or digit)."""
-    return [s.strip() for s in _SENTENCE_END.split(line) if s.strip()]
+    """The sentences of one line of text (split after ., ! or ? before a capital or digit).
+
+    A piece ending in an abbreviation, or in a day number before a German month name, is joined
+    with the next one.
+    """
+    out: list[str] = []
+    for piece in (p.strip() for p in _SENTENCE_END.split(line)):
+        if not piece:
+            continue
+        if out and (_ABBREVIATION.search(out[-1]) or _LETTER.search(out[-1]) or (_ORDINAL.search(out[-1]) and _MONTH.match(piece))):
+            out[-1] = f"{out[-1]} {piece}"
+        else:
+            out.append(piece)
+    return out
 
 
 def answer_candidates(text: str, max_chars: int) -> list[str]:
