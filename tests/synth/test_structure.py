@@ -109,7 +109,7 @@ def test_synth_adds_structure_pairs_after_model_pairs_unless_the_question_was_as
 
 
 def test_unnumbered_heading_under_a_heading_line_and_the_title_of_a_web_page():
-    notes = chunk("Ledgerline 7.2\nNew features\n- Lesefix, Acme's own OCR engine, replaces the licensed engine for "
+    notes = chunk("Ledgerline 7.2\nNew features\nLesefix, Acme's own OCR engine, replaces the licensed engine for "
                   "PDF invoices.", path=("Ledgerline Release Notes",), title="Ledgerline Release Notes – Kompass")
     assert overview_pair(notes, 240)["question"] == \
         "What does the Ledgerline Release Notes say about “Ledgerline 7.2: New features”?"
@@ -148,3 +148,12 @@ def test_fill_asks_the_model_only_for_chunks_without_structure_pairs(fake, tmp_p
     from sovllm.synth.generate import Settings
     auto = load_config(root).synth
     assert Settings.from_config(auto, embedded=True).fill and not Settings.from_config(auto, embedded=False).fill
+
+
+def test_no_pair_whose_answer_would_be_the_first_item_of_a_list_or_points_on_to_one():
+    listed = chunk("4.1 Full-disk encryption\n- Linux laptops use LUKS2 with argon2id and a passphrase.\n"
+                   "- Mac laptops use FileVault with a recovery key in Werkbank.", path=("IT Security Policy",))
+    pointing = chunk("First-week checklist\nBy Friday of your first week, you should have ticked off all of these.\n"
+                     "- Laptop set up and encrypted", path=("Onboarding Guide",))
+    faq = chunk("Who approves?\n- Up to EUR 1,500: your manager and nobody else.\n- Above: the CFO of the company.")
+    assert overview_pair(listed, 240) is None and overview_pair(pointing, 240) is None and faq_pairs(faq, 240) == []

@@ -23,6 +23,9 @@ from sovllm.synth.validate import split_sentences
 _LIST_MARK = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
 _NUMBERING = re.compile(r"^(?:\d+(?:\.\d+)*\.?|[A-Z]\.)\s+")
 _LABEL = re.compile(r"^[^\d:]{1,30}:\s")  # "Owner: …", "Approved by: …"
+# a paragraph that introduces what follows ("all of these", "die folgenden") is no answer on its own
+_POINTS_ON = re.compile(r"\b(all of these|the following|as follows|the list|listed below|folgende[nrs]?|wie folgt|"
+                        r"unten aufgeführt)\b", re.IGNORECASE)
 MAX_HEADING_WORDS = 8
 MAX_STATEMENTS = 3
 
@@ -48,9 +51,12 @@ def _following_statements(lines: list[str], start: int, max_chars: int, *, short
     """The statements from `lines[start]` on, up to the next heading or question, within `max_chars`.
 
     The first sentence must be a statement (else the section opens with a list or a table and
-    has no quotable answer); `short_first` accepts a short first sentence ("Yes, up to 32 hours
+    has no quotable answer), and the paragraph must not point on to a list ("all of these");
+    `short_first` accepts a short first sentence ("Yes, up to 32 hours
     per week.") as FAQ answers often start.
     """
+    if start < len(lines) and _LIST_MARK.match(lines[start]):
+        return None  # a list: its first item alone would be a partial answer
     out: list[str] = []
     for line in lines[start:]:
         if _is_heading(line) or _is_question(line) or line.count("|") >= 2:
@@ -63,7 +69,8 @@ def _following_statements(lines: list[str], start: int, max_chars: int, *, short
             out.append(sentence)
         if out:  # an answer is one paragraph
             break
-    return " ".join(out) or None
+    answer = " ".join(out)
+    return None if not answer or _POINTS_ON.search(answer) else answer
 
 
 def _lines(text: str) -> list[str]:
