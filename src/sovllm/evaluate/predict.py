@@ -101,8 +101,11 @@ def predict(endpoint: Endpoint, models: list[Model], items: list[Item], *, max_t
             on_done: Callable[[], None] | None = None, timeout: float = 600) -> list[dict]:
     """One scored prediction row per (model, item), items in order, models interleaved."""
     jobs = [(m, i) for i in items for m in models]
+    # asked model by model, prompts sorted so that those sharing a context are in flight together:
+    # the server's prefix cache then computes each shared context once per model
+    order = sorted(jobs, key=lambda job: (models.index(job[0]), job[1].messages[-1]["content"]))
     try:
-        answers = asyncio.run(_answers(endpoint, jobs, max_tokens, concurrency, cache, on_done, timeout))
+        answers = asyncio.run(_answers(endpoint, order, max_tokens, concurrency, cache, on_done, timeout))
     except BackendError as exc:
         raise BackendError(f"evaluation request failed: {exc}",
                            hint="check that the endpoint serves every model in eval.models") from None
