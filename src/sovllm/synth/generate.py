@@ -48,7 +48,7 @@ class Settings:
     question_max: int
     answer_max: int
     extractive: bool
-    fill: bool = False  # not in the cache key's effect: it only chooses which chunks are asked
+    fill: bool = False  # left out of the cache key: it chooses which chunks are asked, not their result
 
     @classmethod
     def from_config(cls, synth: SynthSection, *, embedded: bool) -> "Settings":
@@ -274,8 +274,8 @@ def assemble(chunks: list[dict], results: dict[str, dict], keys: dict[str, str],
             pairs.append({"id": f"{chunk['id']}-{pair['type']}", "chunk_id": chunk["id"], "question": pair["question"],
                           "answer": pair["answer"], "type": pair["type"], "generator": generator})
         for pair in structure_pairs(chunk, list(structure), answer_max) if structure else []:
-            if norm_question(pair["question"]) not in asked:
-                asked.add(norm_question(pair["question"]))
+            if (key := norm_question(pair["question"])) not in asked:
+                asked.add(key)
                 pairs.append({"id": f"{chunk['id']}-{pair['name']}", "chunk_id": chunk["id"],
                               "question": pair["question"], "answer": pair["answer"], "type": pair["type"],
                               "generator": {"model": None, "endpoint": None, "method": pair["type"]}})

@@ -14,6 +14,7 @@ import json
 import random
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -73,10 +74,9 @@ def model_chunks(chunks: list[dict], cfg: Config, settings: Settings) -> list[di
 
 def summarise(chunks: list[dict], pairs: list[dict], errors: list[dict], stats: RunStats, wall: float) -> dict:
     with_pair = {p["chunk_id"] for p in pairs}
-    with_model_pair = {p["chunk_id"] for p in pairs if p["generator"].get("method", "model") == "model"}
-    by_method: dict[str, int] = {}
-    for p in pairs:
-        by_method[p["generator"].get("method", "model")] = by_method.get(p["generator"].get("method", "model"), 0) + 1
+    methods = [p["generator"].get("method", "model") for p in pairs]
+    with_model_pair = {p["chunk_id"] for p, method in zip(pairs, methods) if method == "model"}
+    by_method = dict(Counter(methods))
     by_type: dict[str, int] = {}
     for p in pairs:
         by_type[p["type"]] = by_type.get(p["type"], 0) + 1

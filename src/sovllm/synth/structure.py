@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import re
 
-from sovllm.synth.validate import split_sentences
+from sovllm.synth.validate import LABEL as _LABEL, LIST_MARK as _LIST_MARK, split_sentences
 
-_LIST_MARK = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
 _NUMBERING = re.compile(r"^(?:\d+(?:\.\d+)*\.?|[A-Z]\.)\s+")
-_LABEL = re.compile(r"^[^\d:]{1,30}:\s")  # "Owner: …", "Approved by: …"
 # a paragraph that introduces what follows ("all of these", "die folgenden") is no answer on its own
 _POINTS_ON = re.compile(r"\b(all of these|the following|as follows|the list|listed below|folgende[nrs]?|wie folgt|"
                         r"unten aufgeführt)\b", re.IGNORECASE)

@@ -50,6 +50,8 @@ def grounding_ratio(answer: str, context: str) -> float:
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'„“(]?[A-ZÄÖÜ0-9])")
 _LIST_MARK = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
+LIST_MARK = _LIST_MARK  # shared with synth/structure.py
+LABEL = re.compile(r"^[^\d:]{1,30}:\s")  # "Owner: …", "Approved by: …": a label, not a statement
 
 
 # a full stop that does not end a sentence: an abbreviation ("Dr.", "z. B.") or a German ordinal day
@@ -137,7 +139,7 @@ def rank_answers(text: str, types: list[str], answer_max: int) -> dict[str, list
     """
     # complete statements only: capitalised, ending with a full stop, not a label ("Approved by: …")
     candidates = [c for c in answer_candidates(text, answer_max)
-                  if "?" not in c and c[:1].isupper() and c.endswith(".") and not re.match(r"^[^\d:]{1,30}:\s", c)]
+                  if "?" not in c and c[:1].isupper() and c.endswith(".") and not LABEL.match(c)]
     singles = [c for c in candidates if not re.search(r"[.!]\s+\S", c)]
     pairs = [c for c in candidates if c not in singles]
 
