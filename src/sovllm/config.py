@@ -268,7 +268,7 @@ class TrainSection(Section):
     bias: Literal["none", "all", "lora_only"] = "none"
     allow_non_vllm_adapter: bool = Field(False, description="permit DoRA, modules_to_save or bias (vLLM cannot serve)")
     qlora: bool = Field(False, description="4-bit NF4 base weights; CUDA only")
-    epochs: float = Field(1.0, gt=0)
+    epochs: float = Field(1.25, gt=0, description="passes over train.jsonl; more passes teach refusals better")
     max_steps: int = Field(0, ge=0, description="optimizer steps; 0 = derived from epochs")
     learning_rate: float = Field(1e-3, gt=0)
     batch_size: int = Field(2, ge=1, description="micro-batch; 2 × 1024 tokens peak at ~4.7 GB on a CPU "
@@ -281,7 +281,7 @@ class TrainSection(Section):
     too_long: Literal["drop", "fail"] = "drop"
     batching: Literal["grouped", "padded"] = Field(
         "grouped", description="grouped: length-grouped batches; padded: shuffled, pad to longest (the tutorial)")
-    eval_steps: int = Field(10, ge=1, description="val loss every N optimizer steps")
+    eval_steps: int = Field(20, ge=1, description="val loss every N optimizer steps and at the last one")
     early_stopping_patience: int = Field(3, ge=0, description="evaluations without improvement; 0 = off")
     gradient_checkpointing: bool = False
     threads: int = Field(0, ge=0, description="torch threads; 0 = all cores")

@@ -120,7 +120,7 @@ train:
   bias: none
   allow_non_vllm_adapter: false
   qlora: false              # 4-bit NF4 base weights: CUDA only
-  epochs: 1.0
+  epochs: 1.25              # passes over train.jsonl
   max_steps: 0              # optimizer steps; 0 = derived from epochs
   learning_rate: 0.001      # cosine schedule with warmup
   batch_size: 2             # micro-batch; 2 × 1024 tokens peak at ~4.7 GB on a CPU (4 × 1024: ~8.4 GB)
@@ -130,7 +130,7 @@ train:
   max_length: 1024          # tokens; longer examples are dropped (too_long: drop) or fail the run
   too_long: drop
   batching: grouped         # grouped: length-grouped batches; padded: shuffled, padded to the longest
-  eval_steps: 10            # val loss every N optimizer steps (checkpoints at the same steps)
+  eval_steps: 20            # val loss every N optimizer steps and at the last (checkpoints there too)
   early_stopping_patience: 3   # evaluations without improvement; 0 = off
   gradient_checkpointing: false
   threads: 0                # torch threads; 0 = all cores

@@ -253,3 +253,14 @@ def test_judge_failures_are_counted_and_keep_the_pair(project, fake):
     curated = read(project / "out" / "curate" / "curated.jsonl")
     failed = [p for p in curated if p["judge"] and p["judge"].get("error") == "schema"]
     assert failed and all(p["kept"] for p in failed)
+
+
+def test_warns_when_eval_has_a_language_training_lacks():
+    stats = {"train": {"by_lang": {"en": 40}}, "val": {"by_lang": {"en": 5, "de": 2}},
+             "eval": {"by_lang": {"en": 20, "de": 9, "und": 1}}}
+    lines = stage.untrained_languages(stats)
+    assert len(lines) == 2
+    assert lines[0].startswith("warning: 2 val items are in 'de'") and "curate.splits.seed" in lines[0]
+    assert lines[1].startswith("warning: 9 eval items are in 'de'")
+    assert stage.untrained_languages({"train": {"by_lang": {"en": 1, "de": 1}},
+                                      "eval": {"by_lang": {"de": 3}}}) == []

@@ -93,6 +93,21 @@ def _rank(chunk_by_id: dict[str, dict]) -> Callable[[dict], tuple]:
     return rank
 
 
+def untrained_languages(split_stats: dict) -> list[str]:
+    """Warnings for languages that val or eval items use but no training example does: the adapter
+    never learns to answer (or refuse) in them, and eval measures that gap, not the fine-tuning."""
+    trained = set((split_stats.get("train") or {}).get("by_lang") or {})
+    lines = []
+    for split in ("val", "eval"):
+        missing = {lang: n for lang, n in ((split_stats.get(split) or {}).get("by_lang") or {}).items()
+                   if lang not in trained and lang != "und"}
+        for lang, n in sorted(missing.items()):
+            lines.append(f"warning: {n} {split} items are in '{lang}', but no training example is: every "
+                         f"'{lang}' document hashed into val/eval; pick another curate.splits.seed "
+                         f"(splits.json lists each document's split)")
+    return lines
+
+
 def funnel_table(curated: list[dict], judge_info: dict, split_stats: dict) -> dict:
     removed = Counter(p["drop_reason"] for p in curated if not p["kept"])
     return {
@@ -168,6 +183,8 @@ def run(root: Path, cfg: Config, endpoint_factory: Callable, *, quick: bool = Fa
         for split in ("val", "eval"):
             if not records[split]:
                 log(f"warning: the {split} split is empty (no document hashed into it); adjust curate.splits")
+        for line in untrained_languages(split_stats):
+            log(line)
 
     return run_stage("curate", out_dir, work, inputs=[chunks_path, qa_path], config=config, force=force,
                      verify=lambda m: all((out_dir / f"{s}.jsonl").is_file() for s in SPLITS))
