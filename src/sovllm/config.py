@@ -268,7 +268,7 @@ class TrainSection(Section):
     bias: Literal["none", "all", "lora_only"] = "none"
     allow_non_vllm_adapter: bool = Field(False, description="permit DoRA, modules_to_save or bias (vLLM cannot serve)")
     qlora: bool = Field(False, description="4-bit NF4 base weights; CUDA only")
-    epochs: float = Field(1.25, gt=0, description="passes over train.jsonl; more passes teach refusals better")
+    epochs: float = Field(1.5, gt=0, description="passes over train.jsonl; more passes teach refusals better")
     max_steps: int = Field(0, ge=0, description="optimizer steps; 0 = derived from epochs")
     learning_rate: float = Field(1e-3, gt=0)
     batch_size: int = Field(2, ge=1, description="micro-batch; 2 × 1024 tokens peak at ~4.7 GB on a CPU "

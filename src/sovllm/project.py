@@ -120,7 +120,7 @@ train:
   bias: none
   allow_non_vllm_adapter: false
   qlora: false              # 4-bit NF4 base weights: CUDA only
-  epochs: 1.25              # passes over train.jsonl
+  epochs: 1.5               # passes over train.jsonl
   max_steps: 0              # optimizer steps; 0 = derived from epochs
   learning_rate: 0.001      # cosine schedule with warmup
   batch_size: 2             # micro-batch; 2 × 1024 tokens peak at ~4.7 GB on a CPU (4 × 1024: ~8.4 GB)
