@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-    import torch.nn.functional as F
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -48,9 +46,10 @@ def main(argv=None) -> int:
     from sovllm.models import registry
     from sovllm.models.chat import end_of_turn_id
     from sovllm.models.tokenizer import load_tokenizer
-    from sovllm.train.data import IGNORE, Collator, encode
+    from sovllm.train.data import Collator, encode
     from sovllm.train.fit import GroupedSampler, selective_loss
     from sovllm.train.lora import lora_config
+    from sovllm.train.stopcheck import greedy_completions
 
     cfg = load_config(args.project / "sovllm.yaml")
     out = args.project / cfg.project.output_dir / "curate"
@@ -81,35 +80,14 @@ def main(argv=None) -> int:
         optimizer, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
     collate = Collator(pad)
 
-    def loss_of(inputs, n_items):
-        if args.decision_weight == 1.0:
-            return selective_loss(model, inputs, n_items)[0]
-        decoder = model.get_base_model()
-        hidden = decoder.get_decoder()(input_ids=inputs["input_ids"]).last_hidden_state
-        targets = inputs["labels"][:, 1:]
-        mask = targets != IGNORE
-        position = mask.long().cumsum(1) - 1  # index of each label inside its completion
-        weight = torch.where(position < 2, args.decision_weight, 1.0)[mask]
-        logits = decoder.get_output_embeddings()(hidden[:, :-1][mask])
-        return (F.cross_entropy(logits.float(), targets[mask], reduction="none") * weight).sum() / n_items
-
     def probe(step: int) -> dict:
-        model.eval()
         model.config.use_cache = True
-        started, refused = time.perf_counter(), {}
-        order = sorted(range(len(probes)), key=lambda i: len(probes[i].prompt_ids))
-        for b in range(0, len(order), 8):
-            batch = order[b:b + 8]
-            width = max(len(probes[i].prompt_ids) for i in batch)
-            ids = torch.tensor([[pad] * (width - len(probes[i].prompt_ids)) + probes[i].prompt_ids for i in batch])
-            mask = torch.tensor([[0] * (width - len(probes[i].prompt_ids)) + [1] * len(probes[i].prompt_ids)
-                                 for i in batch])
-            with torch.inference_mode():
-                rows = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.tokens, do_sample=False,
-                                      eos_token_id=eot, pad_token_id=pad)
-            for i, row in zip(batch, rows):
-                text = tokenizer.decode(row[width:], skip_special_tokens=True).strip()
-                refused[i] = is_refusal(text, refusal) or (bool(text) and refusal.startswith(text))
+        started = time.perf_counter()
+        completions = greedy_completions(model, probes, eot_id=eot, pad_id=pad, max_new_tokens=args.tokens)
+        refused = {}
+        for i, ids in enumerate(completions):
+            text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            refused[i] = is_refusal(text, refusal) or (bool(text) and refusal.startswith(text))
         model.train()
         model.config.use_cache = False
         unanswerable = [i for i, r in enumerate(items) if r["meta"]["type"] == "unanswerable"]
@@ -135,7 +113,7 @@ def main(argv=None) -> int:
             n_items = sum(len(train[i].completion_ids) for batch in group for i in batch)
             for batch in group:
                 features = [{"input_ids": train[i].input_ids, "prompt_len": len(train[i].prompt_ids)} for i in batch]
-                loss_of(collate(features), n_items).backward()
+                selective_loss(model, collate(features), n_items, first_weight=args.decision_weight)[0].backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             schedule.step()

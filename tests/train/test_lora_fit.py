@@ -77,6 +77,28 @@ def test_selective_loss_equals_the_full_logits_loss(tiny_model_dir):
     assert abs(mine.item() - reference.item()) < 1e-5
 
 
+def test_selective_loss_weights_the_first_completion_tokens(tiny_model_dir):
+    import torch
+    import torch.nn.functional as F
+
+    from sovllm.train.fit import selective_loss
+
+    model = _tiny_peft(tiny_model_dir)
+    batch = _batch(tiny_model_dir)
+    with torch.no_grad():
+        weighted, count = selective_loss(model, batch, first_weight=5.0, first_tokens=2)
+        logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    expected, n = 0.0, 0
+    for row in range(targets.shape[0]):
+        for k, pos in enumerate((targets[row] != -100).nonzero().flatten().tolist()):
+            ce = F.cross_entropy(logits[row, pos][None].float(), targets[row, pos][None]).item()
+            expected += ce * (5.0 if k < 2 else 1.0)
+            n += 1
+    assert count == n
+    assert abs(weighted.item() - expected / n) < 1e-4
+
+
 @pytest.mark.parametrize("preset", ["minimal", "all-linear"])
 def test_fit_changes_adapter_weights_only(tiny_model_dir, tmp_path, preset):
     import torch

@@ -102,9 +102,9 @@ def untrained_languages(split_stats: dict) -> list[str]:
         missing = {lang: n for lang, n in ((split_stats.get(split) or {}).get("by_lang") or {}).items()
                    if lang not in trained and lang != "und"}
         for lang, n in sorted(missing.items()):
-            lines.append(f"warning: {n} {split} items are in '{lang}', but no training example is: every "
-                         f"'{lang}' document hashed into val/eval; pick another curate.splits.seed "
-                         f"(splits.json lists each document's split)")
+            lines.append(f"warning: {n} {split} items are in '{lang}', but no training example is (no kept "
+                         f"pair of a '{lang}' document is in train); pick another curate.splits.seed "
+                         f"(splits.json lists each document's split and kept pairs)")
     return lines
 
 

@@ -70,8 +70,11 @@ class GroupedSampler:
         return iter([i for batch in batches for i in batch])
 
 
-def selective_loss(model, inputs: dict, num_items: int | None = None):
-    """(summed-or-mean loss, loss token count): logits only at positions whose next token is a label."""
+def selective_loss(model, inputs: dict, num_items: int | None = None, first_weight: float = 1.0, first_tokens: int = 2):
+    """(summed-or-mean loss, loss token count): logits only at positions whose next token is a label.
+
+    `first_weight` ≠ 1 multiplies the loss of each completion's first `first_tokens` labels (where an
+    answer and the refusal sentence part ways); training uses 1, `benchmarks/refusal.py` compares."""
     import torch
     import torch.nn.functional as F
 
@@ -83,7 +86,12 @@ def selective_loss(model, inputs: dict, num_items: int | None = None):
     targets = inputs["labels"][:, 1:]
     mask = targets != IGNORE
     logits = base.get_output_embeddings()(hidden[:, :-1][mask])
-    total = F.cross_entropy(logits.float(), targets[mask], reduction="sum")
+    if first_weight == 1.0:
+        total = F.cross_entropy(logits.float(), targets[mask], reduction="sum")
+    else:
+        position = mask.long().cumsum(1) - 1  # index of each label inside its completion
+        weight = torch.where(position < first_tokens, first_weight, 1.0)[mask]
+        total = (F.cross_entropy(logits.float(), targets[mask], reduction="none") * weight).sum()
     count = int(mask.sum())
     divisor = num_items if num_items else max(count, 1)
     if isinstance(divisor, torch.Tensor):

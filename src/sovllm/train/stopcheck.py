@@ -40,23 +40,36 @@ def percentile(values: list[int], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
+def greedy_completions(model, examples: list[Example], *, eot_id: int, pad_id: int, max_new_tokens: int,
+                       batch_size: int = 8) -> list[list[int]]:
+    """Greedy completion ids (prompt excluded) per example, in input order. Batches are cut from the
+    examples sorted by prompt length, so little of each batch is left padding."""
+    import torch
+
+    model.eval()
+    out: list[list[int]] = [[] for _ in examples]
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids))
+    for b in range(0, len(order), batch_size):
+        batch = order[b:b + batch_size]
+        width = max(len(examples[i].prompt_ids) for i in batch)
+        ids = torch.tensor([[pad_id] * (width - len(examples[i].prompt_ids)) + examples[i].prompt_ids for i in batch])
+        mask = torch.tensor([[0] * (width - len(examples[i].prompt_ids)) + [1] * len(examples[i].prompt_ids)
+                             for i in batch])
+        with torch.inference_mode():
+            rows = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                                  max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eot_id,
+                                  pad_token_id=pad_id)
+        for i, row in zip(batch, rows):
+            out[i] = row[width:].tolist()
+    return out
+
+
 def stop_rate(model, examples: list[Example], *, eot_id: int, pad_id: int, max_new_tokens: int,
               batch_size: int = 8) -> float:
     """Share of examples whose greedy completion contains the end-of-turn token."""
-    import torch
-
-    stopped = 0
-    model.eval()
-    for b in range(0, len(examples), batch_size):
-        batch = examples[b:b + batch_size]
-        width = max(len(e.prompt_ids) for e in batch)
-        ids = torch.tensor([[pad_id] * (width - len(e.prompt_ids)) + e.prompt_ids for e in batch])
-        mask = torch.tensor([[0] * (width - len(e.prompt_ids)) + [1] * len(e.prompt_ids) for e in batch])
-        with torch.inference_mode():
-            out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=eot_id, pad_token_id=pad_id)
-        stopped += sum(int((row[width:] == eot_id).any()) for row in out)
-    return stopped / len(examples) if examples else 0.0
+    completions = greedy_completions(model, examples, eot_id=eot_id, pad_id=pad_id, max_new_tokens=max_new_tokens,
+                                     batch_size=batch_size)
+    return sum(eot_id in c for c in completions) / len(examples) if examples else 0.0
 
 
 def check_stopping(model, val: list[Example], *, eot_id: int, pad_id: int, min_rate: float, limit: int) -> StopCheck:
