@@ -13,6 +13,14 @@ training-data and schedule variants can be compared side by side (docs/eval.md h
 
 `--decision-weight W` multiplies the loss of the first two completion tokens (where an answer and
 the refusal sentence part ways) by W; 1.0 is sovllm's own loss.
+
+Each probe also scores every item by log P(first three tokens of the refusal sentence | prompt)
+and reports how well that score separates unanswerable from answerable items: ROC AUC (0.5 = the
+decision does not depend on whether the context holds the answer) and the best refusal accuracy
+any threshold on it would give with ≤ 10 % false refusals. Greedy answers show where an adapter
+*is* on that curve; the separation shows whether any amount of refusal bias could reach the targets.
+`--adapter DIR` scores a trained adapter (e.g. `out/train/adapter`) instead of training one,
+`--base` scores the base model too, `--no-generate` skips the greedy answers (about 2 × faster).
 """
 
 from __future__ import annotations
@@ -35,6 +43,9 @@ def main(argv=None) -> int:
     parser.add_argument("--probe-every", type=float, default=1.0, help="epochs between probes")
     parser.add_argument("--tokens", type=int, default=8, help="tokens generated per probe answer")
     parser.add_argument("--decision-weight", type=float, default=1.0)
+    parser.add_argument("--adapter", type=Path, help="score this trained adapter instead of training one")
+    parser.add_argument("--base", action="store_true", help="also score the base model (adapter disabled)")
+    parser.add_argument("--no-generate", action="store_true", help="only the score separation, no greedy answers")
     args = parser.parse_args(argv)
 
     import torch
@@ -43,6 +54,7 @@ def main(argv=None) -> int:
 
     from sovllm.config import load_config
     from sovllm.evaluate.metrics import is_refusal
+    from sovllm.evaluate.stats import separation
     from sovllm.models import registry
     from sovllm.models.chat import end_of_turn_id
     from sovllm.models.tokenizer import load_tokenizer
@@ -69,7 +81,12 @@ def main(argv=None) -> int:
 
     model = AutoModelForCausalLM.from_pretrained(str(base.path), dtype=torch.float32)
     model.config.use_cache = False
-    model = get_peft_model(model, lora_config(section))
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(args.adapter), is_trainable=True)
+    else:
+        model = get_peft_model(model, lora_config(section))
     per_step = section.batch_size * section.grad_accum
     steps_per_epoch = math.ceil(len(train) / per_step)
     total = max(1, math.ceil(args.epochs * len(train) / per_step))
@@ -79,26 +96,56 @@ def main(argv=None) -> int:
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
     collate = Collator(pad)
+    prefix = tokenizer(refusal, add_special_tokens=False)["input_ids"][:3]
+    unanswerable = [i for i, r in enumerate(items) if r["meta"]["type"] == "unanswerable"]
+    answerable = [i for i in range(len(items)) if i not in set(unanswerable)]
+
+    def refusal_scores(batch_size: int = 8) -> list[float]:
+        """log P(refusal prefix | prompt) per eval item, teacher-forced."""
+        model.eval()
+        net = model.get_base_model()
+        scores = []
+        with torch.inference_mode():
+            for b in range(0, len(probes), batch_size):
+                chunk = probes[b:b + batch_size]
+                batch = collate([{"input_ids": e.prompt_ids + prefix, "prompt_len": len(e.prompt_ids)} for e in chunk])
+                hidden = net.get_decoder()(input_ids=batch["input_ids"]).last_hidden_state
+                for j, e in enumerate(chunk):
+                    n = len(e.prompt_ids)
+                    logp = torch.log_softmax(net.get_output_embeddings()(hidden[j, n - 1:n - 1 + len(prefix)]).float(), -1)
+                    scores.append(float(logp[torch.arange(len(prefix)), torch.tensor(prefix)].sum()))
+        return scores
+
+    def separated() -> dict:
+        scores = refusal_scores()
+        sep = separation([scores[i] for i in unanswerable], [scores[i] for i in answerable], max_fpr=0.10)
+        return {"auc": round(sep.auc, 4), "refusal_at_10pct_false": round(sep.recall, 4)}
 
     def probe(step: int) -> dict:
-        model.config.use_cache = True
         started = time.perf_counter()
-        completions = greedy_completions(model, probes, eot_id=eot, pad_id=pad, max_new_tokens=args.tokens)
-        refused = {}
-        for i, ids in enumerate(completions):
-            text = tokenizer.decode(ids, skip_special_tokens=True).strip()
-            refused[i] = is_refusal(text, refusal) or (bool(text) and refusal.startswith(text))
+        result = {"step": step, "epoch": round(step / steps_per_epoch, 2), **separated(),
+                  "unanswerable": len(unanswerable), "answerable": len(answerable)}
+        if not args.no_generate:
+            model.config.use_cache = True
+            completions = greedy_completions(model, probes, eot_id=eot, pad_id=pad, max_new_tokens=args.tokens)
+            refused = {}
+            for i, ids in enumerate(completions):
+                text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+                refused[i] = is_refusal(text, refusal) or (bool(text) and refusal.startswith(text))
+            model.config.use_cache = False
+            result["refusal_accuracy"] = round(sum(refused[i] for i in unanswerable) / max(1, len(unanswerable)), 4)
+            result["false_refusals"] = round(sum(refused[i] for i in answerable) / max(1, len(answerable)), 4)
         model.train()
-        model.config.use_cache = False
-        unanswerable = [i for i, r in enumerate(items) if r["meta"]["type"] == "unanswerable"]
-        answerable = [i for i in range(len(items)) if i not in set(unanswerable)]
-        result = {"step": step, "epoch": round(step / steps_per_epoch, 2),
-                  "refusal_accuracy": round(sum(refused[i] for i in unanswerable) / max(1, len(unanswerable)), 4),
-                  "false_refusals": round(sum(refused[i] for i in answerable) / max(1, len(answerable)), 4),
-                  "unanswerable": len(unanswerable), "answerable": len(answerable),
-                  "probe_s": round(time.perf_counter() - started, 1)}
+        result["probe_s"] = round(time.perf_counter() - started, 1)
         print(json.dumps(result), flush=True)
         return result
+
+    if args.base:
+        with model.disable_adapter():
+            print(json.dumps({"base": separated()}), flush=True)
+    if args.adapter:
+        probe(0)
+        return 0
 
     probe_at = {min(total, round(steps_per_epoch * args.probe_every * k)) for k in range(1, 1000)} | {total}
     sampler = GroupedSampler([len(e) for e in train], section.batch_size, section.seed)

@@ -45,6 +45,22 @@ def test_stage_runs_once_then_skips_until_inputs_or_config_change(tmp_path):
     assert work.calls == 5
 
 
+def test_a_copied_project_skips_its_finished_stages(tmp_path):
+    import shutil
+
+    project = tmp_path / "a"
+    (project / "out").mkdir(parents=True)
+    (project / "in.txt").write_text("a")
+    work = Counter()
+    run_stage("demo", project / "out" / "stage", work, inputs=[project / "in.txt"], config={"k": 1})
+    shutil.copytree(project, tmp_path / "b")
+    copy = tmp_path / "b"
+    assert run_stage("demo", copy / "out" / "stage", work, inputs=[copy / "in.txt"], config={"k": 1}).skipped
+    (copy / "in.txt").write_text("changed")
+    assert not run_stage("demo", copy / "out" / "stage", work, inputs=[copy / "in.txt"], config={"k": 1}).skipped
+    assert work.calls == 2
+
+
 def test_folder_inputs_hash_names_and_contents(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "a.md").write_text("x")

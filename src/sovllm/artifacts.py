@@ -157,7 +157,12 @@ def load_manifest(out_dir: str | Path) -> Manifest | None:
 
 
 def stage_key(stage: str, inputs: list[InputRef], config: dict) -> str:
-    return config_hash({"stage": stage, "inputs": [i.model_dump() for i in inputs], "config": config})
+    """What decides whether a stage's output is current: the stage, its config and its inputs' contents.
+
+    Inputs count by file name and sha256, not by absolute path, so a project that is copied, moved or
+    mounted elsewhere (another pod's volume path) skips its finished stages instead of re-running them."""
+    refs = [{"name": Path(i.path).name, "sha256": i.sha256} for i in inputs]
+    return config_hash({"stage": stage, "inputs": refs, "config": config})
 
 
 @dataclass

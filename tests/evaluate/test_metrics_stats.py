@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sovllm.evaluate.metrics import broken_kinds, is_refusal, repetition_loop, rouge_l, score, token_f1
-from sovllm.evaluate.stats import cohen_kappa, paired_bootstrap, percent_agreement
+from sovllm.evaluate.stats import cohen_kappa, paired_bootstrap, percent_agreement, separation
 from sovllm.evaluate.judge import agreement
 
 REFUSAL = "The provided context does not contain enough information to answer this question."
@@ -113,3 +113,18 @@ def test_paired_bootstrap_is_seeded_and_pairs_items():
     with pytest.raises(ValueError):
         paired_bootstrap([1.0], [1.0, 2.0])
     assert paired_bootstrap([], []).verdict == "no data"
+
+
+def test_separation_hand_worked():
+    # positives 0.9, 0.4, 0.2 vs negatives 0.8, 0.3, 0.1, 0.05: pairs won 4 + 3 + 2 = 9 of 12
+    s = separation([0.9, 0.4, 0.2], [0.8, 0.3, 0.1, 0.05], max_fpr=0.25)
+    assert s.auc == pytest.approx(9 / 12)
+    # one negative (0.8) may pass: threshold 0.3, recall 2 of 3 (0.9, 0.4)
+    assert s.recall == pytest.approx(2 / 3)
+    # no negative may pass: threshold 0.8, only 0.9 above it
+    assert separation([0.9, 0.4, 0.2], [0.8, 0.3, 0.1, 0.05], max_fpr=0.0).recall == pytest.approx(1 / 3)
+    # ties count half, and a score that carries no information gives 0.5
+    assert separation([1.0, 1.0], [1.0, 1.0]).auc == 0.5
+    assert separation([1.0, 1.0], [1.0, 1.0]).recall == 0.0
+    with pytest.raises(ValueError):
+        separation([], [0.1])

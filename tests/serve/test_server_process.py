@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import signal
+import subprocess
+import sys
 import time
 
 import httpx
 import openai
+import pytest
 
 from sovllm.serve.launch import EmbeddedServer
 
@@ -98,3 +101,47 @@ def test_client_disconnect_aborts_its_sequence(tiny_model_dir):
         assert generated < 900 + 4  # the warm-up's 4 tokens + what was made before the abort
         time.sleep(0.5)
         assert metric(srv, "vllm:generation_tokens_total") == generated  # nothing runs on for the gone client
+
+
+CHILD = """
+import sys, time
+from sovllm.cli.app import _terminate_cleanly
+from sovllm.serve.launch import EmbeddedServer
+_terminate_cleanly()
+with EmbeddedServer(sys.argv[1], extra_args=["--max-num-seqs", "1", "--max-model-len", "256"]) as srv:
+    print(srv.process.pid, flush=True)
+    time.sleep(600)
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+def gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_the_embedded_server_does_not_outlive_a_killed_stage(tiny_model_dir, signum):
+    """`kill` (SIGTERM) runs the stage's cleanup, which stops the server; after SIGKILL, where no
+    cleanup runs, the server notices its parent is gone and shuts itself down."""
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tiny_model_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        server_pid = int(child.stdout.readline())
+        assert alive(server_pid)
+        child.send_signal(signum)
+        child.wait(timeout=30)
+        assert child.returncode == (143 if signum == signal.SIGTERM else -signal.SIGKILL)
+        assert gone_within(server_pid, 15), f"server {server_pid} still running after its parent got {signum.name}"
+    finally:
+        child.kill()

@@ -59,6 +59,20 @@ def _register() -> None:
 _register()
 
 
+def _terminate_cleanly() -> None:
+    """SIGTERM (`kill`, a Kubernetes pod stopping) exits like Ctrl-C does: through every `finally`, so
+    an embedded server is stopped and the interrupted stage's manifest says so (exit code 143).
+    `sovllm serve` replaces this with its own graceful shutdown."""
+    import signal
+    import threading
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the app, printing sovllm errors as `error: ...` lines.
 
@@ -66,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     become one line per problem on stderr and the error's exit code, never a traceback.
     """
     guard()
+    _terminate_cleanly()
     try:
         app(args=argv, prog_name="sovllm")
     except SovllmError as exc:

@@ -81,3 +81,27 @@ def cohen_kappa(x: list, y: list) -> float | None:
     if expected >= 1.0:
         return None
     return (observed - expected) / (1 - expected)
+
+
+@dataclass(frozen=True)
+class Separation:
+    """How well a score separates positives (higher should mean positive) from negatives."""
+    auc: float  # P(score of a random positive > score of a random negative), ties count half
+    recall: float  # best share of positives above a threshold that lets at most `max_fpr` of negatives pass
+    max_fpr: float
+
+
+def separation(positives: list[float], negatives: list[float], max_fpr: float = 0.10) -> Separation:
+    """ROC AUC of a score, and the best recall at a false-positive rate ≤ `max_fpr` (any threshold).
+
+    Used for refusal decisions: score = log P(refusal sentence | prompt), positives = unanswerable
+    items. AUC 0.5 means the score carries no information about answerability, and the recall shows
+    the refusal accuracy the best threshold would reach with ≤ `max_fpr` false refusals."""
+    if not positives or not negatives:
+        raise ValueError("need at least one positive and one negative score")
+    wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
+    allowed = int(max_fpr * len(negatives) + 1e-9)  # negatives that may score at or above the threshold
+    ranked = sorted(negatives, reverse=True)
+    threshold = ranked[allowed] if allowed < len(ranked) else float("-inf")
+    recall = sum(p > threshold for p in positives) / len(positives)
+    return Separation(wins / (len(positives) * len(negatives)), recall, max_fpr)

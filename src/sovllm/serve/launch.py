@@ -2,12 +2,14 @@
 
 `EmbeddedServer` is a context manager: it starts the server, waits until it is healthy (its
 ready file appears), exposes `base_url`, and stops it (SIGTERM, then SIGKILL) on exit. If the
-server dies while starting, the error carries the end of its output.
+server dies while starting, the error carries the end of its output. Should this process die
+without stopping it (SIGKILL, OOM killer), the server notices within a second and shuts down.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import time
 from pathlib import Path
 
 from sovllm.errors import BackendError
+from sovllm.serve.server import PARENT_ENV
 
 
 class EmbeddedServer:
@@ -46,7 +49,9 @@ class EmbeddedServer:
         for root in self.adapter_roots:
             cmd += ["--adapter-root", str(root)]
         log = open(self.log_path, "w")
-        self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        # the server watches this pid and shuts down if this process dies without stopping it (SIGKILL)
+        env = {**os.environ, PARENT_ENV: str(os.getpid())}
+        self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + self.startup_timeout
         while not ready.exists():
             if self.process.poll() is not None:

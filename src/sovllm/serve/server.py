@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -89,6 +90,27 @@ def build(model: str, *, served_name: str | None = None, adapters: list[tuple[st
     return create_app(service, on_start, api_keys=list(api_keys), max_body_bytes=max_body_bytes), service
 
 
+PARENT_ENV = "SOVLLM_PARENT_PID"
+
+
+def _exit_with_parent(server, interval: float = 1.0) -> None:
+    """An embedded server (started by a stage, `SOVLLM_PARENT_PID` set) shuts down gracefully when the
+    process that started it is gone — killed with SIGKILL, say — instead of holding its memory and port."""
+    parent = os.environ.get(PARENT_ENV)
+    if not (parent and parent.isdigit()):
+        return
+
+    def watch() -> None:
+        while not server.should_exit:
+            if os.getppid() != int(parent):
+                print(f"sovllm serve: parent process {parent} is gone; shutting down", flush=True)
+                server.should_exit = True
+                return
+            time.sleep(interval)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, ready_file: str | None = None,
           log_level: str = "info", grace_period: float = 30.0, adapters_dir: Path | None = None,
           limit_concurrency: int | None = 512, **kwargs) -> None:
@@ -133,6 +155,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, ready_file: 
     # uvicorn re-raises the signal it stopped on once it is done; a no-op handler makes that a clean exit 0
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: None)
+    _exit_with_parent(server)
     try:
         server.run(sockets=[sock])
     finally:
