@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+
+def make_console(*, stderr: bool = False) -> Console:
+    """A rich console. Off a terminal (a log file, CI, an Argo pod) rich assumes 80 columns and
+    wraps every table cell; there it gets 160 unless COLUMNS says otherwise."""
+    plain = Console(stderr=stderr)
+    if plain.is_terminal or os.environ.get("COLUMNS"):
+        return plain
+    return Console(stderr=stderr, width=160)
 
 
 class Bar:
@@ -27,4 +37,4 @@ class Bar:
 
 def bar_factory(description: str, console: Console | None = None) -> Callable[[int], Bar]:
     """A factory that stages call with their item count to open a bar."""
-    return lambda total: Bar(total, description, console or Console(stderr=True))
+    return lambda total: Bar(total, description, console or make_console(stderr=True))

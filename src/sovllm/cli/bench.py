@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from sovllm.progress import make_console
+
 app = typer.Typer(help="Load tests against a running server (sovllm serve or vLLM).", no_args_is_help=True)
-console = Console()
+console = make_console()
 
 
 @app.command()

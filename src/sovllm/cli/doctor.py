@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from sovllm.cli import options
+from sovllm.progress import make_console
 
-console = Console()
+console = make_console()
 _STYLE = {"ok": "green", "warn": "yellow", "fail": "red"}
 
 

@@ -7,13 +7,13 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import typer
-from rich.console import Console
 
 from sovllm import egress
+from sovllm.progress import make_console
 from sovllm.errors import InputError
 
 app = typer.Typer(help="The sovereignty guard: which hosts sovllm may contact.", no_args_is_help=True)
-console = Console()
+console = make_console()
 
 
 def _split_target(target: str) -> tuple[str, int | None]:

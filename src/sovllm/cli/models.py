@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from sovllm.progress import make_console
+
 app = typer.Typer(help="Base models: list the registry, prepare a bundled model.", no_args_is_help=True)
-console = Console()
+console = make_console()
 
 
 @app.command("list")

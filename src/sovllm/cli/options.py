@@ -53,11 +53,10 @@ def load_project(directory, overrides_: list[str]):
 def stage_project(directory, overrides_: list[str]):
     """(root, config, log) for a stage command: the project loaded, its endpoints checked against
     `egress.allow`, and a logger that prints dim lines to stderr."""
-    from rich.console import Console
-
     from sovllm.pipeline.run import check_endpoints
+    from sovllm.progress import make_console
 
     root, cfg = load_project(directory, overrides_)
     check_endpoints(cfg)
-    err = Console(stderr=True)
+    err = make_console(stderr=True)
     return root, cfg, lambda msg: err.print(f"[dim]{msg}[/dim]")

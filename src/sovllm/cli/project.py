@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from sovllm.cli import options
+from sovllm.progress import make_console
 
-console = Console()
+console = make_console()
 
 
 def init(
@@ -39,7 +39,7 @@ def run(
     from sovllm.pipeline.run import run_pipeline
     from sovllm.progress import bar_factory
 
-    err = Console(stderr=True)
+    err = make_console(stderr=True)
     report = run_pipeline(directory, overrides=tuple(set_), quick=quick, force=force, until=until, promote=promote,
                           log=lambda msg: console.print(f"[dim]{msg}[/dim]"),
                           warn=lambda msg: err.print(f"[yellow]warning:[/] {msg}"),
