@@ -21,6 +21,8 @@ any threshold on it would give with ≤ 10 % false refusals. Greedy answers show
 *is* on that curve; the separation shows whether any amount of refusal bias could reach the targets.
 `--adapter DIR` scores a trained adapter (e.g. `out/train/adapter`) instead of training one,
 `--base` scores the base model too, `--no-generate` skips the greedy answers (about 2 × faster).
+`--top-layers N` puts LoRA on the top N layers only (faster steps: backward stops at the lowest
+adapted layer); `--paired` trains each question's items (own and foreign context) in one micro-batch.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import sys
 import time
 from pathlib import Path
@@ -46,6 +49,10 @@ def main(argv=None) -> int:
     parser.add_argument("--adapter", type=Path, help="score this trained adapter instead of training one")
     parser.add_argument("--base", action="store_true", help="also score the base model (adapter disabled)")
     parser.add_argument("--no-generate", action="store_true", help="only the score separation, no greedy answers")
+    parser.add_argument("--top-layers", type=int, default=0, help="LoRA only on the top N decoder layers (0: all)")
+    parser.add_argument("--paired", action="store_true",
+                        help="micro-batches of one question's items (its own and a foreign context) instead of "
+                             "length-grouped ones")
     args = parser.parse_args(argv)
 
     import torch
@@ -74,7 +81,8 @@ def main(argv=None) -> int:
     eot = end_of_turn_id(tokenizer)
     pad = tokenizer.pad_token_id
     read = lambda p: [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]  # noqa: E731
-    train = [encode(r, tokenizer, eot, str(train_path)) for r in read(train_path)]
+    train_records = read(train_path)
+    train = [encode(r, tokenizer, eot, str(train_path)) for r in train_records]
     items = read(eval_path)
     probes = [encode(r, tokenizer, eot, str(eval_path)) for r in items]
     refusal = cfg.prompt.refusal.strip()
@@ -86,7 +94,11 @@ def main(argv=None) -> int:
 
         model = PeftModel.from_pretrained(model, str(args.adapter), is_trainable=True)
     else:
-        model = get_peft_model(model, lora_config(section))
+        settings = lora_config(section)
+        if args.top_layers:
+            layers = model.config.num_hidden_layers
+            settings.layers_to_transform = list(range(max(0, layers - args.top_layers), layers))
+        model = get_peft_model(model, settings)
     per_step = section.batch_size * section.grad_accum
     steps_per_epoch = math.ceil(len(train) / per_step)
     total = max(1, math.ceil(args.epochs * len(train) / per_step))
@@ -155,6 +167,12 @@ def main(argv=None) -> int:
         sampler.set_epoch(step // steps_per_epoch)
         order = list(sampler)
         batches = [order[i:i + section.batch_size] for i in range(0, len(order), section.batch_size)]
+        if args.paired:
+            by_question: dict[str, list[int]] = {}
+            for i, record in enumerate(train_records):
+                by_question.setdefault(record["meta"]["question"], []).append(i)
+            batches = list(by_question.values())
+            random.Random(f"{section.seed}:{step}").shuffle(batches)
         for s in range(0, len(batches), section.grad_accum):
             group = batches[s:s + section.grad_accum]
             n_items = sum(len(train[i].completion_ids) for batch in group for i in batch)
