@@ -159,6 +159,10 @@ def main(argv=None) -> int:
         probe(0)
         return 0
 
+    pairs: dict[str, list[int]] = {}  # --paired: a question's items, one micro-batch
+    for i, record in enumerate(train_records):
+        pairs.setdefault(record["meta"]["question"], []).append(i)
+    pairs = list(pairs.values())
     probe_at = {min(total, round(steps_per_epoch * args.probe_every * k)) for k in range(1, 1000)} | {total}
     sampler = GroupedSampler([len(e) for e in train], section.batch_size, section.seed)
     started, step, results = time.perf_counter(), 0, []
@@ -168,10 +172,7 @@ def main(argv=None) -> int:
         order = list(sampler)
         batches = [order[i:i + section.batch_size] for i in range(0, len(order), section.batch_size)]
         if args.paired:
-            by_question: dict[str, list[int]] = {}
-            for i, record in enumerate(train_records):
-                by_question.setdefault(record["meta"]["question"], []).append(i)
-            batches = list(by_question.values())
+            batches = list(pairs)
             random.Random(f"{section.seed}:{step}").shuffle(batches)
         for s in range(0, len(batches), section.grad_accum):
             group = batches[s:s + section.grad_accum]

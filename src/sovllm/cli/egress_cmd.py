@@ -9,8 +9,8 @@ from urllib.parse import urlsplit
 import typer
 
 from sovllm import egress
-from sovllm.progress import make_console
 from sovllm.errors import InputError
+from sovllm.progress import make_console
 
 app = typer.Typer(help="The sovereignty guard: which hosts sovllm may contact.", no_args_is_help=True)
 console = make_console()
