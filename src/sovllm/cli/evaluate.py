@@ -40,8 +40,7 @@ def print_summary(summary: dict, out_dir, title: str = "eval") -> None:
         table.add_row("broken answers", *[str(rows[m]["broken_items"]) for m in labels], *[""] * (len(labels) - 1))
         console.print(table)
     for model, result in summary.get("targets", {}).items():
-        missed = [k for k, ok in result["checks"].items() if not ok]
-        console.print(f"quality targets for {model}: " + ("all met" if not missed else "missed " + ", ".join(missed)))
+        console.print(targets_line(model, result))
     judge = summary.get("judge", {})
     if judge.get("enabled"):
         agreement = judge.get("agreement", {})
@@ -78,3 +77,37 @@ def evaluate(
 
 def register(app: typer.Typer) -> None:
     app.command("eval")(evaluate)
+
+
+def headline_lines(evaluation: dict) -> list[str]:
+    """The run summary's answer to "is the adapter better?": per candidate, token F1 with its paired
+    interval, refusal accuracy *together with* the false-refusal rate (either alone misleads), the
+    stop rate, each next to the reference model's value, and which quality targets were missed."""
+    headline = evaluation.get("headline", {})
+    versus = headline.get("versus")
+    reference = headline.get(versus, {}) if versus else {}
+
+    def pct(value) -> str:
+        return "–" if value is None else f"{value:.1%}"
+
+    lines = []
+    for model, row in headline.items():
+        if not isinstance(row, dict) or "f1_diff" not in row:
+            continue
+        c = row["f1_diff"]
+        lines.append(f"headline ({headline['context']} context): {model} token F1 {row['f1']:.3f}, {c['diff']:+.3f} vs "
+                     f"{versus} [95% CI {c['low']:+.3f}, {c['high']:+.3f}] → {c['verdict']}; refusal accuracy "
+                     f"{pct(row['refusal_accuracy'])} with {pct(row['false_refusal_rate'])} false refusals ({versus} "
+                     f"{pct(reference.get('refusal_accuracy'))} / {pct(reference.get('false_refusal_rate'))}); stop "
+                     f"rate {pct(row['stop_rate'])} ({versus} {pct(reference.get('stop_rate'))})")
+        if evaluation.get("targets", {}).get(model):
+            lines.append(targets_line(model, evaluation["targets"][model]))
+    return lines
+
+
+def targets_line(model: str, result: dict) -> str:
+    """`quality targets for acme: 3 of 5 met; missed …` from summary.json's `targets` entry."""
+    checks = result["checks"]
+    missed = [k for k, ok in checks.items() if not ok]
+    return f"quality targets for {model}: " + (
+        "all met" if not missed else f"{len(checks) - len(missed)} of {len(checks)} met; missed {', '.join(missed)}")

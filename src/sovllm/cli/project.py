@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from sovllm.cli import options
+from sovllm.cli.evaluate import headline_lines
 from sovllm.progress import make_console
 
 console = make_console()
@@ -75,14 +76,8 @@ def _print_final(report) -> None:
     if "eval" in stages:
         evaluation = stages["eval"].manifest.extra
         console.print(f"  report:   {report.out_dir / 'eval' / 'report.html'}")
-        headline = evaluation.get("headline", {})
-        for model, row in headline.items():
-            if isinstance(row, dict) and "f1_diff" in row:
-                c = row["f1_diff"]
-                console.print(f"  headline ({headline['context']} context): {model} token F1 {row['f1']:.3f}, "
-                              f"{c['diff']:+.3f} vs {headline['versus']} [95% CI {c['low']:+.3f}, "
-                              f"{c['high']:+.3f}] → {c['verdict']}; refusal accuracy {row['refusal_accuracy']}, "
-                              f"stop rate {row['stop_rate']}")
+        for line in headline_lines(evaluation):
+            console.print(f"  {line}")
     if "train" in stages:
         train = stages["train"].manifest.extra
         if train.get("mlflow"):
