@@ -27,12 +27,19 @@ class Champion:
     path: Path | None
 
 
-def _registry(root: Path, cfg: Config):
-    from sovllm.train.tracking import default_uri
+def _registry(root: Path, cfg: Config, log: Callable[[str], None] | None = None):
+    """The project's tracking store, as the config names it now. The project's own store, copied or
+    moved with the project, is first pointed at the project's artifacts folder."""
+    from sovllm.train.tracking import default_uri, relocate_project_store
 
     out = root / cfg.project.output_dir
     uri = cfg.train.tracking.uri or default_uri(out)
     name = cfg.train.tracking.registered_model or f"{cfg.project.name}-adapter"
+    if uri == default_uri(out):
+        for moved in relocate_project_store(out):
+            if log:
+                log(f"MLflow store {uri}: artifact locations under {moved} (the project was copied or moved) "
+                    f"now point into this project")
     return out, uri, name
 
 
@@ -57,7 +64,7 @@ def candidate(root: Path, cfg: Config) -> dict:
 
 def fetch_champion(root: Path, cfg: Config, log: Callable[[str], None]) -> Champion | None:
     """The current champion's adapter, downloaded into out/eval/champion/v<N> (None: no champion yet)."""
-    out, uri, name = _registry(root, cfg)
+    out, uri, name = _registry(root, cfg, log)
     if not candidate(root, cfg).get("version"):
         raise ConfigError("--promote: this project's adapter has no registered version",
                           hint="train until the stop check passes ('sovllm train'); only registered adapters "
@@ -127,8 +134,10 @@ def log_to_mlflow(root: Path, cfg: Config, eval_dir: Path, summary: dict, log: C
         from sovllm.train.tracking import Tracker
     except ImportError:  # pragma: no cover - mlflow is in the train extra
         return None
-    out, uri, _ = _registry(root, cfg)
-    tracker = Tracker(info.get("tracking_uri") or uri, cfg.train.tracking.experiment or cfg.project.name, out)
+    # the store the config names now, not the absolute URI recorded at training time: a copied or
+    # moved project must not write into the original project's store
+    out, uri, _ = _registry(root, cfg, log)
+    tracker = Tracker(uri, cfg.train.tracking.experiment or cfg.project.name, out)
     tracker.start("eval", run_id=run_id)
     try:
         metrics = {}

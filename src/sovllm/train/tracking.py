@@ -18,6 +18,44 @@ def default_uri(out_dir: Path) -> str:
     return f"sqlite:///{(out_dir / 'mlflow' / 'mlflow.db').resolve()}"
 
 
+# where MLflow keeps absolute artifact locations (tables of MLflow 2 and 3; missing ones are skipped)
+_LOCATION_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"), ("model_versions", "source"),
+                     ("model_versions", "storage_location"), ("logged_models", "artifact_location"))
+
+
+def relocate_project_store(out_dir: Path) -> list[str]:
+    """Point a copied or moved project's own MLflow store at its own artifacts folder.
+
+    The default store (`out/mlflow/mlflow.db`) records absolute artifact locations: after `cp -r`
+    or `mv` of the project, new runs, eval results and model downloads would still use the old
+    folder — outside the project, or gone. Every location under an old `…/mlflow/artifacts` root is
+    rewritten to this project's root (the artifacts were copied along with the database). Returns
+    the old roots that were rewritten; touches nothing else, and nothing when the store is absent.
+    """
+    import sqlite3
+
+    db = out_dir / "mlflow" / "mlflow.db"
+    if not db.is_file():
+        return []
+    new_root = (out_dir / "mlflow" / "artifacts").resolve().as_uri()
+    with sqlite3.connect(db) as con:
+        tables = {t for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "experiments" not in tables:
+            return []
+        old_roots = sorted({loc for (loc,) in con.execute("SELECT artifact_location FROM experiments")
+                            if loc and loc.startswith("file://") and loc.rstrip("/").endswith("/mlflow/artifacts")
+                            and loc.rstrip("/") != new_root})
+        for old in old_roots:
+            old = old.rstrip("/")
+            for table, column in _LOCATION_COLUMNS:
+                if table not in tables or column not in {c[1] for c in con.execute(f"PRAGMA table_info({table})")}:
+                    continue
+                con.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "  # noqa: S608 - fixed names
+                            f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
+                            (new_root, len(old) + 1, old, len(old) + 1, old + "/"))
+    return old_roots
+
+
 def ui_command(uri: str, out_dir: Path) -> str:
     artifacts = (out_dir / "mlflow" / "artifacts").resolve()
     if uri.startswith("sqlite:"):
@@ -40,6 +78,8 @@ class Tracker:
 
         self.mlflow = mlflow
         self.uri = uri
+        # the project's own store, copied or moved with the project: keep its artifacts in the project
+        self.relocated = relocate_project_store(out_dir) if uri == default_uri(out_dir) else []
         mlflow.set_tracking_uri(uri)
         found = mlflow.get_experiment_by_name(experiment)
         if found is not None:
