@@ -23,8 +23,10 @@ def test_a_copied_project_store_points_its_artifacts_into_the_copy(tmp_path):
 
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     shutil.rmtree(tmp_path / "a")  # moved: the old folder is gone
-    moved = Tracker(default_uri(copy), "acme", copy)
+    said = []
+    moved = Tracker(default_uri(copy), "acme", copy, log=said.append)
     assert moved.relocated == [(original / "mlflow" / "artifacts").resolve().as_uri()]
+    assert len(said) == 1 and "copied or moved" in said[0]
 
     new_root = (copy / "mlflow" / "artifacts").resolve().as_uri()
     client = MlflowClient(tracking_uri=default_uri(copy))

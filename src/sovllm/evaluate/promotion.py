@@ -36,10 +36,7 @@ def _registry(root: Path, cfg: Config, log: Callable[[str], None] | None = None)
     uri = cfg.train.tracking.uri or default_uri(out)
     name = cfg.train.tracking.registered_model or f"{cfg.project.name}-adapter"
     if uri == default_uri(out):
-        for moved in relocate_project_store(out):
-            if log:
-                log(f"MLflow store {uri}: artifact locations under {moved} (the project was copied or moved) "
-                    f"now point into this project")
+        relocate_project_store(out, log)
     return out, uri, name
 
 

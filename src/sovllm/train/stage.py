@@ -150,10 +150,7 @@ def _train(root: Path, cfg: Config, records: dict, ctx: StageContext, *, quick: 
 
     tracking = section.tracking
     uri = tracking.uri or default_uri(root / cfg.project.output_dir)
-    tracker = Tracker(uri, tracking.experiment or cfg.project.name, root / cfg.project.output_dir)
-    for moved in tracker.relocated:
-        log(f"MLflow store {uri}: artifact locations under {moved} (the project was copied or moved) now point "
-            f"into this project")
+    tracker = Tracker(uri, tracking.experiment or cfg.project.name, root / cfg.project.output_dir, log=log)
     name = adapter_name(cfg)
     run_id = tracker.start(f"{name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}",
                            previous.get("mlflow_run_id") if resume is not None else None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 
 def default_uri(out_dir: Path) -> str:
@@ -23,7 +24,7 @@ _LOCATION_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_ur
                      ("model_versions", "storage_location"), ("logged_models", "artifact_location"))
 
 
-def relocate_project_store(out_dir: Path) -> list[str]:
+def relocate_project_store(out_dir: Path, log: Callable[[str], None] | None = None) -> list[str]:
     """Point a copied or moved project's own MLflow store at its own artifacts folder.
 
     The default store (`out/mlflow/mlflow.db`) records absolute artifact locations: after `cp -r`
@@ -53,6 +54,9 @@ def relocate_project_store(out_dir: Path) -> list[str]:
                 con.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "  # noqa: S608 - fixed names
                             f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
                             (new_root, len(old) + 1, old, len(old) + 1, old + "/"))
+            if log:
+                log(f"MLflow store {db}: artifact locations under {old} (the project was copied or moved) now "
+                    f"point into this project")
     return old_roots
 
 
@@ -66,7 +70,7 @@ def ui_command(uri: str, out_dir: Path) -> str:
 class Tracker:
     """One MLflow run (new, or resumed by id after an interruption)."""
 
-    def __init__(self, uri: str, experiment: str, out_dir: Path):
+    def __init__(self, uri: str, experiment: str, out_dir: Path, log: Callable[[str], None] | None = None):
         import logging
 
         import mlflow
@@ -79,7 +83,7 @@ class Tracker:
         self.mlflow = mlflow
         self.uri = uri
         # the project's own store, copied or moved with the project: keep its artifacts in the project
-        self.relocated = relocate_project_store(out_dir) if uri == default_uri(out_dir) else []
+        self.relocated = relocate_project_store(out_dir, log) if uri == default_uri(out_dir) else []
         mlflow.set_tracking_uri(uri)
         found = mlflow.get_experiment_by_name(experiment)
         if found is not None:
