@@ -71,4 +71,5 @@ class PeakMemory:
 
     @property
     def peak_gb(self) -> float | None:
-        return round(self.peak_bytes / 2**30, 3) if self.samples else None
+        """Peak in GB (10⁹ bytes, the unit the figures are printed and documented in)."""
+        return round(self.peak_bytes / 1e9, 3) if self.samples else None
