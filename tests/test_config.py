@@ -82,6 +82,17 @@ def test_overrides_are_typed_and_validated(tmp_path):
         load_config(path, ["ingest.chunk_size.x=1"])
 
 
+def test_one_split_share_of_unanswerable_items_keeps_the_other_defaults(tmp_path):
+    """Setting train's share must not silently remove the unanswerable items of val and eval."""
+    defaults = Config().curate.unanswerable
+    cfg = load_config(write(tmp_path, "version: 1\n"), ["curate.unanswerable.train=0.5"])
+    assert cfg.curate.unanswerable == {**defaults, "train": 0.5}
+    cfg = load_config(write(tmp_path, "curate:\n  unanswerable: {eval: 0.25}\n"))
+    assert cfg.curate.unanswerable == {**defaults, "eval": 0.25}
+    with pytest.raises(ConfigError, match="share must be between 0 and 0.9"):
+        load_config(write(tmp_path, "version: 1\n"), ["curate.unanswerable.val=0.95"])
+
+
 def test_cross_field_rule_and_invalid_yaml(tmp_path):
     with pytest.raises(ConfigError, match="chunk_overlap \\(512\\) must be smaller than chunk_size"):
         load_config(write(tmp_path, "ingest:\n  chunk_overlap: 512\n"))

@@ -196,6 +196,9 @@ class SplitSection(Section):
         return self
 
 
+UNANSWERABLE_SHARES = {"train": 0.2, "val": 0.2, "eval": 1 / 3}  # curate.unanswerable defaults
+
+
 class CurateSection(Section):
     rules: list[str] = Field(default_factory=lambda: list(RULE_FLAGS), description="rule flags that drop a pair")
     question_chars: tuple[int, int] = Field((12, 200), description="allowed question length [min, max]")
@@ -204,8 +207,8 @@ class CurateSection(Section):
     judge: JudgeSection = Field(default_factory=JudgeSection)
     splits: SplitSection = Field(default_factory=SplitSection)
     unanswerable: dict[Literal["train", "val", "eval"], float] = Field(
-        default_factory=lambda: {"train": 0.2, "val": 0.2, "eval": 1 / 3},
-        description="share of unanswerable items in each split")
+        default_factory=lambda: dict(UNANSWERABLE_SHARES),
+        description="share of unanswerable items in each split; a split left out keeps its default")
     max_overlap: float = Field(0.5, ge=0.0, le=1.0,
                                description="a negative is discarded when its question shares more content words "
                                            "with the new context")
@@ -239,7 +242,9 @@ class CurateSection(Section):
         for split, share in value.items():
             if not 0.0 <= share < 0.9:
                 raise ValueError(f"{split}: share must be between 0 and 0.9 (got {share})")
-        return value
+        # `unanswerable: {train: 0.5}` (or --set curate.unanswerable.train=0.5) changes train only:
+        # val and eval must not silently lose their unanswerable items
+        return {**UNANSWERABLE_SHARES, **value}
 
 
 LORA_PRESETS = {
