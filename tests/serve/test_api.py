@@ -99,6 +99,27 @@ def test_json_schema_output_validates(api):
         assert isinstance(json.loads(body["choices"][0]["message"]["content"]), dict)
 
 
+@pytest.mark.parametrize("max_tokens", [64, 96])
+def test_judge_verdicts_always_close_within_their_max_tokens(api, max_tokens):
+    """The judges bound their reasoning by max_tokens: even a random model's verdict ends with `stop`."""
+    from sovllm.curate.judge import RUBRICS
+    from sovllm.evaluate.judge import pairwise_schema
+
+    client, _ = api
+    for schema in (pairwise_schema(max_tokens), RUBRICS["answer-abc"].schema(max_tokens)):
+        for seed in range(3):
+            choice = verdict(client, schema, seed, max_tokens)
+            assert choice["finish_reason"] == "stop", choice
+            jsonschema.validate(json.loads(choice["message"]["content"]), schema)
+    # the same model under the unbounded schema (reasoning up to 240 characters) runs out of tokens
+    assert any(verdict(client, pairwise_schema(), seed, max_tokens)["finish_reason"] == "length" for seed in range(3))
+
+
+def verdict(client, schema, seed, max_tokens):
+    return chat(client, temperature=1.0, seed=seed, max_tokens=max_tokens,
+                response_format={"type": "json_schema", "json_schema": {"name": "v", "schema": schema}}).json()["choices"][0]
+
+
 def test_streaming_chat_chunks_and_usage(api):
     client, _ = api
     plain = chat(client, max_tokens=10, ignore_eos=True).json()["choices"][0]["message"]["content"]

@@ -20,6 +20,19 @@ from sovllm.endpoint import ChatClient, CompletionCache, Endpoint
 from sovllm.errors import BackendError
 
 
+def reasoning_limit(chars: int, max_tokens: int | None, skeleton: dict) -> int:
+    """The longest reasoning a verdict may have so that it always closes within `max_tokens`.
+
+    A token holds at least one character, so a verdict of N characters (the compact JSON `skeleton`
+    with an empty reasoning, plus the reasoning) ends within N tokens, whatever the tokenizer. A small
+    judge stuck in a loop ("1.1.1.1…") then still returns a complete verdict instead of one cut off by
+    max_tokens (counted as a failure, its tokens wasted)."""
+    if max_tokens is None:
+        return chars
+    fixed = len(json.dumps(skeleton, ensure_ascii=False)) + 2  # + end of turn and a spare token
+    return max(1, min(chars, max_tokens - fixed))
+
+
 @dataclass(frozen=True)
 class Rubric:
     name: str
@@ -28,10 +41,12 @@ class Rubric:
     examples: tuple[dict, ...] = ()
     reasoning_chars: int = 240
 
-    def schema(self) -> dict:
+    def schema(self, max_tokens: int | None = None) -> dict:
+        skeleton = {"rating": max(self.ratings, key=len), "hallucination": False, "reasoning": ""}
+        chars = reasoning_limit(self.reasoning_chars, max_tokens, skeleton)
         return {"type": "object", "additionalProperties": False, "required": ["rating", "hallucination", "reasoning"],
                 "properties": {"rating": {"enum": list(self.ratings)}, "hallucination": {"type": "boolean"},
-                               "reasoning": {"type": "string", "minLength": 1, "maxLength": self.reasoning_chars}}}
+                               "reasoning": {"type": "string", "minLength": 1, "maxLength": chars}}}
 
     def system_prompt(self, few_shot: bool = True) -> str:
         lines = [self.instructions, "", "Ratings:"]
@@ -156,7 +171,7 @@ class Judge:
                          ) -> tuple[list[Verdict], JudgeStats]:
         stats = JudgeStats()
         client = ChatClient(self.endpoint, timeout=self.timeout, max_in_flight=self.concurrency)
-        schema = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": self.rubric.schema()}}
+        schema = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": self.rubric.schema(self.max_tokens)}}
 
         async def one(item: dict) -> Verdict:
             messages = self.rubric.messages(item["context"], item["question"], item["answer"], item.get("reference"),

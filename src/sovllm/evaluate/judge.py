@@ -20,7 +20,7 @@ from pathlib import Path
 
 import jsonschema
 
-from sovllm.curate.judge import Judge, JudgeStats, Rubric, register_rubric
+from sovllm.curate.judge import Judge, JudgeStats, Rubric, reasoning_limit, register_rubric
 from sovllm.endpoint import ChatClient, CompletionCache, Endpoint
 from sovllm.errors import BackendError, InputError
 from sovllm.evaluate.stats import cohen_kappa, percent_agreement
@@ -46,9 +46,17 @@ PAIRWISE_INSTRUCTIONS = (
     "better: more correct and more faithful to the chunk first, then more complete. Length is not quality: "
     "repetition or restated content does not make an answer better. Reply with winner 1, 2 or tie, and the "
     "reason in one short sentence.")
-PAIRWISE_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["winner", "reasoning"],
-                   "properties": {"winner": {"enum": ["1", "2", "tie"]},
-                                  "reasoning": {"type": "string", "minLength": 1, "maxLength": 240}}}
+REASONING_CHARS = 240
+
+
+def pairwise_schema(max_tokens: int | None = None) -> dict:
+    """JSON schema of a pairwise verdict whose reasoning fits in `max_tokens` (see `reasoning_limit`)."""
+    chars = reasoning_limit(REASONING_CHARS, max_tokens, {"winner": "tie", "reasoning": ""})
+    return {"type": "object", "additionalProperties": False, "required": ["winner", "reasoning"],
+            "properties": {"winner": {"enum": ["1", "2", "tie"]},
+                           "reasoning": {"type": "string", "minLength": 1, "maxLength": chars}}}
+
+
 LABELS = ("1", "2", "tie")
 
 
@@ -91,7 +99,8 @@ class PairJudge:
         self.counts.failures[kind] = self.counts.failures.get(kind, 0) + 1
 
     async def _verdict(self, client: ChatClient, messages: list[dict]) -> tuple[str | None, str]:
-        response_format = {"type": "json_schema", "json_schema": {"name": "pairwise", "schema": PAIRWISE_SCHEMA}}
+        schema = pairwise_schema(self.max_tokens)
+        response_format = {"type": "json_schema", "json_schema": {"name": "pairwise", "schema": schema}}
         self.counts.graded += 1
         try:
             done = await self.cache.complete(client, self.fingerprint, messages, max_tokens=self.max_tokens,
@@ -106,7 +115,7 @@ class PairJudge:
             return None, ""
         try:
             data = json.loads(done.text)
-            jsonschema.validate(data, PAIRWISE_SCHEMA)
+            jsonschema.validate(data, schema)
         except (ValueError, jsonschema.ValidationError):
             self._fail("schema")
             return None, ""
