@@ -133,14 +133,11 @@ class Engine:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from sovllm.models.packed import pack_linears
-
         if threads:
             torch.set_num_threads(threads)
         _register_attention()
         self.tokenizer = tokenizer
         self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-        self.packed_linears = pack_linears(self.model)  # oneDNN on packed weights: faster than MKL here
         self.model.set_attn_implementation(_ATTENTION)
         self.model.eval()
         config = self.model.config
