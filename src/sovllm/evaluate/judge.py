@@ -94,13 +94,13 @@ class PairJudge:
         self.counts = JudgeStats()
         self.cache = cache or CompletionCache(None)
         self.fingerprint = fingerprint
+        self.schema = pairwise_schema(max_tokens)
 
     def _fail(self, kind: str) -> None:
         self.counts.failures[kind] = self.counts.failures.get(kind, 0) + 1
 
     async def _verdict(self, client: ChatClient, messages: list[dict]) -> tuple[str | None, str]:
-        schema = pairwise_schema(self.max_tokens)
-        response_format = {"type": "json_schema", "json_schema": {"name": "pairwise", "schema": schema}}
+        response_format = {"type": "json_schema", "json_schema": {"name": "pairwise", "schema": self.schema}}
         self.counts.graded += 1
         try:
             done = await self.cache.complete(client, self.fingerprint, messages, max_tokens=self.max_tokens,
@@ -115,7 +115,7 @@ class PairJudge:
             return None, ""
         try:
             data = json.loads(done.text)
-            jsonschema.validate(data, schema)
+            jsonschema.validate(data, self.schema)
         except (ValueError, jsonschema.ValidationError):
             self._fail("schema")
             return None, ""
