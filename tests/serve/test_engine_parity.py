@@ -116,3 +116,39 @@ def test_mixed_batch_matches_generate_while_sequences_join_and_leave(setup):
     assert len(joined) > 3 and len(left) > 3, (joined, left)
     print(f"near-ties met: {ties}; join steps {sorted(joined)}; leave steps {sorted(left)}")
     assert failures == [], f"diverged from generate() without a near-tie: {failures} (near-ties: {ties})"
+
+
+def test_batched_decode_attention_matches_generate_over_a_cache_of_garbage(setup, tiny_model_dir, tiny_adapters,
+                                                                          monkeypatch):
+    """Decode steps attend over a range of slots at once; what lies beyond each slot's length must not leak.
+
+    The cache starts as NaN everywhere (what uninitialised memory may hold): a masked position whose value
+    is NaN would turn every output of its slot into NaN (0 × NaN), so this fails unless the engine keeps
+    those values finite.
+    """
+    import sovllm.serve.engine as engine_module
+
+    _, prompts, expected, adapters = setup
+    batched = []
+    original = engine_module._span_attention
+    monkeypatch.setattr(engine_module, "_span_attention",
+                        lambda batch, *a: batched.append(len(batch.slots)) or original(batch, *a))
+    engine = Engine(tiny_model_dir, load_tokenizer(tiny_model_dir), max_num_seqs=24, max_model_len=512)
+    engine.keys.fill_(float("nan"))
+    engine.values.fill_(float("nan"))
+    engine.start()
+    try:
+        for name, path in tiny_adapters.items():
+            engine.load_adapter(name, path)
+        order = [(adapter, p) for p in range(len(prompts)) for adapter in [None, *adapters]]
+        jobs = [(adapter, p, submit(engine, prompts[p], adapter, max_tokens=NEW_TOKENS, temperature=0))
+                for adapter, p in order[:24]]
+        failures = []
+        for adapter, p, collector in jobs:
+            collector.wait()
+            if not check(collector.tokens(), *expected[adapter, p])[0]:
+                failures.append((adapter, p))
+    finally:
+        engine.shutdown()
+    assert batched and max(batched) == 24, "decode steps never attended over a range of slots"
+    assert failures == [], f"diverged from generate() without a near-tie: {failures}"
