@@ -97,6 +97,7 @@ class SlotSpan:
 
     lo: int
     hi: int  # exclusive
+    slots: Any  # per row: its slot (long tensor)
     rows: Any  # per row: its slot's index within the range (long tensor)
     positions: Any  # per row: the cache position its new key and value go to (long tensor)
     width: int  # positions attended: the longest row's length after this step
@@ -107,12 +108,13 @@ class SlotSpan:
         import torch
 
         lo, hi = min(slots), max(slots) + 1
-        rows = torch.tensor(slots) - lo
+        slot_ids = torch.tensor(slots)
+        rows = slot_ids - lo
         visible = torch.zeros(hi - lo, dtype=torch.long)  # idle slots in the range attend to nothing
         visible[rows] = torch.tensor(lengths) + 1
         width = int(visible.max())
         masked = torch.arange(width)[None, :] >= visible[:, None]
-        return cls(lo, hi, rows, torch.tensor(lengths), width, masked[:, None, None, :])
+        return cls(lo, hi, slot_ids, rows, torch.tensor(lengths), width, masked[:, None, None, :])
 
 
 def _span_attention(batch: Batch, layer: int, query, key, value, scaling):
@@ -121,9 +123,8 @@ def _span_attention(batch: Batch, layer: int, query, key, value, scaling):
     rows, heads, _, dim = query.shape
     kv_heads = key.shape[1]
     keys, values = batch.keys[layer], batch.values[layer]
-    slots = span.rows + span.lo
-    keys[slots, :, span.positions] = key[:, :, 0]
-    values[slots, :, span.positions] = value[:, :, 0]
+    keys[span.slots, :, span.positions] = key[:, :, 0]
+    values[span.slots, :, span.positions] = value[:, :, 0]
     k = keys[span.lo:span.hi, :, :span.width]
     v = values[span.lo:span.hi, :, :span.width]
     q = query.new_zeros(span.hi - span.lo, heads, dim)
@@ -225,7 +226,8 @@ class Engine:
         self.min_prefix = max(1, min_prefix)
         # per slot: (adapter, prompt ids) whose keys and values the slot holds, or None
         self._resident: list[tuple[str | None, list[int]] | None] = [None] * max_num_seqs
-        # per slot: positions [0, n) of `values` hold finite numbers (written, copied or zeroed)
+        # per slot: positions [0, n) of `values` hold finite numbers (as do those below a running
+        # sequence's length); raised when a decode step zeroes what its span mask hides
         self._finite = [0] * max_num_seqs
         self._waiting: queue.Queue = queue.Queue()
         self._commands: queue.Queue = queue.Queue()
