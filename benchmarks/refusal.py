@@ -22,7 +22,9 @@ any threshold on it would give with ≤ 10 % false refusals. Greedy answers show
 `--adapter DIR` scores a trained adapter (e.g. `out/train/adapter`) instead of training one,
 `--base` scores the base model too, `--no-generate` skips the greedy answers (about 2 × faster).
 `--top-layers N` puts LoRA on the top N layers only (faster steps: backward stops at the lowest
-adapted layer); `--paired` trains each question's items (own and foreign context) in one micro-batch.
+adapted layer); `--paired` trains each question's items (own and foreign context) in one micro-batch;
+`--share` trains the examples that share a context as shared-prefix trees, as `sovllm train` does
+with `train.share_prefix` (`--batch-size`/`--grad-accum` then count trees).
 """
 
 from __future__ import annotations
@@ -50,10 +52,17 @@ def main(argv=None) -> int:
     parser.add_argument("--base", action="store_true", help="also score the base model (adapter disabled)")
     parser.add_argument("--no-generate", action="store_true", help="only the score separation, no greedy answers")
     parser.add_argument("--top-layers", type=int, default=0, help="LoRA only on the top N decoder layers (0: all)")
+    parser.add_argument("--share", action="store_true",
+                        help="train examples that share a context as one shared-prefix tree (sovllm.train.data.Tree)")
+    parser.add_argument("--batch-size", type=int, default=0, help="micro-batch (examples or trees); 0: train.batch_size")
+    parser.add_argument("--grad-accum", type=int, default=0, help="0: train.grad_accum")
+    parser.add_argument("--max-steps", type=int, default=0, help="stop after N optimizer steps (0: epochs)")
     parser.add_argument("--paired", action="store_true",
                         help="micro-batches of one question's items (its own and a foreign context) instead of "
                              "length-grouped ones")
     args = parser.parse_args(argv)
+    if args.share and (args.paired or args.decision_weight != 1.0):
+        parser.error("--share trains trees of several examples: not with --paired or --decision-weight")
 
     import torch
     from peft import get_peft_model
@@ -65,7 +74,7 @@ def main(argv=None) -> int:
     from sovllm.models import registry
     from sovllm.models.chat import end_of_turn_id
     from sovllm.models.tokenizer import load_tokenizer
-    from sovllm.train.data import Collator, encode
+    from sovllm.train.data import Collator, TreeDataset, encode, share_prefixes
     from sovllm.train.fit import GroupedSampler, selective_loss
     from sovllm.train.lora import lora_config
     from sovllm.train.stopcheck import greedy_completions
@@ -99,9 +108,15 @@ def main(argv=None) -> int:
             layers = model.config.num_hidden_layers
             settings.layers_to_transform = list(range(max(0, layers - args.top_layers), layers))
         model = get_peft_model(model, settings)
-    per_step = section.batch_size * section.grad_accum
-    steps_per_epoch = math.ceil(len(train) / per_step)
-    total = max(1, math.ceil(args.epochs * len(train) / per_step))
+    batch_size, grad_accum = args.batch_size or section.batch_size, args.grad_accum or section.grad_accum
+    units = share_prefixes(train, max_tokens=section.max_length * 4) if args.share else None
+    features = (TreeDataset(units).features if units else
+                [{"input_ids": e.input_ids, "prompt_len": len(e.prompt_ids)} for e in train])
+    answer_tokens = ([sum(len(b) - s for b, s in zip(t.branches, t.starts)) for t in units] if units else
+                     [len(e.completion_ids) for e in train])
+    per_step = batch_size * grad_accum
+    steps_per_epoch = math.ceil(len(features) / per_step)
+    total = args.max_steps or max(1, math.ceil(args.epochs * len(features) / per_step))
     warmup = max(1, math.ceil(section.warmup_ratio * total))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr or section.learning_rate, weight_decay=section.weight_decay)
@@ -164,22 +179,25 @@ def main(argv=None) -> int:
         pairs.setdefault(record["meta"]["question"], []).append(i)
     pairs = list(pairs.values())
     probe_at = {min(total, round(steps_per_epoch * args.probe_every * k)) for k in range(1, 1000)} | {total}
-    sampler = GroupedSampler([len(e) for e in train], section.batch_size, section.seed)
+    sampler = GroupedSampler([len(f["input_ids"]) for f in features], batch_size, section.seed)
+    if units:
+        print(json.dumps({"trees": len(units), "examples": len(train), "tree_tokens": sum(map(len, units)),
+                          "example_tokens": sum(map(len, train))}), flush=True)
     started, step, results = time.perf_counter(), 0, []
     model.train()
     while step < total:
         sampler.set_epoch(step // steps_per_epoch)
         order = list(sampler)
-        batches = [order[i:i + section.batch_size] for i in range(0, len(order), section.batch_size)]
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         if args.paired:
             batches = list(pairs)
             random.Random(f"{section.seed}:{step}").shuffle(batches)
-        for s in range(0, len(batches), section.grad_accum):
-            group = batches[s:s + section.grad_accum]
-            n_items = sum(len(train[i].completion_ids) for batch in group for i in batch)
+        for s in range(0, len(batches), grad_accum):
+            group = batches[s:s + grad_accum]
+            n_items = sum(answer_tokens[i] for batch in group for i in batch)
             for batch in group:
-                features = [{"input_ids": train[i].input_ids, "prompt_len": len(train[i].prompt_ids)} for i in batch]
-                selective_loss(model, collate(features), n_items, first_weight=args.decision_weight)[0].backward()
+                inputs = collate([features[i] for i in batch])
+                selective_loss(model, inputs, n_items, first_weight=args.decision_weight)[0].backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             schedule.step()

@@ -212,6 +212,10 @@ class CurateSection(Section):
     max_overlap: float = Field(0.5, ge=0.0, le=1.0,
                                description="a negative is discarded when its question shares more content words "
                                            "with the new context")
+    negatives_per_context: int = Field(
+        0, ge=0, le=16, description="train only: every training context also carries this many questions of other "
+                                    "documents, answered with the refusal sentence, and a chunk's questions share one "
+                                    "context (training then computes it once); 0 = unanswerable.train as a share")
     distractors: float = Field(0.3, ge=0.0, le=1.0, description="share of training examples with distractor chunks")
     max_distractors: int = Field(2, ge=1, le=4)
     max_context_tokens: int = Field(800, ge=64, description="distractors are added only while all contexts of an "
@@ -286,6 +290,9 @@ class TrainSection(Section):
     too_long: Literal["drop", "fail"] = "drop"
     batching: Literal["grouped", "padded"] = Field(
         "grouped", description="grouped: length-grouped batches; padded: shuffled, pad to longest (the tutorial)")
+    share_prefix: bool = Field(True, description="examples whose prompts share a context train as one shared-prefix "
+                                                 "tree (the context once, each question after it); batch_size then "
+                                                 "counts trees")
     eval_steps: int = Field(20, ge=1, description="val loss every N optimizer steps and at the last one")
     early_stopping_patience: int = Field(3, ge=0, description="evaluations without improvement; 0 = off")
     gradient_checkpointing: bool = False

@@ -264,3 +264,36 @@ def test_warns_when_eval_has_a_language_training_lacks():
     assert lines[1].startswith("warning: 9 eval items are in 'de'")
     assert stage.untrained_languages({"train": {"by_lang": {"en": 1, "de": 1}},
                                       "eval": {"by_lang": {"de": 3}}}) == []
+
+
+def test_negatives_per_context_put_foreign_questions_on_each_training_context(project):
+    _, cfg = run(project, "curate.dedup.near=false", "curate.negatives_per_context=2", "curate.distractors=0.5")
+    records, _ = outputs(project)
+    chunks = {c["id"]: c for c in read(project / "out" / "ingest" / "chunks.jsonl")}
+    funnel = json.loads((project / "out" / "curate" / "funnel.json").read_text())
+    train = records["train"]
+    by_context: dict[tuple, list[dict]] = {}
+    for r in train:
+        by_context.setdefault(tuple(r["meta"]["context_ids"]), []).append(r)
+    answerable = [r for r in train if r["meta"]["type"] != "unanswerable"]
+    # a chunk's questions share one context (with its distractors), and that exact context carries two
+    # foreign questions, so training computes it once for all of them
+    assert len(by_context) == len({r["meta"]["chunk_id"] for r in answerable})
+    for context_ids, items in by_context.items():
+        own = [r for r in items if r["meta"]["type"] != "unanswerable"]
+        foreign = [r for r in items if r["meta"]["type"] == "unanswerable"]
+        assert own and len(foreign) == 2, context_ids
+        assert len({r["messages"][1]["content"].rsplit("Question:", 1)[0] for r in items}) == 1
+        docs = {chunks[c]["doc_id"] for c in context_ids}
+        for neg in foreign:
+            assert neg["messages"][2]["content"] == cfg.prompt.refusal
+            assert chunks[neg["meta"]["chunk_id"]]["doc_id"] not in docs
+            assert overlap(neg["meta"]["question"], "\n".join(chunks[c]["text"] for c in context_ids)) <= 0.5
+    assert any(len(c) > 1 for c in by_context), "distractors still apply"
+    assert len({r["id"] for r in train}) == len(train)
+    assert funnel["unanswerable"]["train"]["unanswerable"] == 2 * len(by_context)
+    # val and eval keep their shares
+    for split in ("val", "eval"):
+        negatives = [r for r in records[split] if r["meta"]["type"] == "unanswerable"]
+        share = cfg.curate.unanswerable[split]
+        assert abs(len(negatives) - round((len(records[split]) - len(negatives)) * share / (1 - share))) <= 1

@@ -140,3 +140,74 @@ def test_grouped_sampler_covers_every_example_once_with_homogeneous_batches():
     assert 1 - sum(lengths) / padded < 0.03  # random batches of 4 pad ~20 %
     sampler.set_epoch(1)
     assert list(sampler) != first  # a new batch order every epoch
+
+
+def _shared_context_records(n_contexts=2, questions=3):
+    out = []
+    for c in range(n_contexts):
+        context = f"Context:\n\n[1] Policy {c}\n" + " ".join(f"rule{c} item{w} applies." for w in range(12 + 5 * c))
+        for q in range(questions):
+            question = f"What does rule {q} of policy {c} say{'?' * (q + 1)}"
+            out.append({"id": f"c{c}q{q}", "meta": {"question": question}, "messages": [
+                {"role": "system", "content": "Answer from the context."},
+                {"role": "user", "content": f"{context}\n\nQuestion: {question}"},
+                {"role": "assistant", "content": f"Rule {q} says item {q * 3} applies, policy {c}."}]})
+    return out
+
+
+def test_shared_prefix_trees_give_each_example_its_own_loss_and_gradient(tiny_model_dir):
+    """A tree (context once, each question and answer after it, positioned and masked as if alone)
+    must train exactly like the separate examples: same loss, same gradients, fewer tokens."""
+    import torch
+
+    from sovllm.models.chat import end_of_turn_id
+    from sovllm.models.tokenizer import load_tokenizer
+    from sovllm.train.data import Collator, ExampleDataset, TreeDataset, encode, share_prefixes
+    from sovllm.train.fit import selective_loss
+
+    tok = load_tokenizer(tiny_model_dir)
+    examples = [encode(r, tok, end_of_turn_id(tok)) for r in _shared_context_records()]
+    assert len({e.share_key for e in examples}) == 2
+    trees = share_prefixes(examples, max_tokens=4096)
+    assert [len(t.branches) for t in trees] == [3, 3]
+    assert all(len(t.prefix) > 20 for t in trees) and sum(map(len, trees)) < sum(map(len, examples))
+    collate = Collator(tok.pad_token_id)
+    model = _tiny_peft(tiny_model_dir)
+    # non-zero LoRA B so that the adapter's gradients depend on the attention pattern too
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+
+    def loss_and_grads(batch, num_items):
+        model.zero_grad()
+        loss, count = selective_loss(model, batch, num_items)
+        loss.backward()
+        return loss.item(), count, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    items = sum(len(e.completion_ids) for e in examples)
+    plain = ExampleDataset(examples)
+    ref_loss, ref_count, ref_grads = loss_and_grads(collate([plain[i] for i in range(len(examples))]), items)
+    shared = TreeDataset(trees)
+    tree_loss, tree_count, tree_grads = loss_and_grads(collate([shared[i] for i in range(len(trees))]), items)
+    assert tree_count == ref_count == items
+    assert abs(tree_loss - ref_loss) < 1e-5
+    for name, g in ref_grads.items():
+        assert torch.allclose(tree_grads[name], g, atol=1e-6, rtol=1e-4), name
+
+
+def test_shared_prefix_trees_respect_the_length_cap_and_keep_unkeyed_examples_alone(tiny_model_dir):
+    from sovllm.models.chat import end_of_turn_id
+    from sovllm.models.tokenizer import load_tokenizer
+    from sovllm.train.data import encode, share_prefixes
+
+    tok = load_tokenizer(tiny_model_dir)
+    records = _shared_context_records(n_contexts=1, questions=4)
+    records[3]["meta"] = {}  # no question recorded: never shared
+    examples = [encode(r, tok, end_of_turn_id(tok)) for r in records]
+    one = len(examples[0])
+    trees = share_prefixes(examples, max_tokens=one + 2 * (one - len(examples[0].prompt_ids)) + 40)
+    assert all(len(t) <= one + 2 * (one - len(examples[0].prompt_ids)) + 40 for t in trees)
+    assert sorted(len(t.branches) for t in trees) == [1, 1, 2]
+    assert [t.ids for t in trees if "c0q3" in t.ids] == [["c0q3"]]
+    assert sorted(i for t in trees for i in t.ids) == sorted(e.id for e in examples)

@@ -11,7 +11,8 @@ import random
 from collections import Counter
 
 from sovllm.config import Config
-from sovllm.curate.negatives import build_negatives, pick_distractors, wanted, with_distractors
+from sovllm.curate.negatives import (build_negatives, foreign_questions, pick_distractors, wanted,
+                                     with_distractors)
 from sovllm.curate.records import make_record
 from sovllm.curate.split import SPLITS, check_leak_free
 
@@ -29,19 +30,37 @@ def build_splits(kept: list[dict], chunks: list[dict], doc_split: dict[str, str]
         pairs = [p for p in kept if chunk_split[p["chunk_id"]] == split]
         split_chunks = [c for c in chunks if chunk_split[c["id"]] == split]
         share = section.unanswerable.get(split, 0.0)
-        negatives, neg_stats = build_negatives(pairs, split_chunks, chunk_by_id, wanted(len(pairs), share),
+        per_context = section.negatives_per_context if split == "train" else 0
+        negatives, neg_stats = build_negatives(pairs, split_chunks, chunk_by_id,
+                                               0 if per_context else wanted(len(pairs), share),
                                                max_overlap=section.max_overlap, rng=rng)
         out, with_extra = [], 0
         distract = section.distractors if split == "train" else 0.0
+        chunk_contexts: dict[str, list[dict]] = {}  # with negatives_per_context: one context per chunk
         for pair in pairs:
             chunk = chunk_by_id[pair["chunk_id"]]
-            contexts = [chunk]
-            if distract and rng.random() < distract:
-                extra = pick_distractors(split_chunks, {chunk["doc_id"]}, rng.randint(1, section.max_distractors), rng)
-                contexts = with_distractors(chunk, extra, rng, section.max_context_tokens)
-                with_extra += len(contexts) > 1
+            contexts = chunk_contexts.get(chunk["id"]) if per_context else None
+            if contexts is None:
+                contexts = [chunk]
+                if distract and rng.random() < distract:
+                    extra = pick_distractors(split_chunks, {chunk["doc_id"]}, rng.randint(1, section.max_distractors), rng)
+                    contexts = with_distractors(chunk, extra, rng, section.max_context_tokens)
+                chunk_contexts[chunk["id"]] = contexts
+            with_extra += len(contexts) > 1
             out.append(make_record(pair["id"], prompt=prompt, contexts=contexts, question=pair["question"],
                                    answer=pair["answer"], chunk=chunk, type_=pair["type"], pair_id=pair["id"]))
+        uses: Counter = Counter()
+        for chunk_id, contexts in chunk_contexts.items() if per_context else ():
+            neg_stats.wanted += per_context
+            for foreign in foreign_questions(contexts, pairs, chunk_by_id, per_context, max_overlap=section.max_overlap,
+                                             rng=rng, lang=chunk_by_id[chunk_id].get("lang")):
+                uses[foreign["id"]] += 1
+                out.append(make_record(f"{foreign['id']}-unanswerable-{uses[foreign['id']]}", prompt=prompt,
+                                       contexts=contexts, question=foreign["question"], answer=prompt.refusal,
+                                       chunk=chunk_by_id[foreign["chunk_id"]], type_="unanswerable",
+                                       pair_id=foreign["id"], lang=chunk_by_id[chunk_id].get("lang")))
+                neg_stats.built += 1
+                with_extra += len(contexts) > 1
         for neg in negatives:
             source = chunk_by_id[neg.pair["chunk_id"]]
             contexts = [neg.context]
@@ -57,7 +76,7 @@ def build_splits(kept: list[dict], chunks: list[dict], doc_split: dict[str, str]
         records[split] = out
         stats[split] = {
             "documents": len({c["doc_id"] for c in split_chunks}), "chunks": len(split_chunks),
-            "answerable": len(pairs), "unanswerable": len(negatives), "unanswerable_wanted": neg_stats.wanted,
+            "answerable": len(pairs), "unanswerable": len(out) - len(pairs), "unanswerable_wanted": neg_stats.wanted,
             "negatives_discarded_overlap": neg_stats.discarded_overlap,
             "negatives_without_other_document": neg_stats.no_context, "with_distractors": with_extra,
             "by_type": dict(sorted(Counter(r["meta"]["type"] for r in out).items())),

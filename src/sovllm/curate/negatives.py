@@ -7,6 +7,10 @@ vocabulary, different facts), but a candidate whose question shares more than `m
 content words with the chunk is discarded, because it might be answerable after all. Contexts in
 the question's language are preferred.
 
+With `curate.negatives_per_context` the training split's unanswerable items are instead put onto
+the answerable items' own contexts (`foreign_questions`): each context then holds its questions and
+as many foreign ones, and the model learns to tell them apart on the same text.
+
 Distractors: a share of the training examples get one or two extra chunks from other documents of
 the same split, in random order, so the model learns to find the passage that answers — as it
 must behind real retrieval.
@@ -82,6 +86,28 @@ def build_negatives(pairs: list[dict], chunks: list[dict], chunk_by_id: dict[str
             break
     stats.built = len(out)
     return out, stats
+
+
+def foreign_questions(contexts: list[dict], pairs: list[dict], chunk_by_id: dict[str, dict], n: int, *,
+                      max_overlap: float, rng: random.Random, lang: str | None) -> list[dict]:
+    """Up to `n` kept pairs whose questions the `contexts` cannot answer: from other documents, sharing
+    at most `max_overlap` of their content words with the contexts. The hardest candidates first
+    (same language, then the most shared words), drawn at random from the best 2 × `n`."""
+    if n <= 0:
+        return []
+    docs = {c["doc_id"] for c in contexts}
+    text = "\n".join(c["text"] for c in contexts)
+    scored = []
+    for pair in pairs:
+        source = chunk_by_id[pair["chunk_id"]]
+        if source["doc_id"] in docs:
+            continue
+        shared = overlap(pair["question"], text)
+        if shared <= max_overlap:
+            scored.append((source.get("lang") != lang, -shared, pair["id"], pair))
+    scored.sort(key=lambda s: s[:3])
+    best = [s[3] for s in scored[:2 * n]]
+    return rng.sample(best, min(n, len(best)))
 
 
 def pick_distractors(chunks: list[dict], exclude_docs: set[str], k: int, rng: random.Random,

@@ -26,6 +26,7 @@ class Example:
     id: str
     prompt_ids: list[int]
     completion_ids: list[int]
+    share_key: str | None = None  # the prompt before the question: examples with equal keys can share it
 
     @property
     def input_ids(self) -> list[int]:
@@ -55,11 +56,16 @@ def encode(record: dict, tokenizer, eot_id: int, where: str = "train.jsonl") -> 
     prompt = render(tokenizer, prompt_messages, system, add_generation_prompt=True)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [eot_id]
-    return Example(str(record.get("id")), prompt_ids, completion_ids)
+    question = ((record.get("meta") or {}).get("question") or "").strip()
+    cut = prompt.rfind(question) if question else -1
+    return Example(str(record.get("id")), prompt_ids, completion_ids, prompt[:cut] if cut > 0 else None)
 
 
 class Collator:
-    """Right-pads a batch; labels by position (completion positions only), attention mask 0 on padding."""
+    """Right-pads a batch; labels by position (completion positions only), attention mask 0 on padding.
+
+    A batch of shared-prefix trees (`Tree.feature`) also gets `position_ids` and `tree_mask`, the
+    [batch, 1, L, L] boolean attention mask: causal, and a branch sees only the prefix and itself."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
@@ -67,6 +73,8 @@ class Collator:
     def __call__(self, features: list[dict]) -> dict:
         import torch
 
+        if any("branch" in f for f in features):
+            return self._trees(features)
         width = max(len(f["input_ids"]) for f in features)
         ids, labels, mask = [], [], []
         for f in features:
@@ -76,6 +84,119 @@ class Collator:
             labels.append([IGNORE] * start + f["input_ids"][start:] + [IGNORE] * pad)
             mask.append([1] * n + [0] * pad)
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
+
+    def _trees(self, features: list[dict]) -> dict:
+        import torch
+
+        features = [f if "branch" in f else Tree.single(f).feature() for f in features]
+        width = max(len(f["input_ids"]) for f in features)
+        ids, labels, mask, positions, branch = [], [], [], [], []
+        for f in features:
+            pad = width - len(f["input_ids"])
+            ids.append(f["input_ids"] + [self.pad_id] * pad)
+            labels.append(f["labels"] + [IGNORE] * pad)
+            mask.append([1] * len(f["input_ids"]) + [0] * pad)
+            positions.append(f["position_ids"] + [0] * pad)
+            branch.append(f["branch"] + [PAD_BRANCH] * pad)
+        b = torch.tensor(branch)
+        # key k is visible from query q when k <= q and k is in the prefix or in q's own branch; padding
+        # sees padding (and the prefix), never the other way round, so no row of the mask is empty
+        visible = (b[:, :, None] == b[:, None, :]) | (b[:, None, :] == PREFIX_BRANCH)
+        visible &= torch.ones(width, width, dtype=torch.bool).tril()
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask),
+                "position_ids": torch.tensor(positions), "tree_mask": visible[:, None]}
+
+
+PREFIX_BRANCH, PAD_BRANCH = -1, -2
+
+
+@dataclass
+class Tree:
+    """Examples whose prompts begin with the same tokens (one context, several questions), laid out
+    as one sequence: the shared prefix once, then each example's rest, every rest positioned right
+    after the prefix and attending only to the prefix and itself. Each example's loss and gradient
+    are exactly those of the example alone; the prefix is computed once instead of once per example."""
+
+    ids: list[str]
+    prefix: list[int]
+    branches: list[list[int]]   # each example's tokens after the prefix (rest of the prompt + completion)
+    starts: list[int]           # where in its branch each completion begins
+
+    def __len__(self) -> int:
+        return len(self.prefix) + sum(len(b) for b in self.branches)
+
+    @property
+    def examples_tokens(self) -> int:
+        """Tokens of the same examples trained one by one."""
+        return len(self.prefix) * len(self.branches) + sum(len(b) for b in self.branches)
+
+    @classmethod
+    def single(cls, feature: dict) -> "Tree":
+        start = feature["prompt_len"]
+        return cls([""], [], [feature["input_ids"]], [start])
+
+    def feature(self) -> dict:
+        ids, labels = list(self.prefix), [IGNORE] * len(self.prefix)
+        positions, branch = list(range(len(self.prefix))), [PREFIX_BRANCH] * len(self.prefix)
+        for i, (rest, start) in enumerate(zip(self.branches, self.starts)):
+            ids += rest
+            labels += [IGNORE] * start + rest[start:]
+            positions += range(len(self.prefix), len(self.prefix) + len(rest))
+            branch += [i] * len(rest)
+        return {"input_ids": ids, "labels": labels, "position_ids": positions, "branch": branch}
+
+
+def _common_prefix(sequences: list[list[int]]) -> int:
+    n = min(len(s) for s in sequences)
+    first = sequences[0]
+    for i in range(n):
+        if any(s[i] != first[i] for s in sequences[1:]):
+            return i
+    return n
+
+
+def share_prefixes(examples: list[Example], *, max_tokens: int) -> list[Tree]:
+    """Examples grouped into trees by `share_key` (in first-seen order), each tree at most
+    `max_tokens` long; an example without a key, or alone with its key, is a tree of one.
+
+    The shared prefix is the examples' longest common run of prompt tokens, less one, so that every
+    branch keeps a prompt token whose output predicts the first answer token (the labels are shifted
+    by one position, and a branch's first token must not be predicted across branches)."""
+    groups: dict[object, list[Example]] = {}
+    for i, e in enumerate(examples):
+        groups.setdefault(e.share_key if e.share_key is not None else ("alone", i), []).append(e)
+    trees: list[Tree] = []
+    for members in groups.values():
+        pending: list[Example] = []
+        for e in members:
+            if pending and len(_tree(pending + [e])) > max_tokens:
+                trees.append(_tree(pending))
+                pending = []
+            pending.append(e)
+        if pending:
+            trees.append(_tree(pending))
+    return trees
+
+
+def _tree(members: list[Example]) -> Tree:
+    shared = 0 if len(members) == 1 else _common_prefix([e.prompt_ids for e in members])
+    shared = max(0, min(shared, min(len(e.prompt_ids) for e in members) - 1))
+    return Tree([e.id for e in members], members[0].input_ids[:shared], [e.input_ids[shared:] for e in members],
+                [len(e.prompt_ids) - shared for e in members])
+
+
+class TreeDataset:
+    """Shared-prefix trees as the dicts the collator and the length-grouped sampler read."""
+
+    def __init__(self, trees: list[Tree]):
+        self.trees = trees
+        self.features = [t.feature() for t in trees]
+
+    def __len__(self) -> int:
+        return len(self.trees)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.features[i]
 
 
 class ExampleDataset:

@@ -10,8 +10,10 @@ gradient accumulation does not change what is averaged.
 Batching: `grouped` sorts each epoch's examples by length into micro-batches and shuffles the
 batch order (`GroupedSampler`; transformers' own length-grouped sampler only sorts within small
 "mega-batches" and left 14 % padding on the example corpus); `padded` is the tutorial's recipe
-(shuffled, padded to the longest). Packing is
-not used: with plain SDPA on the CPU packed examples would attend to each other.
+(shuffled, padded to the longest). Packing unrelated examples is not used; examples that share a
+context are trained as one shared-prefix tree (`data.Tree`: the context once, every question and
+answer after it at the positions it would have alone, under a mask that hides the other branches),
+which gives each example exactly its own loss and gradient.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from sovllm.train.data import IGNORE, Collator, Example, ExampleDataset
+from sovllm.train.data import IGNORE, Collator, Example, ExampleDataset, Tree, TreeDataset
 
 
 @dataclass
@@ -82,7 +84,9 @@ def selective_loss(model, inputs: dict, num_items: int | None = None, first_weig
     # The collator pads on the right, so under the causal mask no real token ever sees a pad token and
     # positions count from 0 either way: no padding mask is needed. Without one, SDPA runs its causal
     # kernel instead of materialising a [batch, 1, L, L] mask (measured: 8.4 -> 7.5 GB at 4 x 1000 tokens).
-    hidden = base.get_decoder()(input_ids=inputs["input_ids"]).last_hidden_state
+    # Shared-prefix trees (data.Tree) bring their own positions and a [batch, 1, L, L] mask.
+    extra = {"attention_mask": inputs["tree_mask"], "position_ids": inputs["position_ids"]} if "tree_mask" in inputs else {}
+    hidden = base.get_decoder()(input_ids=inputs["input_ids"], **extra).last_hidden_state
     targets = inputs["labels"][:, 1:]
     mask = targets != IGNORE
     logits = base.get_output_embeddings()(hidden[:, :-1][mask])
@@ -99,9 +103,10 @@ def selective_loss(model, inputs: dict, num_items: int | None = None, first_weig
     return total / divisor, count
 
 
-def make_trainer(model, tokenizer, train: list[Example], val: list[Example], args, *, batching: str,
+def make_trainer(model, tokenizer, train: list[Example] | list[Tree], val: list[Example], args, *, batching: str,
                  callbacks: list, pad_id: int):
-    """A transformers Trainer with sovllm's loss, collator and batching."""
+    """A transformers Trainer with sovllm's loss, collator and batching; `train` holds examples or
+    shared-prefix trees (`data.share_prefixes`)."""
     from transformers import Trainer
 
     counters = {"loss_tokens": 0, "padded": 0, "real": 0}
@@ -126,10 +131,11 @@ def make_trainer(model, tokenizer, train: list[Example], val: list[Example], arg
         def _get_train_sampler(self, train_dataset=None):
             if batching != "grouped":
                 return super()._get_train_sampler(train_dataset)
-            return GroupedSampler([len(e) for e in train], self.args.per_device_train_batch_size, self.args.seed)
+            return GroupedSampler([len(u) for u in train], self.args.per_device_train_batch_size, self.args.seed)
 
     args.train_sampling_strategy = "random"
-    trainer = LossTrainer(model=model, args=args, train_dataset=ExampleDataset(train),
+    shared = bool(train) and isinstance(train[0], Tree)
+    trainer = LossTrainer(model=model, args=args, train_dataset=TreeDataset(train) if shared else ExampleDataset(train),
                           eval_dataset=ExampleDataset(val) if val else None, data_collator=Collator(pad_id),
                           callbacks=callbacks)
     trainer.sovllm_counters = counters

@@ -92,7 +92,7 @@ def _train(root: Path, cfg: Config, records: dict, ctx: StageContext, *, quick: 
     from sovllm.models.adapter import check_servable, inspect_adapter
     from sovllm.models.chat import end_of_turn_id
     from sovllm.models.tokenizer import load_tokenizer
-    from sovllm.train.data import audit, encode
+    from sovllm.train.data import audit, encode, share_prefixes
     from sovllm.train.fit import make_trainer, progress_callback, run_fit, training_arguments
     from sovllm.train.lora import lora_config
     from sovllm.train.stopcheck import check_stopping
@@ -127,7 +127,9 @@ def _train(root: Path, cfg: Config, records: dict, ctx: StageContext, *, quick: 
         # a seeded sample, so the smoke run sees refusals too (they sit at the end of train.jsonl)
         train = random.Random(section.seed).sample(train, min(len(train), section.quick_steps * section.batch_size))
         val = sorted(val, key=lambda e: e.id)[:QUICK_VAL]
-    steps = optimizer_steps(cfg, len(train), quick)
+    # examples sharing a context train as one tree each: same loss and gradients, the context computed once
+    units = share_prefixes(train, max_tokens=section.max_length) if section.share_prefix else train
+    steps = optimizer_steps(cfg, len(units), quick)
     eval_steps = steps if quick else min(section.eval_steps, steps)
 
     model = AutoModelForCausalLM.from_pretrained(str(base.path), dtype=torch.float32)
@@ -162,6 +164,7 @@ def _train(root: Path, cfg: Config, records: dict, ctx: StageContext, *, quick: 
               "learning_rate": section.learning_rate, "warmup_ratio": section.warmup_ratio,
               "max_length": section.max_length, "batching": section.batching, "threads": threads,
               "train_examples": len(train), "val_examples": len(val), "quick": quick,
+              "share_prefix": section.share_prefix, "train_units": len(units),
               "trainable_params": trainable, **{f"data/{k}": v for k, v in data_hashes.items()}}
     status = "FAILED"
     try:
@@ -174,9 +177,12 @@ def _train(root: Path, cfg: Config, records: dict, ctx: StageContext, *, quick: 
         callbacks = []
         if val and section.early_stopping_patience:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=section.early_stopping_patience))
-        trainer = make_trainer(model, tokenizer, train, val, args, batching=section.batching, callbacks=callbacks,
+        trainer = make_trainer(model, tokenizer, units, val, args, batching=section.batching, callbacks=callbacks,
                                pad_id=tokenizer.pad_token_id)
         trainer.add_callback(trainer_callback(tracker, trainer.sovllm_counters))
+        if units is not train:
+            log(f"shared contexts: {len(train)} examples in {len(units)} trees, {sum(map(len, units)):,} tokens instead "
+                f"of {sum(map(len, train)):,} (train.share_prefix); a step holds {section.batch_size}×{grad_accum} trees")
         log(f"training {name}: {len(train)} examples, {steps} optimizer steps of {section.batch_size}×{grad_accum}, "
             f"LoRA {lora['preset']} r={lora['r']} ({trainable:,} of {total:,} parameters trainable), {threads} threads")
         bar = progress_factory(steps) if progress_factory else None
