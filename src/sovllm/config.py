@@ -212,10 +212,11 @@ class CurateSection(Section):
     max_overlap: float = Field(0.5, ge=0.0, le=1.0,
                                description="a negative is discarded when its question shares more content words "
                                            "with the new context")
-    negatives_per_context: int = Field(
-        0, ge=0, le=16, description="train only: every training context also carries this many questions of other "
+    negatives_per_context: float = Field(
+        0.0, ge=0.0, le=16.0, description="train only: every training context also carries this many questions of other "
                                     "documents, answered with the refusal sentence, and a chunk's questions share one "
-                                    "context (training then computes it once); 0 = unanswerable.train as a share")
+                                    "context (training then computes it once); a fraction is drawn per context (0.5: every "
+                                    "other one gets one); 0 = unanswerable.train as a share")
     distractors: float = Field(0.3, ge=0.0, le=1.0, description="share of training examples with distractor chunks")
     max_distractors: int = Field(2, ge=1, le=4)
     max_context_tokens: int = Field(800, ge=64, description="distractors are added only while all contexts of an "

@@ -297,3 +297,14 @@ def test_negatives_per_context_put_foreign_questions_on_each_training_context(pr
         negatives = [r for r in records[split] if r["meta"]["type"] == "unanswerable"]
         share = cfg.curate.unanswerable[split]
         assert abs(len(negatives) - round((len(records[split]) - len(negatives)) * share / (1 - share))) <= 1
+
+
+def test_a_fraction_of_a_negative_per_context_is_drawn_per_context(project):
+    run(project, "curate.dedup.near=false", "curate.negatives_per_context=0.5")
+    records, _ = outputs(project)
+    counts: dict[tuple, int] = {}
+    for r in records["train"]:
+        key = tuple(r["meta"]["context_ids"])
+        counts[key] = counts.get(key, 0) + (r["meta"]["type"] == "unanswerable")
+    assert set(counts.values()) == {0, 1}
+    assert 0.2 < sum(counts.values()) / len(counts) < 0.8

@@ -51,8 +51,10 @@ def build_splits(kept: list[dict], chunks: list[dict], doc_split: dict[str, str]
                                    answer=pair["answer"], chunk=chunk, type_=pair["type"], pair_id=pair["id"]))
         uses: Counter = Counter()
         for chunk_id, contexts in chunk_contexts.items() if per_context else ():
-            neg_stats.wanted += per_context
-            for foreign in foreign_questions(contexts, pairs, chunk_by_id, per_context, max_overlap=section.max_overlap,
+            whole, part = int(per_context), per_context - int(per_context)
+            count = whole + (1 if part and rng.random() < part else 0)
+            neg_stats.wanted += count
+            for foreign in foreign_questions(contexts, pairs, chunk_by_id, count, max_overlap=section.max_overlap,
                                              rng=rng, lang=chunk_by_id[chunk_id].get("lang")):
                 uses[foreign["id"]] += 1
                 out.append(make_record(f"{foreign['id']}-unanswerable-{uses[foreign['id']]}", prompt=prompt,
