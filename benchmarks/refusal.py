@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     units = share_prefixes(train, max_tokens=section.max_length * 4) if args.share else None
     features = (TreeDataset(units).features if units else
                 [{"input_ids": e.input_ids, "prompt_len": len(e.prompt_ids)} for e in train])
-    answer_tokens = ([sum(len(b) - s for b, s in zip(t.branches, t.starts)) for t in units] if units else
+    answer_tokens = ([t.answer_tokens for t in units] if units else
                      [len(e.completion_ids) for e in train])
     per_step = batch_size * grad_accum
     steps_per_epoch = math.ceil(len(features) / per_step)

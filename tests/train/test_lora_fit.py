@@ -171,6 +171,7 @@ def test_shared_prefix_trees_give_each_example_its_own_loss_and_gradient(tiny_mo
     trees = share_prefixes(examples, max_tokens=4096)
     assert [len(t.branches) for t in trees] == [3, 3]
     assert all(len(t.prefix) > 20 for t in trees) and sum(map(len, trees)) < sum(map(len, examples))
+    assert sum(t.answer_tokens for t in trees) == sum(len(e.completion_ids) for e in examples)
     collate = Collator(tok.pad_token_id)
     model = _tiny_peft(tiny_model_dir)
     # non-zero LoRA B so that the adapter's gradients depend on the attention pattern too

@@ -126,9 +126,9 @@ class Tree:
         return len(self.prefix) + sum(len(b) for b in self.branches)
 
     @property
-    def examples_tokens(self) -> int:
-        """Tokens of the same examples trained one by one."""
-        return len(self.prefix) * len(self.branches) + sum(len(b) for b in self.branches)
+    def answer_tokens(self) -> int:
+        """Completion tokens of all its examples (the tokens that carry a label)."""
+        return sum(len(b) - start for b, start in zip(self.branches, self.starts))
 
     @classmethod
     def single(cls, feature: dict) -> "Tree":
