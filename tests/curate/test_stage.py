@@ -299,6 +299,35 @@ def test_negatives_per_context_put_foreign_questions_on_each_training_context(pr
         assert abs(len(negatives) - round((len(records[split]) - len(negatives)) * share / (1 - share))) <= 1
 
 
+def test_a_foreign_question_is_not_reused_while_enough_unused_candidates_remain():
+    from collections import Counter
+    from random import Random
+
+    from sovllm.curate.negatives import foreign_questions
+
+    chunks, contexts = {}, []
+    for i in range(6):  # six contexts of document a, all about the policy
+        chunks[f"a-{i}"] = {"id": f"a-{i}", "doc_id": "a", "lang": "en", "text": f"policy rule{i} clause{i} scope{i}"}
+        contexts.append(chunks[f"a-{i}"])
+    chunks["b-0"] = {"id": "b-0", "doc_id": "b", "lang": "en", "text": "other"}
+    # the short question shares half its content words with every context: the hardest everywhere
+    pairs = [{"id": "short", "chunk_id": "b-0", "question": "What is the security policy?"}]
+    pairs += [{"id": f"q{k}", "chunk_id": "b-0", "question": f"Where does term{k} meet word{k} and item{k}?"}
+              for k in range(10)]
+    uses: Counter = Counter()
+    for context in contexts:
+        for pair in foreign_questions([context], pairs, chunks, 1, max_overlap=0.5, rng=Random(0), lang="en",
+                                      uses=uses):
+            uses[pair["id"]] += 1
+    assert sorted(uses.values()) == [1] * 6  # six contexts, six different questions
+    again = foreign_questions([contexts[0]], pairs, chunks, 1, max_overlap=0.5, rng=Random(0), lang="en")
+    assert again[0]["id"] in {p["id"] for p in pairs}
+    # without uses it is ranked by difficulty alone: the short question is among the best two every time
+    firsts = {foreign_questions([c], pairs, chunks, 1, max_overlap=0.5, rng=Random(s), lang="en")[0]["id"]
+              for s in range(20) for c in contexts}
+    assert "short" in firsts
+
+
 def test_a_fraction_of_a_negative_per_context_is_drawn_per_context(project):
     run(project, "curate.dedup.near=false", "curate.negatives_per_context=0.5")
     records, _ = outputs(project)

@@ -55,7 +55,7 @@ def build_splits(kept: list[dict], chunks: list[dict], doc_split: dict[str, str]
             count = whole + (1 if part and rng.random() < part else 0)
             neg_stats.wanted += count
             for foreign in foreign_questions(contexts, pairs, chunk_by_id, count, max_overlap=section.max_overlap,
-                                             rng=rng, lang=chunk_by_id[chunk_id].get("lang")):
+                                             rng=rng, lang=chunk_by_id[chunk_id].get("lang"), uses=uses):
                 uses[foreign["id"]] += 1
                 out.append(make_record(f"{foreign['id']}-unanswerable-{uses[foreign['id']]}", prompt=prompt,
                                        contexts=contexts, question=foreign["question"], answer=prompt.refusal,

@@ -19,6 +19,7 @@ must behind real retrieval.
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sovllm.retrieval import BM25
@@ -89,12 +90,20 @@ def build_negatives(pairs: list[dict], chunks: list[dict], chunk_by_id: dict[str
 
 
 def foreign_questions(contexts: list[dict], pairs: list[dict], chunk_by_id: dict[str, dict], n: int, *,
-                      max_overlap: float, rng: random.Random, lang: str | None) -> list[dict]:
+                      max_overlap: float, rng: random.Random, lang: str | None,
+                      uses: Mapping[str, int] | None = None) -> list[dict]:
     """Up to `n` kept pairs whose questions the `contexts` cannot answer: from other documents, sharing
-    at most `max_overlap` of their content words with the contexts. The hardest candidates first
-    (same language, then the most shared words), drawn at random from the best 2 × `n`."""
+    at most `max_overlap` of their content words with the contexts. The hardest candidates first (same
+    language, then the fewest earlier `uses` as a foreign question, then the most shared words), drawn
+    at random from the best 2 × `n`.
+
+    The uses come before the difficulty because a short question ("What is the IT Security
+    Policy?") shares half its few content words with many contexts: ranked by difficulty alone it was
+    the foreign question of 5 of the example's 20 training contexts, and the adapter learned to refuse
+    that kind of question ("What is a Tenant Admin?") even where the context answers it."""
     if n <= 0:
         return []
+    uses = uses or {}
     docs = {c["doc_id"] for c in contexts}
     text = "\n".join(c["text"] for c in contexts)
     scored = []
@@ -104,9 +113,9 @@ def foreign_questions(contexts: list[dict], pairs: list[dict], chunk_by_id: dict
             continue
         shared = overlap(pair["question"], text)
         if shared <= max_overlap:
-            scored.append((source.get("lang") != lang, -shared, pair["id"], pair))
-    scored.sort(key=lambda s: s[:3])
-    best = [s[3] for s in scored[:2 * n]]
+            scored.append((source.get("lang") != lang, uses.get(pair["id"], 0), -shared, pair["id"], pair))
+    scored.sort(key=lambda s: s[:4])
+    best = [s[4] for s in scored[:2 * n]]
     return rng.sample(best, min(n, len(best)))
 
 
