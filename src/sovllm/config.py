@@ -301,6 +301,11 @@ class TrainSection(Section):
     seed: int = 0
     stop_min_rate: float = Field(0.95, ge=0.0, le=1.0, description="required share of val answers that stop")
     stop_prompts: int = Field(24, ge=1, description="val prompts used for the stop check")
+    refusal_calibration: bool = Field(True, description="after training, choose on val a bias on the refusal "
+                                                        "sentence's first tokens (stored in the adapter's manifest, "
+                                                        "applied by sovllm serve)")
+    refusal_max_false: float = Field(0.1, ge=0.0, le=1.0, description="share of answerable val items the calibrated "
+                                                                      "adapter may refuse")
     quick_steps: int = Field(4, ge=1, description="optimizer steps under --quick")
     adapter_name: str | None = Field(None, description="default: the project name")
     tracking: TrackingSection = Field(default_factory=TrackingSection)

@@ -26,7 +26,8 @@ def rows_for(model: str, good: bool) -> list[dict]:
 def summary() -> dict:
     rows = rows_for("base", False) + rows_for("acme", True)
     s = summarise(rows, ["base", "acme"], resamples=1000, seed=0)
-    s.update(targets=check_targets(s), models=[{"label": "base", "served_as": "m"}, {"label": "acme", "served_as": "acme"}],
+    s.update(targets=check_targets(s), models=[{"label": "base", "served_as": "m"},
+                                                 {"label": "acme", "served_as": "acme", "refusal_bias": -1.5}],
              max_tokens=64, resamples=1000, retrieval_k=2, most_different={"acme": most_different(rows, "base", "acme")},
              judge={"enabled": True, "judge": {"model": "smollm2"}, "reliable": False,
                     "agreement": {"items": 40, "judged": 40, "kappa": 0.12, "kappa_min": 0.4, "percent_agreement": 0.5,
@@ -44,6 +45,7 @@ def test_report_is_self_contained_and_escaped():
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert "http://" not in html and "https://" not in html
     assert "default-src 'none'" in html
+    assert "acme -1.50" in html  # the refusal bias the server applied is stated
 
 
 def test_report_renders_in_chromium(browser, tmp_path):

@@ -35,6 +35,10 @@ def test_train_writes_a_servable_adapter_and_tracks_it_in_mlflow(train_project, 
     assert manifest["audit"]["train"]["passed"] and manifest["audit"]["train"]["eot_id"] != \
         manifest["audit"]["train"]["pad_id"]
     assert manifest["metrics"]["steps"] == 4 and manifest["stop_check"]["prompts"] == 4
+    calibration = manifest["refusal_calibration"]  # chosen on val, which holds both kinds of item
+    assert calibration["val"]["unanswerable"] >= 1 and calibration["val"]["answerable"] >= 1
+    assert calibration["val"]["after"]["false_refusals"] <= cfg.train.refusal_max_false
+    assert info.refusal is not None and info.refusal.bias == calibration["bias"]
     assert not (train_project / "out" / "train" / "checkpoints").exists()
 
     tracking = result.manifest.extra["mlflow"]
@@ -47,6 +51,7 @@ def test_train_writes_a_servable_adapter_and_tracks_it_in_mlflow(train_project, 
     assert [m.step for m in losses] == [1, 2, 3, 4]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/loss")] == [2, 4]
     assert "eval/stop_rate_adapter" in run.data.metrics and "train/loss_tokens_per_s" in run.data.metrics
+    assert run.data.metrics["refusal/bias"] == pytest.approx(calibration["bias"], abs=1e-3)
     assert any(k.startswith("system/") for k in run.data.metrics)  # system metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
     assert "adapter/adapter_config.json" in artifacts

@@ -22,6 +22,9 @@ def serve(
     max_model_len: int = typer.Option(2048, "--max-model-len", help="Prompt + completion tokens per sequence."),
     enable_prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching",
                                                help="Reuse the keys and values of shared prompt prefixes."),
+    refusal_calibration: bool = typer.Option(True, "--refusal-calibration/--no-refusal-calibration",
+                                             help="Apply the refusal bias an adapter's manifest carries "
+                                                  "(refusal_calibration, chosen on val by sovllm train)."),
     threads: int = typer.Option(0, "--threads", help="torch threads for the engine (0: all cores)."),
     max_queue: int = typer.Option(128, "--max-queue", help="Waiting requests beyond this get 503 with Retry-After "
                                                            "(0: unbounded)."),
@@ -59,7 +62,8 @@ def serve(
                adapter_roots=list(adapter_root), max_lora_rank=max_lora_rank, max_num_seqs=max_num_seqs,
                max_model_len=max_model_len, threads=threads or (os.cpu_count() or 1), max_queue=max_queue,
                api_keys=keys, adapters_dir=adapters_dir, grace_period=grace_period, max_body_bytes=max_body_bytes,
-               limit_concurrency=limit_concurrency, prefix_caching=enable_prefix_caching)
+               limit_concurrency=limit_concurrency, prefix_caching=enable_prefix_caching,
+               refusal_calibration=refusal_calibration)
 
 
 def register(app: typer.Typer) -> None:

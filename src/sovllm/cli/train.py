@@ -19,6 +19,12 @@ def print_result(extra: dict, title: str = "train") -> None:
     if stop:
         console.print(f"  stop rate on {stop['prompts']} val prompts (max {stop['max_new_tokens']} new tokens): "
                       f"adapter {stop['adapter_rate']:.0%}, base {stop['base_rate']:.0%}")
+    refusal = extra.get("refusal_calibration")
+    if refusal:
+        after, n = refusal["val"]["after"], refusal["val"]
+        console.print(f"  refusal bias {refusal['bias']:+.2f} (chosen on val: refuses {after['refused_unanswerable']}/"
+                      f"{n['unanswerable']} unanswerable, {after['refused_answerable']}/{n['answerable']} answerable; "
+                      "applied by sovllm serve)")
     version = f"version {mlflow['version']} (alias {mlflow['alias']})" if mlflow.get("version") else "not registered"
     console.print(f"  MLflow run {mlflow['run_id']} in experiment {mlflow['experiment']}; "
                   f"{mlflow['registered_model']} {version}")

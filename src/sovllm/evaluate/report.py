@@ -149,6 +149,11 @@ def render_report(summary: dict) -> str:
             f"<p class=\"note\">Greedy decoding, max_tokens {summary.get('max_tokens')}, the training system "
             f"prompt. Differences are candidate − {escape(summary['reference_model'])} with a seeded paired "
             f"bootstrap ({summary.get('resamples')} resamples); \"better\" means the 95% interval excludes 0.</p>"]
+    biased = [m for m in summary["models"] if isinstance(m, dict) and m.get("refusal_bias") is not None]
+    if biased:
+        body.append('<p class="note" id="refusal-bias">Refusal bias applied by the embedded server (chosen on the '
+                    "val split by <code>sovllm train</code>; vLLM does not apply it): "
+                    + ", ".join(f"{escape(m['label'])} {m['refusal_bias']:+.2f}" for m in biased) + ".</p>")
     for mode in summary["modes"]:
         body.append(f"<h2>{escape(mode)} context</h2>" + _headline(summary, mode))
         body.append("<h3>by question type</h3>" + _by_type(summary, mode))

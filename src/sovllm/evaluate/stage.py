@@ -74,6 +74,23 @@ def fingerprint_file(path: Path) -> str:
     return sha256_path(path)[:16]
 
 
+def refusal_bias(path) -> float | None:
+    """The refusal bias the embedded server applies to this adapter (its manifest's refusal_calibration)."""
+    from sovllm.models.adapter import inspect_adapter
+
+    refusal = inspect_adapter(path).refusal
+    return None if refusal is None else round(refusal.bias, 4)
+
+
+def adapter_fingerprint(path: Path, base_id: str | None) -> str:
+    """Weights, base and the refusal bias the embedded server applies: what decides an adapter's answers."""
+    from sovllm.models.adapter import inspect_adapter
+
+    fp = f"adapter:{fingerprint_file(path / 'adapter_model.safetensors')}:{base_id}"
+    refusal = inspect_adapter(path).refusal
+    return fp if refusal is None else f"{fp}:refusal{refusal.token_ids}{refusal.bias:+.4f}"
+
+
 def answer_budget(items: list[Item], cfg: Config) -> int:
     """eval.max_tokens, or 2 × the 95th percentile of the reference answers' token counts."""
     if cfg.eval.max_tokens:
@@ -121,8 +138,7 @@ def resolve_models(cfg: Config, endpoint, adapters: dict[str, str], base_id: str
             fp = f"base:{base_id}" if endpoint.embedded and base_id else ""
             models.append(Model(BASE, endpoint.model, fp))
         elif name in adapters:
-            fp = f"adapter:{fingerprint_file(Path(adapters[name]) / 'adapter_model.safetensors')}:{base_id}" \
-                if endpoint.embedded else ""
+            fp = adapter_fingerprint(Path(adapters[name]), base_id) if endpoint.embedded else ""
             models.append(Model(name, name, fp))
         else:  # a name only the configured endpoint knows: never cached (its weights may change)
             models.append(Model(name, name, ""))
@@ -161,6 +177,7 @@ def run(root: Path, cfg: Config, endpoint_factory: Callable | None = None, *, qu
     adapters = plan_adapters(root, cfg, champion.path if champion else None)
     gold_path = root / section.judge.gold
     inputs = [eval_path] + [Path(p) / "adapter_model.safetensors" for p in adapters.values()]
+    inputs += [Path(p) / "manifest.json" for p in adapters.values() if (Path(p) / "manifest.json").is_file()]
     inputs += [gold_path] if section.judge.enabled and gold_path.is_file() else []
     config = {"eval": section.model_dump(mode="json"), "prompt": cfg.prompt.model_dump(), "model": cfg.model.base,
               "endpoint": cfg.endpoint.model_dump(), "judge": cfg.curate.judge.model_dump(mode="json"),
@@ -186,6 +203,7 @@ def run(root: Path, cfg: Config, endpoint_factory: Callable | None = None, *, qu
             runs = runs[1:]
         cache = CompletionCache(ctx.out_dir / "cache.jsonl")
         with factory(adapters) as endpoint:
+            embedded = endpoint.embedded
             models = resolve_models(cfg, endpoint, adapters, base_id)
             log(f"eval: {', '.join(m.label for m in models)} on {len(items)} items "
                 f"({sum(len(r) for r in runs)} prompts per model, max_tokens {max_tokens})")
@@ -212,7 +230,9 @@ def run(root: Path, cfg: Config, endpoint_factory: Callable | None = None, *, qu
             summary["judge"] = _judge(root, cfg, endpoint, items, rows, models, quick, log, cache) \
                 if section.judge.enabled else {"enabled": False}
             ctx.timings["judge_s"] = round(time.perf_counter() - started, 1)
-        summary["models"] = [{"label": m.label, "served_as": m.served} for m in models]
+        summary["models"] = [{"label": m.label, "served_as": m.served,
+                              **({"refusal_bias": refusal_bias(adapters[m.label])}
+                                 if embedded and m.label in adapters else {})} for m in models]
         if promote:
             summary["promotion"] = promotion.decide(root, cfg, summary, champion, rows, log)
         write_jsonl(ctx.out_dir / "predictions.jsonl", rows)

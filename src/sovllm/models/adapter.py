@@ -4,7 +4,9 @@
 `manifest.json` (with the `base_id` the adapter was trained on) and returns what a server or a
 trainer needs to decide: rank, target modules, and the list of features vLLM cannot serve (DoRA,
 `modules_to_save`, trained biases, added or trainable tokens). Training refuses to write such an
-adapter and serving refuses to load it, through this one function.
+adapter and serving refuses to load it, through this one function. The manifest may also hold the
+adapter's refusal calibration (`RefusalCalibration`, written by `sovllm.train.calibrate`), which
+sovllm's engine applies while decoding for that adapter.
 """
 
 from __future__ import annotations
@@ -30,6 +32,40 @@ class AdapterInfo:
     base_id: str | None  # None when the adapter has no sovllm manifest
     base_model_name_or_path: str | None
     unservable: list[str] = field(default_factory=list)
+    refusal: RefusalCalibration | None = None
+
+
+@dataclass
+class RefusalCalibration:
+    """A bias on the refusal sentence's first tokens, added while an answer so far is its beginning."""
+
+    token_ids: list[int]
+    bias: float
+    max_false_refusals: float = 0.0
+    val: dict = field(default_factory=dict)  # how it was chosen: counts and rates on val before and after
+
+    def as_dict(self) -> dict:
+        return {"token_ids": self.token_ids, "bias": round(self.bias, 4), "max_false_refusals": self.max_false_refusals,
+                "val": self.val}
+
+    @classmethod
+    def from_dict(cls, data, where: str = "refusal_calibration") -> RefusalCalibration:
+        ids = data.get("token_ids") if isinstance(data, dict) else None
+        if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and t >= 0 for t in ids):
+            raise AdapterError(f"{where}: token_ids must be a non-empty list of token ids",
+                               hint="retrain the adapter or remove refusal_calibration from its manifest")
+        try:
+            bias = float(data["bias"])
+        except (KeyError, TypeError, ValueError):
+            raise AdapterError(f"{where}: bias must be a number",
+                               hint="retrain the adapter or remove refusal_calibration from its manifest") from None
+        return cls(list(ids), bias, float(data.get("max_false_refusals") or 0.0), dict(data.get("val") or {}))
+
+    def apply(self, logits, generated: list[int]) -> None:
+        """Add the bias (in place) to the next refusal token while `generated` is the refusal's beginning."""
+        n = len(generated)
+        if n < len(self.token_ids) and generated == self.token_ids[:n] and self.token_ids[n] < logits.shape[-1]:
+            logits[self.token_ids[n]] += self.bias
 
 
 def validate_name(name: str) -> str:
@@ -82,7 +118,7 @@ def inspect_adapter(path: str | Path) -> AdapterInfo:
     if (path / "added_tokens.json").is_file():
         unservable.append("added tokens (added_tokens.json)")
 
-    base_id = None
+    base_id, refusal = None, None
     manifest = path / "manifest.json"
     if manifest.is_file():
         try:
@@ -90,6 +126,8 @@ def inspect_adapter(path: str | Path) -> AdapterInfo:
         except (OSError, ValueError):
             raise AdapterError(f"{manifest}: unreadable manifest") from None
         base_id = data.get("base_id") or (data.get("model") or {}).get("base_id")
+        if data.get("refusal_calibration") is not None:
+            refusal = RefusalCalibration.from_dict(data["refusal_calibration"], f"{manifest}: refusal_calibration")
     targets = config.get("target_modules") or []
     return AdapterInfo(
         path=path,
@@ -99,6 +137,7 @@ def inspect_adapter(path: str | Path) -> AdapterInfo:
         base_id=base_id,
         base_model_name_or_path=config.get("base_model_name_or_path"),
         unservable=unservable,
+        refusal=refusal,
     )
 
 

@@ -221,6 +221,7 @@ class Engine:
         self.peft = None  # the PeftModel wrapper once an adapter is loaded
         self._lora_enabled: bool | None = None  # state of its LoRA layers (None: as PEFT left them)
         self.adapters: set[str] = set()
+        self._refusal: dict = {}  # adapter → its RefusalCalibration (sovllm.models.adapter)
         self._free = list(range(max_num_seqs))  # least recently used first
         self.prefix_caching = prefix_caching
         self.min_prefix = max(1, min_prefix)
@@ -284,8 +285,9 @@ class Engine:
         self._wake.set()
         return future.result(timeout=timeout)
 
-    def load_adapter(self, name: str, path) -> None:
-        self.call(lambda: self._load_adapter(name, str(path)))
+    def load_adapter(self, name: str, path, refusal=None) -> None:
+        """Load (or replace) adapter `name`; `refusal` is its RefusalCalibration, applied while decoding for it."""
+        self.call(lambda: self._load_adapter(name, str(path), refusal))
 
     def unload_adapter(self, name: str) -> None:
         self.call(lambda: self._unload_adapter(name))
@@ -310,7 +312,7 @@ class Engine:
 
     # --- engine thread ----------------------------------------------------------------------------
 
-    def _load_adapter(self, name: str, path: str) -> None:
+    def _load_adapter(self, name: str, path: str, refusal=None) -> None:
         from peft import PeftModel
 
         if self.peft is not None:
@@ -322,12 +324,16 @@ class Engine:
         else:
             self.peft.load_adapter(path, adapter_name=name, is_trainable=False)
         self.adapters.add(name)
+        self._refusal.pop(name, None)
+        if refusal is not None:
+            self._refusal[name] = refusal
         self._forget(name)
 
     def _unload_adapter(self, name: str) -> None:
         if any(s.request.adapter == name for s in self._running) or any(r.adapter == name for r in self._pending):
             raise AdapterError(f"adapter {name!r} is in use by running requests; retry when they finish")
         self.adapters.discard(name)
+        self._refusal.pop(name, None)
         self._forget(name)
         if self.adapters:
             self.peft.delete_adapter(name)
@@ -575,7 +581,7 @@ class Engine:
 
     def _accept(self, seq: Sequence, logits) -> None:
         """Sample the next token of `seq` from its logits, emit it, and finish the sequence if done."""
-        token, logprobs = sample_next(seq, logits, self.stop_ids)
+        token, logprobs = sample_next(seq, logits, self.stop_ids, self._refusal.get(seq.request.adapter))
         seq.tokens.append(token)
         seq.last_token = token
         self.stats["generation_tokens"] += 1

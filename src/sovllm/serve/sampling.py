@@ -130,13 +130,16 @@ def _logprob_entries(logprobs, token: int, top: int) -> dict:
     return entry
 
 
-def sample_next(seq: Sequence, logits, stop_ids: set[int]) -> tuple[int, dict | None]:
-    """Choose the next token for `seq` from its raw logits; also return its log-probability entry."""
+def sample_next(seq: Sequence, logits, stop_ids: set[int], refusal=None) -> tuple[int, dict | None]:
+    """Choose the next token for `seq` from its raw logits; also return its log-probability entry.
+    `refusal` is the adapter's RefusalCalibration (sovllm.models.adapter) or None."""
     import torch
 
     params = seq.request.params
     raw = logits
     logits = logits.clone()
+    if refusal is not None:
+        refusal.apply(logits, seq.tokens)
     if seq.matcher is not None:
         import xgrammar as xgr
 

@@ -59,7 +59,8 @@ def read_api_keys(path: Path | None, literal: str | None, env: str | None, warn=
 def build(model: str, *, served_name: str | None = None, adapters: list[tuple[str, str]] = (),
           adapter_roots: list[Path] = (), max_lora_rank: int = 64, max_num_seqs: int = 16,
           max_model_len: int = 2048, threads: int | None = None, max_queue: int = 0, api_keys: list[str] = (),
-          max_body_bytes: int = 4 * 2**20, on_start=None, prefix_caching: bool = True):
+          max_body_bytes: int = 4 * 2**20, on_start=None, prefix_caching: bool = True,
+          refusal_calibration: bool = True):
     """The app and its service, with the engine started and start-up adapters loaded."""
     from sovllm.models import registry
     from sovllm.models.tokenizer import load_tokenizer
@@ -80,7 +81,7 @@ def build(model: str, *, served_name: str | None = None, adapters: list[tuple[st
     engine.start()
     service = Service(engine, tokenizer, served_name=name, base_path=str(info.path), base_id=info.base_id,
                       adapter_roots=list(adapter_roots) or [Path.cwd()], max_lora_rank=max_lora_rank,
-                      max_queue=max_queue, metrics=metrics)
+                      max_queue=max_queue, metrics=metrics, refusal_calibration=refusal_calibration)
     for adapter_name, path in adapters:
         try:
             service.load_adapter_now(adapter_name, path, from_api=False)

@@ -30,7 +30,8 @@ class Service:
     """Everything the HTTP routes call."""
 
     def __init__(self, engine: Engine, tokenizer, *, served_name: str, base_path: str, base_id: str,
-                 adapter_roots: list[Path], max_lora_rank: int, max_queue: int = 0, metrics=None):
+                 adapter_roots: list[Path], max_lora_rank: int, max_queue: int = 0, metrics=None,
+                 refusal_calibration: bool = True):
         self.engine = engine
         self.tokenizer = tokenizer
         self.served_name = served_name
@@ -45,6 +46,7 @@ class Service:
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.max_queue = max_queue  # waiting requests beyond this get 503 + Retry-After (0: unbounded)
         self.metrics = metrics
+        self.refusal_calibration = refusal_calibration  # apply adapters' calibrated refusal bias
 
     # --- models and adapters -------------------------------------------------------------------
 
@@ -98,11 +100,14 @@ class Service:
         try:
             info = inspect_adapter(adapter_path)
             check_servable(info, base_id=self.base_id, max_rank=self.max_lora_rank)
-            self.engine.load_adapter(name, adapter_path)
+            self.engine.load_adapter(name, adapter_path, info.refusal if self.refusal_calibration else None)
         except AdapterError as exc:
             raise APIError(str(exc), 400, "BadRequestError", "lora_path") from None
         if info.base_id is None:
             log.warning("adapter %s has no sovllm manifest; its base model could not be verified", name)
+        if info.refusal is not None and self.refusal_calibration:
+            log.info("adapter %s: refusal bias %+.2f on its first %d refusal tokens (manifest refusal_calibration)",
+                     name, info.refusal.bias, len(info.refusal.token_ids))
         self.adapters[name] = {"path": str(adapter_path.resolve()), "rank": info.rank, "created": int(time.time()),
                                "base_id": info.base_id}
 

@@ -103,10 +103,10 @@ def selective_loss(model, inputs: dict, num_items: int | None = None, first_weig
     return total / divisor, count
 
 
-def make_trainer(model, tokenizer, train: list[Example] | list[Tree], val: list[Example], args, *, batching: str,
-                 callbacks: list, pad_id: int):
-    """A transformers Trainer with sovllm's loss, collator and batching; `train` holds examples or
-    shared-prefix trees (`data.share_prefixes`)."""
+def make_trainer(model, tokenizer, train: list[Example] | list[Tree], val: list[Example] | list[Tree], args, *,
+                 batching: str, callbacks: list, pad_id: int):
+    """A transformers Trainer with sovllm's loss, collator and batching; `train` and `val` hold examples
+    or shared-prefix trees (`data.share_prefixes`)."""
     from transformers import Trainer
 
     counters = {"loss_tokens": 0, "padded": 0, "real": 0}
@@ -134,9 +134,8 @@ def make_trainer(model, tokenizer, train: list[Example] | list[Tree], val: list[
             return GroupedSampler([len(u) for u in train], self.args.per_device_train_batch_size, self.args.seed)
 
     args.train_sampling_strategy = "random"
-    shared = bool(train) and isinstance(train[0], Tree)
-    trainer = LossTrainer(model=model, args=args, train_dataset=TreeDataset(train) if shared else ExampleDataset(train),
-                          eval_dataset=ExampleDataset(val) if val else None, data_collator=Collator(pad_id),
+    trainer = LossTrainer(model=model, args=args, train_dataset=_dataset(train),
+                          eval_dataset=_dataset(val) if val else None, data_collator=Collator(pad_id),
                           callbacks=callbacks)
     trainer.sovllm_counters = counters
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -144,6 +143,10 @@ def make_trainer(model, tokenizer, train: list[Example] | list[Tree], val: list[
     for quiet in (PrinterCallback, ProgressCallback):  # sovllm shows its own progress and summary
         trainer.remove_callback(quiet)
     return trainer
+
+
+def _dataset(units: list[Example] | list[Tree]):
+    return TreeDataset(units) if units and isinstance(units[0], Tree) else ExampleDataset(units)
 
 
 def progress_callback(bar):

@@ -129,6 +129,8 @@ def _train(root: Path, cfg: Config, records: dict, ctx: StageContext, *, quick: 
         val = sorted(val, key=lambda e: e.id)[:QUICK_VAL]
     # examples sharing a context train as one tree each: same loss and gradients, the context computed once
     units = share_prefixes(train, max_tokens=section.max_length) if section.share_prefix else train
+    # val loss on the same kind of trees: each val context computed once per evaluation
+    val_units = share_prefixes(val, max_tokens=section.max_length) if section.share_prefix and val else val
     steps = optimizer_steps(cfg, len(units), quick)
     eval_steps = steps if quick else min(section.eval_steps, steps)
 
@@ -177,7 +179,7 @@ def _train(root: Path, cfg: Config, records: dict, ctx: StageContext, *, quick: 
         callbacks = []
         if val and section.early_stopping_patience:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=section.early_stopping_patience))
-        trainer = make_trainer(model, tokenizer, units, val, args, batching=section.batching, callbacks=callbacks,
+        trainer = make_trainer(model, tokenizer, units, val_units, args, batching=section.batching, callbacks=callbacks,
                                pad_id=tokenizer.pad_token_id)
         trainer.add_callback(trainer_callback(tracker, trainer.sovllm_counters))
         if units is not train:
@@ -196,6 +198,7 @@ def _train(root: Path, cfg: Config, records: dict, ctx: StageContext, *, quick: 
         model = trainer.model
         stop = check_stopping(model, val, eot_id=eot, pad_id=tokenizer.pad_token_id, min_rate=section.stop_min_rate,
                               limit=QUICK_VAL if quick else section.stop_prompts) if val else None
+        refusal = _calibrate_refusal(model, tokenizer, cfg, val, val_records, log) if section.refusal_calibration else None
         adapter_dir = out_dir / "adapter"
         metrics = {"best_val_loss": round(fit.best_val_loss, 4) if fit.best_val_loss is not None else None, "best_step": fit.best_step, "train_loss": round(fit.train_loss, 4) if fit.train_loss is not None else None,
                    "steps": fit.steps, "loss_tokens": fit.loss_tokens, "loss_tokens_per_s": round(fit.tokens_per_s, 1),
@@ -203,7 +206,8 @@ def _train(root: Path, cfg: Config, records: dict, ctx: StageContext, *, quick: 
                    "stopped_early": fit.stopped_early}
         manifest = {"name": name, "base_model": base.name, "base_id": base.base_id, "lora": lora,
                     "data": data_hashes, "audit": {"train": train_audit.as_dict(), "val": val_audit.as_dict()},
-                    "metrics": metrics, "stop_check": stop.as_dict() if stop else None, "mlflow_run_id": run_id,
+                    "metrics": metrics, "stop_check": stop.as_dict() if stop else None,
+                    "refusal_calibration": refusal.as_dict() if refusal else None, "mlflow_run_id": run_id,
                     "tracking_uri": uri, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
         _save_adapter(model, tokenizer, adapter_dir, manifest)
         if not (lora["use_dora"] or lora["modules_to_save"] or lora["bias"] != "none"):
@@ -211,7 +215,10 @@ def _train(root: Path, cfg: Config, records: dict, ctx: StageContext, *, quick: 
         tracker.metrics({"eval/best_loss": fit.best_val_loss or float("nan"), "train/loss_tokens_per_s": fit.tokens_per_s,
                          "train/padding_share": fit.padding_share,
                          **({"eval/stop_rate_base": stop.base_rate, "eval/stop_rate_adapter": stop.adapter_rate}
-                            if stop else {})}, step=fit.steps)
+                            if stop else {}),
+                         **({"refusal/bias": refusal.bias,
+                             **{f"refusal/val_{k}_{when}": refusal.val[when][k] for when in ("before", "after")
+                                for k in ("refusal_accuracy", "false_refusals")}} if refusal else {})}, step=fit.steps)
         tracker.artifacts(adapter_dir, "adapter")
         curate_manifest = root / cfg.project.output_dir / "curate" / "manifest.json"
         if curate_manifest.is_file():
@@ -224,7 +231,8 @@ def _train(root: Path, cfg: Config, records: dict, ctx: StageContext, *, quick: 
                            "trained_tokens": fit.loss_tokens, "dropped_too_long": len(train_audit.dropped_too_long)})
         ctx.timings.update({"train_s": round(fit.seconds, 1)})
         ctx.extra.update({"adapter": str(adapter_dir), "metrics": metrics, "audit": manifest["audit"],
-                          "stop_check": manifest["stop_check"], "lora": lora,
+                          "stop_check": manifest["stop_check"], "refusal_calibration": manifest["refusal_calibration"],
+                          "lora": lora,
                           "mlflow": {"tracking_uri": uri, "run_id": run_id, "experiment": tracking.experiment
                                      or cfg.project.name, "registered_model": tracking.registered_model
                                      or f"{cfg.project.name}-adapter", "version": version,
@@ -243,6 +251,28 @@ def _train(root: Path, cfg: Config, records: dict, ctx: StageContext, *, quick: 
     finally:
         tracker.end(status)
     shutil.rmtree(checkpoints, ignore_errors=True)  # a finished run needs no resume point
+
+
+def _calibrate_refusal(model, tokenizer, cfg: Config, val: list, val_records: list[dict], log: Callable[[str], None]):
+    """The adapter's refusal bias chosen on val (sovllm.train.calibrate); None when val cannot support it."""
+    from sovllm.train.calibrate import calibrate, refusal_token_ids
+
+    kinds = {str(r.get("id")): (r.get("meta") or {}).get("type") == "unanswerable" for r in val_records}
+    flags = [kinds.get(e.id, False) for e in val]
+    if not any(flags) or all(flags):
+        log(f"refusal calibration skipped: val has {sum(flags)} unanswerable and {len(flags) - sum(flags)} answerable "
+            "items, it needs both")
+        return None
+    tokens = refusal_token_ids(tokenizer, cfg.prompt.refusal)
+    result = calibrate(model, val, flags, tokens, pad_id=tokenizer.pad_token_id,
+                       max_false_refusals=cfg.train.refusal_max_false)
+    before, after = result.val["before"], result.val["after"]
+    n_u, n_a = result.val["unanswerable"], result.val["answerable"]
+    log(f"refusal calibration on val: bias {result.bias:+.2f} on the refusal's first {len(tokens)} tokens; refused "
+        f"{before['refused_unanswerable']}/{n_u} unanswerable and {before['refused_answerable']}/{n_a} answerable "
+        f"before, {after['refused_unanswerable']}/{n_u} and {after['refused_answerable']}/{n_a} after "
+        f"(train.refusal_max_false {cfg.train.refusal_max_false:g})")
+    return result
 
 
 CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_model.safetensors")
@@ -270,6 +300,13 @@ def _save_adapter(model, tokenizer, adapter_dir: Path, manifest: dict) -> None:
     os.replace(tmp, adapter_dir)
 
 
+def _bias_text(calibration: dict | None) -> str:
+    if not calibration:
+        return "none"
+    return (f"{calibration['bias']:+.2f} on the refusal sentence's first {len(calibration['token_ids'])} tokens, "
+            "chosen on val (applied by `sovllm serve`, not by vLLM)")
+
+
 def _card(m: dict) -> str:
     lora, metrics, stop = m["lora"], m["metrics"], m.get("stop_check") or {}
     lines = [f"# {m['name']}", "", f"LoRA adapter for `{m['base_model']}` (base_id `{m['base_id'][:16]}…`), trained by sovllm.",
@@ -278,6 +315,7 @@ def _card(m: dict) -> str:
              f"| steps | {metrics['steps']} (best val loss {metrics['best_val_loss']} at step {metrics['best_step']}) |",
              f"| stop rate on val | adapter {stop.get('adapter_rate')} vs base {stop.get('base_rate')} "
              f"(max_new_tokens {stop.get('max_new_tokens')}) |",
+             f"| refusal bias | {_bias_text(m.get('refusal_calibration'))} |",
              f"| data | train.jsonl `{m['data']['train.jsonl'][:12]}…`, val.jsonl `{m['data']['val.jsonl'][:12]}…` |",
              f"| MLflow run | `{m['mlflow_run_id']}` |", "",
              "Serve it: `sovllm serve --model " + m["base_model"] + f" --adapter {m['name']}=<this folder>` "

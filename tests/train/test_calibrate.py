@@ -1,0 +1,98 @@
+"""Refusal calibration: the bias chosen on val margins, and the engine's greedy decision under it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sovllm.errors import AdapterError
+from sovllm.models.adapter import RefusalCalibration, inspect_adapter
+from sovllm.train.calibrate import choose_bias, margins, rates
+
+
+def test_the_bias_refuses_the_most_unanswerable_items_within_the_false_refusal_allowance():
+    # worked by hand: 10 answerable margins, 10 % may be refused -> one (the 1.0); the 0.5 must stay
+    # answered, so the threshold lies between 0.5 and the lowest margin above it (0.6): 0.55, bias -0.55
+    answerable = [1.0, 0.5, 0.0, -0.2, -1.0, -1.5, -2.0, -2.5, -3.0, -4.0]
+    unanswerable = [2.0, 0.8, 0.6, -0.1]
+    bias = choose_bias(unanswerable, answerable, 0.10)
+    assert bias == pytest.approx(-0.55)
+    assert rates(unanswerable, answerable, bias) == {"refusal_accuracy": 0.75, "false_refusals": 0.1,
+                                                     "refused_unanswerable": 3, "refused_answerable": 1}
+    # no false refusal allowed: the 1.0 stays answered too, threshold midway to 2.0
+    assert choose_bias(unanswerable, answerable, 0.0) == pytest.approx(-1.5)
+    # a looser allowance may also move the threshold down, refusing more than greedy (bias > 0)
+    loose = choose_bias(unanswerable, answerable, 0.3)  # three may be refused: 1.0, 0.5, 0.0; -0.2 stays
+    assert loose == pytest.approx(0.15)
+    assert rates(unanswerable, answerable, loose)["refused_unanswerable"] == 4
+
+
+def test_a_val_split_that_cannot_be_separated_refuses_nothing():
+    bias = choose_bias([-3.0, -2.0], [1.0, 0.0], 0.0)
+    assert rates([-3.0, -2.0], [1.0, 0.0], bias)["refused_answerable"] == 0
+    assert rates([-3.0, -2.0], [1.0, 0.0], bias)["refused_unanswerable"] == 0
+    with pytest.raises(ValueError):
+        choose_bias([], [1.0], 0.1)
+
+
+def test_the_bias_applies_only_while_the_answer_is_the_refusals_beginning():
+    torch = pytest.importorskip("torch")
+    calibration = RefusalCalibration([5, 7], -2.0)
+    for generated, changed in (([], 5), ([5], 7), ([6], None), ([5, 7], None), ([5, 8], None)):
+        logits = torch.zeros(10)
+        calibration.apply(logits, generated)
+        expected = torch.zeros(10)
+        if changed is not None:
+            expected[changed] = -2.0
+        assert torch.equal(logits, expected), generated
+
+
+def test_a_malformed_calibration_in_the_manifest_is_an_adapter_error(tiny_model_dir, tmp_path):
+    from sovllm.models.tiny import make_random_adapter
+
+    path = make_random_adapter(tiny_model_dir, tmp_path / "a", rank=2, target_modules=("q_proj",), seed=3)
+    manifest = path / "manifest.json"
+    data = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    manifest.write_text(json.dumps({**data, "refusal_calibration": {"token_ids": [], "bias": 1.0}}))
+    with pytest.raises(AdapterError, match="refusal_calibration: token_ids"):
+        inspect_adapter(path)
+    manifest.write_text(json.dumps({**data, "refusal_calibration": {"token_ids": [4, 9], "bias": -1.25}}))
+    assert inspect_adapter(path).refusal == RefusalCalibration([4, 9], -1.25)
+
+
+def test_engine_greedy_refuses_exactly_when_margin_plus_bias_is_non_negative(tiny_model_dir, tmp_path):
+    """The margins computed teacher-forced predict the engine's greedy first tokens under any bias."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sovllm.models.tiny import make_random_adapter
+    from sovllm.models.tokenizer import load_tokenizer
+    from sovllm.serve.engine import Engine
+    from tests.serve.conftest import submit
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    adapter = make_random_adapter(tiny_model_dir, tmp_path / "a", rank=4, target_modules=("q_proj", "v_proj"),
+                                  seed=5)
+    texts = ["Passwords rotate every", "Die Urlaubsanträge werden", "The incident runbook says: page the on-call",
+             "Question: What is the refund window?"]
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32),
+                                      str(adapter))
+    engine = Engine(tiny_model_dir, tokenizer, max_num_seqs=4, threads=1)
+    engine.start()
+    try:
+        engine.load_adapter("plain", adapter)
+        # the "refusal": the adapter's own greedy first two tokens after the first prompt
+        tokens = submit(engine, prompts[0], "plain", max_tokens=2, temperature=0, ignore_eos=True).wait().tokens()
+        values = margins(model, prompts, tokens, pad_id=tokenizer.pad_token_id, batch_size=3)
+        assert values[0] >= 0
+        for p, m in enumerate(values):
+            for k, bias in enumerate((-m - 0.05, -m + 0.05)):
+                name = f"c{p}-{k}"
+                engine.load_adapter(name, adapter, RefusalCalibration(tokens, bias))
+                got = submit(engine, prompts[p], name, max_tokens=2, temperature=0, ignore_eos=True).wait().tokens()
+                assert (got == tokens) == (m + bias >= 0), (p, m, bias, got, tokens)
+    finally:
+        engine.shutdown()
