@@ -86,7 +86,7 @@ def test_engine_greedy_refuses_exactly_when_margin_plus_bias_is_non_negative(tin
         engine.load_adapter("plain", adapter)
         # the "refusal": the adapter's own greedy first two tokens after the first prompt
         tokens = submit(engine, prompts[0], "plain", max_tokens=2, temperature=0, ignore_eos=True).wait().tokens()
-        values = margins(model, prompts, tokens, pad_id=tokenizer.pad_token_id, batch_size=3)
+        values = margins(model, prompts, tokens, pad_id=tokenizer.pad_token_id)
         assert values[0] >= 0
         for p, m in enumerate(values):
             for k, bias in enumerate((-m - 0.05, -m + 0.05)):
@@ -96,3 +96,45 @@ def test_engine_greedy_refuses_exactly_when_margin_plus_bias_is_non_negative(tin
                 assert (got == tokens) == (m + bias >= 0), (p, m, bias, got, tokens)
     finally:
         engine.shutdown()
+
+
+def test_eval_caches_answers_per_bias_and_reports_it(tiny_model_dir, tmp_path):
+    """Same weights, another bias: other answers, so the answer cache must not reuse them."""
+    from sovllm.evaluate.stage import adapter_fingerprint, refusal_bias
+    from sovllm.models.tiny import make_random_adapter
+
+    path = make_random_adapter(tiny_model_dir, tmp_path / "a", rank=2, target_modules=("q_proj",), seed=3)
+    raw = adapter_fingerprint(path, "base")
+    assert refusal_bias(path) is None
+    manifest = path / "manifest.json"
+    data = json.loads(manifest.read_text())
+    fingerprints = set()
+    for bias in (-1.25, 0.5):
+        manifest.write_text(json.dumps({**data, "refusal_calibration": {"token_ids": [4, 9], "bias": bias}}))
+        fingerprints.add(adapter_fingerprint(path, "base"))
+        assert refusal_bias(path) == bias
+    assert len(fingerprints | {raw}) == 3
+
+
+def test_margins_of_questions_on_a_shared_context_equal_those_asked_alone(tiny_model_dir, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sovllm.models.tiny import make_random_adapter
+    from sovllm.models.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    adapter = make_random_adapter(tiny_model_dir, tmp_path / "a", rank=4, target_modules=("q_proj", "v_proj"), seed=8)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32),
+                                      str(adapter))
+    context = "Context: Passwords must have at least 14 characters and are rotated every 180 days.\n\nQuestion: "
+    questions = ["How long must a password be?", "When are passwords rotated?", "Wer genehmigt Urlaub?"]
+    prompts = [tokenizer(context + q, add_special_tokens=False)["input_ids"] for q in questions]
+    prompts.append(tokenizer("Question: What is the refund window?", add_special_tokens=False)["input_ids"])
+    keys = [context, context, context, None]
+    tokens = tokenizer("The answer", add_special_tokens=False)["input_ids"][:2]
+    alone = margins(model, prompts, tokens, pad_id=tokenizer.pad_token_id)
+    shared = margins(model, prompts, tokens, pad_id=tokenizer.pad_token_id, share_keys=keys)
+    assert len(set(round(v, 3) for v in alone)) == 4  # four different decisions, not one value repeated
+    assert shared == pytest.approx(alone, abs=1e-4)

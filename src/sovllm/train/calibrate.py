@@ -28,29 +28,36 @@ def refusal_token_ids(tokenizer, refusal: str) -> list[int]:
     return tokenizer(refusal.strip(), add_special_tokens=False)["input_ids"][:STEPS]
 
 
-def margins(model, prompts: list[list[int]], token_ids: list[int], *, pad_id: int, batch_size: int = 8) -> list[float]:
+def margins(model, prompts: list[list[int]], token_ids: list[int], *, pad_id: int,
+            share_keys: list | None = None, max_tokens: int = 4096) -> list[float]:
     """Per prompt: min over the refusal's first tokens of (its logit - the best other logit), teacher-forced.
 
-    Greedy decoding starts with the refusal sentence exactly when this is >= 0 (ties aside)."""
+    Greedy decoding starts with the refusal sentence exactly when this is >= 0 (ties aside). Prompts
+    with the same share key (the prompt up to the question: one context, several questions) are
+    computed as one shared-prefix tree (`data.Tree`), the context once."""
     import torch
 
-    model.eval()
-    tokens = torch.tensor(token_ids)
-    out: list[float] = []
+    from sovllm.train.data import IGNORE, Collator, Example, share_prefixes
+
+    keys = share_keys or [None] * len(prompts)
+    probes = [Example(str(i), list(p), list(token_ids), key) for i, (p, key) in enumerate(zip(prompts, keys))]
     k = len(token_ids)
+    tokens = torch.tensor(token_ids)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    collate = Collator(pad_id)
+    out: list[float] = [0.0] * len(prompts)
+    model.eval()
     with torch.inference_mode():
-        for b in range(0, len(prompts), batch_size):
-            rows = [p + token_ids[:-1] for p in prompts[b:b + batch_size]]
-            width = max(map(len, rows))
-            # left-padded, so every row's last k positions are the ones scored and only they are projected
-            ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
-            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-            positions = (mask.cumsum(1) - 1).clamp(min=0)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=k).logits
-            for steps in logits.float():
-                own = steps[torch.arange(k), tokens]
-                others = steps.scatter(1, tokens[:, None], float("-inf")).max(dim=1).values
-                out.append(float((own - others).min()))
+        for tree in share_prefixes(probes, max_tokens=max_tokens):
+            batch = collate([tree.feature()])
+            hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["tree_mask"],
+                                        position_ids=batch["position_ids"]).last_hidden_state
+            labelled = batch["labels"][:, 1:] != IGNORE  # the positions that predict a refusal token, branch by branch
+            logits = base.get_output_embeddings()(hidden[:, :-1][labelled]).float().view(len(tree.ids), k, -1)
+            own = logits[:, torch.arange(k), tokens]
+            others = logits.scatter(2, tokens.expand(len(tree.ids), k)[:, :, None], float("-inf")).max(dim=2).values
+            for i, value in zip(tree.ids, (own - others).min(dim=1).values.tolist()):
+                out[int(i)] = value
     return out
 
 
@@ -85,7 +92,8 @@ def calibrate(model, examples, unanswerable_flags: list[bool], token_ids: list[i
     """Margins on the val examples and the bias chosen on them; None without both kinds of item."""
     if not any(unanswerable_flags) or all(unanswerable_flags) or len(token_ids) < 1:
         return None
-    values = margins(model, [e.prompt_ids for e in examples], token_ids, pad_id=pad_id)
+    values = margins(model, [e.prompt_ids for e in examples], token_ids, pad_id=pad_id,
+                     share_keys=[e.share_key for e in examples])
     u = [m for m, flag in zip(values, unanswerable_flags) if flag]
     a = [m for m, flag in zip(values, unanswerable_flags) if not flag]
     bias = choose_bias(u, a, max_false_refusals)
