@@ -75,8 +75,10 @@ def test_quick_run_of_the_example_project(tmp_path, bundled_model):
     evaluation = json.loads((project / "out" / "eval" / "manifest.json").read_text())
     assert evaluation["status"] == "ok" and evaluation["counts"]["items"] == 8
     summary = json.loads((project / "out" / "eval" / "summary.json").read_text())
+    calibration = train["extra"]["refusal_calibration"]  # None when the quick val sample lacks a kind of item
     assert summary["models"] == [{"label": "base", "served_as": "smollm2-135m-instruct"},
-                                 {"label": "acme", "served_as": "acme"}]
+                                 {"label": "acme", "served_as": "acme",
+                                  "refusal_bias": calibration["bias"] if calibration else None}]
     gold = summary["table"]["gold"]
     assert gold["base"]["items"] == gold["acme"]["items"] == 8 and gold["acme"]["unanswerable"] >= 1
     assert summary["comparisons"]["gold"]["acme"]["f1"]["resamples"] == 10_000
