@@ -9,8 +9,8 @@ answer so far is that sentence's beginning. With bias b an item is refused exact
 
     margin + b >= 0,   margin = min over both steps of (logit of the refusal token - best other logit),
 
-so one teacher-forced forward pass per val item (prompt + first refusal token) gives each item's
-margin, and the bias is chosen on those margins: the most refusals of unanswerable val items with at
+so one teacher-forced forward pass over the val prompts and the first refusal token (questions on
+one context as a shared-prefix tree) gives each item's margin, and the bias is chosen on those margins: the most refusals of unanswerable val items with at
 most `max_false_refusals` of the answerable ones refused, placed midway between the two val items
 it separates. The result is stored in the adapter's `manifest.json` (`refusal_calibration`) and
 applied by sovllm's engine to every request for that adapter; other servers (vLLM) ignore it.
