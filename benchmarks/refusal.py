@@ -19,7 +19,8 @@ and reports how well that score separates unanswerable from answerable items: RO
 decision does not depend on whether the context holds the answer) and the best refusal accuracy
 any threshold on it would give with ≤ 10 % false refusals. Greedy answers show where an adapter
 *is* on that curve; the separation shows whether any amount of refusal bias could reach the targets.
-`--adapter DIR` scores a trained adapter (e.g. `out/train/adapter`) instead of training one,
+`--score margin` uses the refusal calibration's margin instead (docs/train.md: margin + bias ≥ 0 is
+exactly the greedy refusal under a bias). `--adapter DIR` scores a trained adapter (e.g. `out/train/adapter`) instead of training one,
 `--base` scores the base model too, `--no-generate` skips the greedy answers (about 2 × faster).
 `--top-layers N` puts LoRA on the top N layers only (faster steps: backward stops at the lowest
 adapted layer); `--paired` trains each question's items (own and foreign context) in one micro-batch;
@@ -51,6 +52,9 @@ def main(argv=None) -> int:
     parser.add_argument("--adapter", type=Path, help="score this trained adapter instead of training one")
     parser.add_argument("--base", action="store_true", help="also score the base model (adapter disabled)")
     parser.add_argument("--no-generate", action="store_true", help="only the score separation, no greedy answers")
+    parser.add_argument("--score", choices=("logprob", "margin"), default="logprob",
+                        help="logprob: log P(first three refusal tokens); margin: the refusal calibration's margin "
+                             "(sovllm.train.calibrate.margins), which decides greedy refusal exactly")
     parser.add_argument("--top-layers", type=int, default=0, help="LoRA only on the top N decoder layers (0: all)")
     parser.add_argument("--share", action="store_true",
                         help="train examples that share a context as one shared-prefix tree (sovllm.train.data.Tree)")
@@ -144,7 +148,13 @@ def main(argv=None) -> int:
         return scores
 
     def separated() -> dict:
-        scores = refusal_scores()
+        if args.score == "margin":
+            from sovllm.train.calibrate import margins, refusal_token_ids
+
+            scores = margins(model, [e.prompt_ids for e in probes], refusal_token_ids(tokenizer, refusal), pad_id=pad,
+                             share_keys=[e.share_key for e in probes])
+        else:
+            scores = refusal_scores()
         sep = separation([scores[i] for i in unanswerable], [scores[i] for i in answerable], max_fpr=0.10)
         return {"auc": round(sep.auc, 4), "refusal_at_10pct_false": round(sep.recall, 4)}
 
