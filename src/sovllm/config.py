@@ -306,6 +306,9 @@ class TrainSection(Section):
                                                         "applied by sovllm serve)")
     refusal_max_false: float = Field(0.1, ge=0.0, le=1.0, description="share of answerable val items the calibrated "
                                                                       "adapter may refuse")
+    refusal_support: bool = Field(True, description="the calibrated bias also falls with the question's lexical "
+                                                    "support in its context (IDF-weighted share of its words found "
+                                                    "there); its weight is chosen on val")
     quick_steps: int = Field(4, ge=1, description="optimizer steps under --quick")
     adapter_name: str | None = Field(None, description="default: the project name")
     tracking: TrackingSection = Field(default_factory=TrackingSection)

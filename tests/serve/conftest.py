@@ -52,8 +52,8 @@ class Collector:
         return self
 
 
-def submit(engine: Engine, prompt_ids, adapter=None, request_id=None, **params) -> Collector:
+def submit(engine: Engine, prompt_ids, adapter=None, request_id=None, refusal_bias=None, **params) -> Collector:
     collector = Collector(params.get("n", 1))
     engine.submit(Request(request_id or f"r{time.monotonic_ns()}", list(prompt_ids), SamplingParams(**params),
-                          adapter, collector))
+                          adapter, collector, refusal_bias=refusal_bias))
     return collector

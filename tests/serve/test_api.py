@@ -212,3 +212,37 @@ def test_adapter_refusals(api, tiny_adapters, tmp_path):
     assert_error(load("other", other), 400, "BadRequestError", "trained on base_id ffffffffffff")
     assert_error(load("gone", root / "missing"), 404, "NotFoundError", "No adapter found")
     assert [c["id"] for c in client.get("/v1/models").json()["data"]] == ["tiny", "r2"]
+
+
+def test_a_calibrated_adapter_biases_requests_by_their_questions_support(api, tiny_adapters):
+    """The manifest's refusal calibration applies per request: bias - weight x lexical support, and only to
+    user turns in the training format (context, then question); other requests get the raw adapter."""
+    from sovllm.curate.records import user_message
+    from sovllm.models.adapter import RefusalCalibration
+    from sovllm.models.grounding import Vocabulary
+
+    client, service = api
+    tokens = service.tokenizer(" zebra quokka", add_special_tokens=False)["input_ids"][:2]
+    contexts = ["How often do passwords rotate? Every 90 days.", "The VPN client is Tunnelwerk."]
+    calibration = RefusalCalibration(tokens, 1000.0, 0.1, {}, 2000.0, Vocabulary.from_contexts(contexts))
+    path = _copy_adapter(tiny_adapters["r2"], tiny_adapters["r2"].parent / "calibrated")
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**manifest, "refusal_calibration": calibration.as_dict()}))
+    assert client.post("/v1/load_lora_adapter", json={"lora_name": "cal", "lora_path": str(path)}).status_code == 200
+
+    def answer(model, content):
+        response = chat(client, model=model, messages=[{"role": "user", "content": content}], max_tokens=2,
+                        temperature=0)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["message"]["content"]
+
+    refusal = service.tokenizer.decode(tokens)
+    unsupported = user_message([{"text": contexts[0], "heading_path": ["IT"]}], "Which laptop do engineers get?")
+    supported = user_message([{"text": contexts[0], "heading_path": ["IT"]}], "How often do passwords rotate?")
+    assert answer("cal", unsupported) == refusal  # support 0: bias +1000
+    # support 1: bias -1000 on tokens the raw adapter does not choose anyway (without the support term it
+    # would be +1000 and refuse as above)
+    assert answer("cal", supported) == answer("r2", supported) != refusal
+    assert answer("r2", unsupported) != refusal  # the raw adapter does not say it by itself
+    assert answer("cal", "Hello there") == answer("r2", "Hello there")  # not the training format: no bias
+    assert client.post("/v1/unload_lora_adapter", json={"lora_name": "cal"}).status_code == 200

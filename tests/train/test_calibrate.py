@@ -8,7 +8,8 @@ import pytest
 
 from sovllm.errors import AdapterError
 from sovllm.models.adapter import RefusalCalibration, inspect_adapter
-from sovllm.train.calibrate import choose_bias, margins, rates
+from sovllm.models.grounding import Vocabulary, split_user_message
+from sovllm.train.calibrate import choose_bias, choose_weight, margins, rates
 
 
 def test_the_bias_refuses_the_most_unanswerable_items_within_the_false_refusal_allowance():
@@ -41,11 +42,56 @@ def test_the_bias_applies_only_while_the_answer_is_the_refusals_beginning():
     calibration = RefusalCalibration([5, 7], -2.0)
     for generated, changed in (([], 5), ([5], 7), ([6], None), ([5, 7], None), ([5, 8], None)):
         logits = torch.zeros(10)
-        calibration.apply(logits, generated)
+        calibration.apply(logits, generated, calibration.bias)
         expected = torch.zeros(10)
         if changed is not None:
             expected[changed] = -2.0
         assert torch.equal(logits, expected), generated
+
+
+def test_lexical_support_weighs_the_questions_words_by_their_rarity_in_the_training_contexts():
+    import math
+
+    contexts = ["The VPN client Tunnelwerk needs a FIDO2 key.", "The travel policy covers trains.",
+                "The VPN is mandatory on travel."]
+    vocabulary = Vocabulary.from_contexts(contexts + contexts[:1])  # duplicates count once
+    assert vocabulary.documents == 3 and vocabulary.df["the"] == 3 and vocabulary.df["vpn"] == 2
+    assert vocabulary.idf("the") == 0.0 and vocabulary.idf("unseen") == pytest.approx(math.log(4))
+    # worked by hand: "which", "does", "need" are unseen (idf log 4 each), "fido2", "key", "tunnelwerk"
+    # occur in one context (log 2 each) and all three in the first: 3 log 2 / (3 log 4 + 3 log 2)
+    question = "Which FIDO2 key does Tunnelwerk need?"
+    expected = 3 * math.log(2) / (3 * math.log(4) + 3 * math.log(2))
+    assert vocabulary.support(contexts[0], question) == pytest.approx(expected)
+    assert vocabulary.support(contexts[1], question) == 0.0
+    assert vocabulary.support(contexts[1], "The a?") == 1.0  # nothing informative to check
+    assert vocabulary.support("Die Reiserichtlinie gilt für Züge.", "Gilt die Reiserichtlinie für Züge?") == 1.0
+
+
+def test_the_training_user_turn_is_read_back_and_other_turns_get_no_bias():
+    from sovllm.curate.records import user_message
+
+    turn = user_message([{"text": "Passwords rotate every 90 days.", "heading_path": ["IT policy"]}],
+                        " How often do passwords rotate? ")
+    assert split_user_message(turn) == ("[1] IT policy\nPasswords rotate every 90 days.", "How often do passwords rotate?")
+    calibration = RefusalCalibration([4, 9], 1.5, 0.1, {}, 2.0, Vocabulary.from_contexts(["Passwords rotate.", "VPN."]))
+    support = calibration.vocabulary.support(*split_user_message(turn))
+    assert 0 < support < 1 and calibration.bias_for(turn) == pytest.approx(1.5 - 2.0 * support)
+    for other in ("Hello", "Question: only a question", None):
+        assert calibration.bias_for(other) is None
+    assert RefusalCalibration([4, 9], 1.5).bias_for(turn) == 1.5
+
+
+def test_the_support_weight_is_chosen_where_val_separates_best():
+    # the margins alone cannot separate (an unanswerable item sits at the answerable ones' level),
+    # the support can: the weight must rise until every unanswerable item is refused, no further
+    margins_u, support_u = [1.0, -2.0], [0.1, 0.0]
+    margins_a, support_a = [0.0, -1.0, -2.5], [1.0, 0.9, 0.8]
+    weight = choose_weight(margins_u, margins_a, support_u, support_a, 0.0)
+    scored_u = [m - weight * s for m, s in zip(margins_u, support_u)]
+    scored_a = [m - weight * s for m, s in zip(margins_a, support_a)]
+    assert min(scored_u) > max(scored_a)
+    assert rates(scored_u, scored_a, choose_bias(scored_u, scored_a, 0.0))["refused_unanswerable"] == 2
+    assert choose_weight([1.0], [0.0], [0.5], [0.5], 0.0) == 0.0  # the support adds nothing: no weight
 
 
 def test_a_malformed_calibration_in_the_manifest_is_an_adapter_error(tiny_model_dir, tmp_path):
@@ -57,8 +103,17 @@ def test_a_malformed_calibration_in_the_manifest_is_an_adapter_error(tiny_model_
     manifest.write_text(json.dumps({**data, "refusal_calibration": {"token_ids": [], "bias": 1.0}}))
     with pytest.raises(AdapterError, match="refusal_calibration: token_ids"):
         inspect_adapter(path)
+    for support in ({"weight": -1, "documents": 3, "df": {}}, {"weight": 2, "documents": 3, "df": {"x": 4}},
+                    {"weight": 2, "df": {}}, [1, 2]):
+        manifest.write_text(json.dumps({**data, "refusal_calibration": {"token_ids": [4, 9], "bias": 1.0,
+                                                                        "support": support}}))
+        with pytest.raises(AdapterError, match="refusal_calibration: support must hold"):
+            inspect_adapter(path)
     manifest.write_text(json.dumps({**data, "refusal_calibration": {"token_ids": [4, 9], "bias": -1.25}}))
     assert inspect_adapter(path).refusal == RefusalCalibration([4, 9], -1.25)
+    calibration = RefusalCalibration([4, 9], -1.25, 0.1, {}, 3.0, Vocabulary(3, {"vpn": 1, "the": 3}))
+    manifest.write_text(json.dumps({**data, "refusal_calibration": calibration.as_dict()}))
+    assert inspect_adapter(path).refusal == calibration
 
 
 def test_engine_greedy_refuses_exactly_when_margin_plus_bias_is_non_negative(tiny_model_dir, tmp_path):
@@ -88,12 +143,15 @@ def test_engine_greedy_refuses_exactly_when_margin_plus_bias_is_non_negative(tin
         tokens = submit(engine, prompts[0], "plain", max_tokens=2, temperature=0, ignore_eos=True).wait().tokens()
         values = margins(model, prompts, tokens, pad_id=tokenizer.pad_token_id)
         assert values[0] >= 0
+        engine.load_adapter("calibrated", adapter, RefusalCalibration(tokens, 0.0))
         for p, m in enumerate(values):
-            for k, bias in enumerate((-m - 0.05, -m + 0.05)):
-                name = f"c{p}-{k}"
-                engine.load_adapter(name, adapter, RefusalCalibration(tokens, bias))
-                got = submit(engine, prompts[p], name, max_tokens=2, temperature=0, ignore_eos=True).wait().tokens()
+            for bias in (-m - 0.05, -m + 0.05):  # each request carries its own bias
+                got = submit(engine, prompts[p], "calibrated", refusal_bias=bias, max_tokens=2, temperature=0,
+                             ignore_eos=True).wait().tokens()
                 assert (got == tokens) == (m + bias >= 0), (p, m, bias, got, tokens)
+            # no bias for the request (not in the training format): the raw adapter's greedy choice
+            got = submit(engine, prompts[p], "calibrated", max_tokens=2, temperature=0, ignore_eos=True).wait().tokens()
+            assert (got == tokens) == (m >= 0), (p, m, got)
     finally:
         engine.shutdown()
 
@@ -113,7 +171,12 @@ def test_eval_caches_answers_per_bias_and_reports_it(tiny_model_dir, tmp_path):
         manifest.write_text(json.dumps({**data, "refusal_calibration": {"token_ids": [4, 9], "bias": bias}}))
         fingerprints.add(adapter_fingerprint(path, "base"))
         assert refusal_bias(path) == bias
-    assert len(fingerprints | {raw}) == 3
+    # the support term decides answers too: its weight and its document frequencies
+    for weight, df in ((2.0, {"vpn": 1}), (3.0, {"vpn": 1}), (3.0, {"vpn": 2})):
+        calibration = RefusalCalibration([4, 9], 0.5, 0.1, {}, weight, Vocabulary(3, df))
+        manifest.write_text(json.dumps({**data, "refusal_calibration": calibration.as_dict()}))
+        fingerprints.add(adapter_fingerprint(path, "base"))
+    assert len(fingerprints | {raw}) == 6
 
 
 def test_margins_of_questions_on_a_shared_context_equal_those_asked_alone(tiny_model_dir, tmp_path):

@@ -22,7 +22,9 @@ def print_result(extra: dict, title: str = "train") -> None:
     refusal = extra.get("refusal_calibration")
     if refusal:
         after, n = refusal["val"]["after"], refusal["val"]
-        console.print(f"  refusal bias {refusal['bias']:+.2f} (chosen on val: refuses {after['refused_unanswerable']}/"
+        weight = (refusal.get("support") or {}).get("weight")
+        minus = f" - {weight:g} x lexical support" if weight else ""
+        console.print(f"  refusal bias {refusal['bias']:+.2f}{minus} (chosen on val: refuses {after['refused_unanswerable']}/"
                       f"{n['unanswerable']} unanswerable, {after['refused_answerable']}/{n['answerable']} answerable; "
                       "applied by sovllm serve)")
     version = f"version {mlflow['version']} (alias {mlflow['alias']})" if mlflow.get("version") else "not registered"

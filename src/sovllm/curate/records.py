@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 
 from sovllm.config import PromptSection
+from sovllm.models.grounding import CONTEXT_HEAD, QUESTION_HEAD
 
 
 def system_prompt(prompt: PromptSection) -> str:
@@ -27,9 +28,10 @@ def heading(chunk: dict) -> str:
 
 
 def user_message(contexts: list[dict], question: str) -> str:
-    """The user turn: every context chunk with its heading path, then the question."""
+    """The user turn: every context chunk with its heading path, then the question
+    (`sovllm.models.grounding.split_user_message` reads it back)."""
     blocks = [f"[{i}] {heading(c)}\n{c['text'].strip()}" for i, c in enumerate(contexts, 1)]
-    return "Context:\n\n" + "\n\n".join(blocks) + f"\n\nQuestion: {question.strip()}"
+    return CONTEXT_HEAD + "\n\n".join(blocks) + QUESTION_HEAD + question.strip()
 
 
 def make_record(record_id: str, *, prompt: PromptSection, contexts: list[dict], question: str, answer: str,

@@ -153,7 +153,9 @@ def render_report(summary: dict) -> str:
     if biased:
         body.append('<p class="note" id="refusal-bias">Refusal bias applied by the embedded server (chosen on the '
                     "val split by <code>sovllm train</code>; vLLM does not apply it): "
-                    + ", ".join(f"{escape(m['label'])} {m['refusal_bias']:+.2f}" for m in biased) + ".</p>")
+                    + ", ".join(f"{escape(m['label'])} {m['refusal_bias']:+.2f}"
+                                + (f" − {m['refusal_support_weight']:g} × the question's lexical support in its context"
+                                   if m.get("refusal_support_weight") else "") for m in biased) + ".</p>")
     for mode in summary["modes"]:
         body.append(f"<h2>{escape(mode)} context</h2>" + _headline(summary, mode))
         body.append("<h3>by question type</h3>" + _by_type(summary, mode))

@@ -76,10 +76,17 @@ def fingerprint_file(path: Path) -> str:
 
 def refusal_bias(path) -> float | None:
     """The refusal bias the embedded server applies to this adapter (its manifest's refusal_calibration)."""
+    return refusal_summary(path).get("refusal_bias")
+
+
+def refusal_summary(path) -> dict:
+    """The adapter's refusal calibration as summary.json states it: bias and support weight ({} without one)."""
     from sovllm.models.adapter import inspect_adapter
 
     refusal = inspect_adapter(path).refusal
-    return None if refusal is None else round(refusal.bias, 4)
+    if refusal is None:
+        return {}
+    return {"refusal_bias": round(refusal.bias, 4), "refusal_support_weight": round(refusal.support_weight, 4)}
 
 
 def adapter_fingerprint(path: Path, base_id: str | None) -> str:
@@ -88,7 +95,13 @@ def adapter_fingerprint(path: Path, base_id: str | None) -> str:
 
     fp = f"adapter:{fingerprint_file(path / 'adapter_model.safetensors')}:{base_id}"
     refusal = inspect_adapter(path).refusal
-    return fp if refusal is None else f"{fp}:refusal{refusal.token_ids}{refusal.bias:+.4f}"
+    if refusal is None:
+        return fp
+    fp = f"{fp}:refusal{refusal.token_ids}{refusal.bias:+.4f}"
+    if refusal.support_weight and refusal.vocabulary is not None:
+        table = json.dumps([refusal.vocabulary.documents, refusal.vocabulary.df], sort_keys=True)
+        fp += f"-{refusal.support_weight:.4f}xsupport:{hashlib.sha256(table.encode()).hexdigest()[:16]}"
+    return fp
 
 
 def answer_budget(items: list[Item], cfg: Config) -> int:
@@ -150,8 +163,11 @@ def resolve_models(cfg: Config, endpoint, adapters: dict[str, str], base_id: str
 
 def context_of(item: Item) -> str:
     """The chunk text(s) of the user turn, for the judge."""
+    from sovllm.models.grounding import split_user_message
+
     content = item.messages[1]["content"]
-    return content.rsplit("\n\nQuestion:", 1)[0].removeprefix("Context:\n\n")
+    parts = split_user_message(content)
+    return parts[0] if parts else content
 
 
 def run(root: Path, cfg: Config, endpoint_factory: Callable | None = None, *, quick: bool = False,
@@ -231,8 +247,8 @@ def run(root: Path, cfg: Config, endpoint_factory: Callable | None = None, *, qu
                 if section.judge.enabled else {"enabled": False}
             ctx.timings["judge_s"] = round(time.perf_counter() - started, 1)
         summary["models"] = [{"label": m.label, "served_as": m.served,
-                              **({"refusal_bias": refusal_bias(adapters[m.label])}
-                                 if embedded and m.label in adapters else {})} for m in models]
+                              **(refusal_summary(adapters[m.label]) if embedded and m.label in adapters else {})}
+                             for m in models]
         if promote:
             summary["promotion"] = promotion.decide(root, cfg, summary, champion, rows, log)
         write_jsonl(ctx.out_dir / "predictions.jsonl", rows)

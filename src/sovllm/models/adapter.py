@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sovllm.errors import AdapterError
+from sovllm.models.grounding import Vocabulary, split_user_message
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -37,35 +38,66 @@ class AdapterInfo:
 
 @dataclass
 class RefusalCalibration:
-    """A bias on the refusal sentence's first tokens, added while an answer so far is its beginning."""
+    """A bias on the refusal sentence's first tokens, added while an answer so far is its beginning.
+
+    Per request the bias is `bias - support_weight * support`, where support is the question's
+    lexical support in its context (`sovllm.models.grounding`); it applies to requests whose last
+    user turn has the training format (context, then question) and to no others."""
 
     token_ids: list[int]
     bias: float
     max_false_refusals: float = 0.0
     val: dict = field(default_factory=dict)  # how it was chosen: counts and rates on val before and after
+    support_weight: float = 0.0
+    vocabulary: Vocabulary | None = None  # document frequencies of the training contexts
 
     def as_dict(self) -> dict:
+        support = None
+        if self.vocabulary is not None:
+            support = {"weight": round(self.support_weight, 4), "documents": self.vocabulary.documents,
+                       "df": self.vocabulary.df}
         return {"token_ids": self.token_ids, "bias": round(self.bias, 4), "max_false_refusals": self.max_false_refusals,
-                "val": self.val}
+                "val": self.val, "support": support}
 
     @classmethod
     def from_dict(cls, data, where: str = "refusal_calibration") -> RefusalCalibration:
+        hint = "retrain the adapter or remove refusal_calibration from its manifest"
         ids = data.get("token_ids") if isinstance(data, dict) else None
         if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and t >= 0 for t in ids):
-            raise AdapterError(f"{where}: token_ids must be a non-empty list of token ids",
-                               hint="retrain the adapter or remove refusal_calibration from its manifest")
+            raise AdapterError(f"{where}: token_ids must be a non-empty list of token ids", hint=hint)
         try:
             bias = float(data["bias"])
         except (KeyError, TypeError, ValueError):
-            raise AdapterError(f"{where}: bias must be a number",
-                               hint="retrain the adapter or remove refusal_calibration from its manifest") from None
-        return cls(list(ids), bias, float(data.get("max_false_refusals") or 0.0), dict(data.get("val") or {}))
+            raise AdapterError(f"{where}: bias must be a number", hint=hint) from None
+        weight, vocabulary = 0.0, None
+        support = data.get("support")
+        if support is not None:
+            df = support.get("df") if isinstance(support, dict) else None
+            documents = support.get("documents") if isinstance(support, dict) else None
+            raw_weight = support.get("weight") if isinstance(support, dict) else None
+            if not isinstance(raw_weight, (int, float)) or isinstance(raw_weight, bool) or raw_weight < 0 \
+                    or not isinstance(documents, int) or documents < 1 or not isinstance(df, dict) \
+                    or not all(isinstance(k, str) and isinstance(v, int) and 0 <= v <= documents for k, v in df.items()):
+                raise AdapterError(f"{where}: support must hold a weight >= 0, documents >= 1 and df "
+                                   "(word -> number of training contexts that contain it)", hint=hint)
+            weight, vocabulary = float(raw_weight), Vocabulary(documents, dict(df))
+        return cls(list(ids), bias, float(data.get("max_false_refusals") or 0.0), dict(data.get("val") or {}),
+                   weight, vocabulary)
 
-    def apply(self, logits, generated: list[int]) -> None:
-        """Add the bias (in place) to the next refusal token while `generated` is the refusal's beginning."""
+    def bias_for(self, user_turn: str | None) -> float | None:
+        """The bias for a request whose last user turn is `user_turn`; None outside the training format."""
+        parts = split_user_message(user_turn)
+        if parts is None:
+            return None
+        if self.vocabulary is None or not self.support_weight:
+            return self.bias
+        return self.bias - self.support_weight * self.vocabulary.support(*parts)
+
+    def apply(self, logits, generated: list[int], bias: float) -> None:
+        """Add `bias` (in place) to the next refusal token while `generated` is the refusal's beginning."""
         n = len(generated)
         if n < len(self.token_ids) and generated == self.token_ids[:n] and self.token_ids[n] < logits.shape[-1]:
-            logits[self.token_ids[n]] += self.bias
+            logits[self.token_ids[n]] += bias
 
 
 def validate_name(name: str) -> str:

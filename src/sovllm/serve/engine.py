@@ -184,6 +184,7 @@ class Request:
     emit: Callable[[dict], None]
     grammar: Any = None  # a compiled grammar (structured output) or None
     arrival: float = field(default_factory=time.monotonic)
+    refusal_bias: float | None = None  # the adapter's calibrated refusal bias for this request (None: none)
 
 
 class Engine:

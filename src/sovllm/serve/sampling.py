@@ -132,14 +132,16 @@ def _logprob_entries(logprobs, token: int, top: int) -> dict:
 
 def sample_next(seq: Sequence, logits, stop_ids: set[int], refusal=None) -> tuple[int, dict | None]:
     """Choose the next token for `seq` from its raw logits; also return its log-probability entry.
-    `refusal` is the adapter's RefusalCalibration (sovllm.models.adapter) or None."""
+    `refusal` is the adapter's RefusalCalibration (sovllm.models.adapter) or None; it applies the
+    request's own `refusal_bias` (None: no bias)."""
     import torch
 
     params = seq.request.params
     raw = logits
     logits = logits.clone()
-    if refusal is not None:
-        refusal.apply(logits, seq.tokens)
+    bias = getattr(seq.request, "refusal_bias", None)
+    if refusal is not None and bias is not None:
+        refusal.apply(logits, seq.tokens, bias)
     if seq.matcher is not None:
         import xgrammar as xgr
 

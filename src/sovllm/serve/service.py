@@ -105,11 +105,14 @@ class Service:
             raise APIError(str(exc), 400, "BadRequestError", "lora_path") from None
         if info.base_id is None:
             log.warning("adapter %s has no sovllm manifest; its base model could not be verified", name)
-        if info.refusal is not None and self.refusal_calibration:
-            log.info("adapter %s: refusal bias %+.2f on its first %d refusal tokens (manifest refusal_calibration)",
-                     name, info.refusal.bias, len(info.refusal.token_ids))
+        refusal = info.refusal if self.refusal_calibration else None
+        if refusal is not None:
+            log.info("adapter %s: refusal bias %+.2f%s on its first %d refusal tokens, for requests in the training "
+                     "format (manifest refusal_calibration)", name, refusal.bias,
+                     f" - {refusal.support_weight:g} x lexical support" if refusal.support_weight else "",
+                     len(refusal.token_ids))
         self.adapters[name] = {"path": str(adapter_path.resolve()), "rank": info.rank, "created": int(time.time()),
-                               "base_id": info.base_id}
+                               "base_id": info.base_id, "refusal": refusal}
 
     async def load_adapter(self, name: str, path: str) -> str:
         async with self._locks[name]:
@@ -187,11 +190,19 @@ class Service:
             stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
             logprobs=logprobs, top_logprobs=top)
 
-    async def _events(self, prompt_ids, params, adapter, grammar, request_id) -> AsyncIterator[dict]:
+    def _refusal_bias(self, adapter: str | None, messages) -> float | None:
+        """The adapter's calibrated refusal bias for a chat request (its last user turn), or None."""
+        refusal = self.adapters[adapter].get("refusal") if adapter is not None else None
+        users = [m for m in messages if m.role == "user"]
+        return refusal.bias_for(users[-1].text()) if refusal is not None and users else None
+
+    async def _events(self, prompt_ids, params, adapter, grammar, request_id,
+                      refusal_bias: float | None = None) -> AsyncIterator[dict]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         request = Request(request_id, prompt_ids, params, adapter,
-                          lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), grammar)
+                          lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), grammar,
+                          refusal_bias=refusal_bias)
         if self.max_queue and self.engine.waiting >= self.max_queue:
             raise APIError(f"The server is overloaded: {self.engine.waiting} requests are waiting (--max-queue "
                            f"{self.max_queue}). Retry later.", 503, "ServiceUnavailableError",
@@ -243,7 +254,7 @@ class Service:
         # compiling a new schema takes a moment: keep it off the event loop
         grammar = await asyncio.to_thread(self.grammars.for_format, req.response_format)
         request_id = next_request_id("chatcmpl")
-        events = self._events(prompt, params, adapter, grammar, request_id)
+        events = self._events(prompt, params, adapter, grammar, request_id, self._refusal_bias(adapter, req.messages))
         if req.stream:
             first = await anext(events)  # surfaces submit errors before the stream starts
             return self._chat_stream(req, request_id, len(prompt), first, events)

@@ -12,15 +12,27 @@ answer so far is that sentence's beginning. With bias b an item is refused exact
 so one teacher-forced forward pass over the val prompts and the first refusal token (questions on
 one context as a shared-prefix tree) gives each item's margin, and the bias is chosen on those margins: the most refusals of unanswerable val items with at
 most `max_false_refusals` of the answerable ones refused, placed midway between the two val items
-it separates. The result is stored in the adapter's `manifest.json` (`refusal_calibration`) and
-applied by sovllm's engine to every request for that adapter; other servers (vLLM) ignore it.
+it separates.
+
+The margin separates unanswerable from answerable items only partly (on the example project the
+best threshold refuses 25 of 36 unanswerable eval items at 7 of 72 false refusals); a question
+asked about a context that lacks its key words is the typical unanswerable case, and the
+question's lexical support in the context (`sovllm.models.grounding`: the IDF-weighted share of
+its words that occur there) measures exactly that. With `train.refusal_support` the decision score is
+margin - w * support, so the bias per request is b - w * support; w is chosen on val too (the most
+unanswerable items refused within the allowance, then the best AUC, then the smallest w). The
+result is stored in the adapter's `manifest.json` (`refusal_calibration`, with the training
+contexts' document frequencies) and applied by sovllm's engine to every request for that adapter
+whose user turn has the training format; other servers (vLLM) ignore it.
 """
 
 from __future__ import annotations
 
 from sovllm.models.adapter import RefusalCalibration
+from sovllm.models.grounding import Vocabulary
 
 STEPS = 2  # tokens of the refusal sentence the bias applies to
+WEIGHTS = tuple(0.5 * i for i in range(41))  # support weights tried on val: 0, 0.5, ..., 20
 
 
 def refusal_token_ids(tokenizer, refusal: str) -> list[int]:
@@ -87,16 +99,47 @@ def rates(unanswerable: list[float], answerable: list[float], bias: float) -> di
             "refused_unanswerable": refused_u, "refused_answerable": refused_a}
 
 
+def choose_weight(margins_u: list[float], margins_a: list[float], support_u: list[float], support_a: list[float],
+                  max_false_refusals: float) -> float:
+    """The support weight w (from WEIGHTS) for the score margin - w * support that refuses the most
+    unanswerable val items within the false-refusal allowance; ties go to the better ROC AUC, then
+    to the smaller weight."""
+    from sovllm.evaluate.stats import separation
+
+    best, chosen = None, 0.0
+    for w in WEIGHTS:
+        u = [m - w * s for m, s in zip(margins_u, support_u)]
+        a = [m - w * s for m, s in zip(margins_a, support_a)]
+        key = (rates(u, a, choose_bias(u, a, max_false_refusals))["refused_unanswerable"], separation(u, a).auc)
+        if best is None or key > best:
+            best, chosen = key, w
+    return chosen
+
+
 def calibrate(model, examples, unanswerable_flags: list[bool], token_ids: list[int], *, pad_id: int,
-              max_false_refusals: float) -> RefusalCalibration | None:
-    """Margins on the val examples and the bias chosen on them; None without both kinds of item."""
+              max_false_refusals: float, support: list[float] | None = None,
+              vocabulary: Vocabulary | None = None) -> RefusalCalibration | None:
+    """Margins on the val examples and the bias chosen on them; None without both kinds of item.
+
+    With `support` (each example's lexical support, computed with `vocabulary`) the decision score
+    is margin - w * support, w chosen on val as well (`choose_weight`)."""
     if not any(unanswerable_flags) or all(unanswerable_flags) or len(token_ids) < 1:
         return None
     values = margins(model, [e.prompt_ids for e in examples], token_ids, pad_id=pad_id,
                      share_keys=[e.share_key for e in examples])
     u = [m for m, flag in zip(values, unanswerable_flags) if flag]
     a = [m for m, flag in zip(values, unanswerable_flags) if not flag]
-    bias = choose_bias(u, a, max_false_refusals)
+    weight = 0.0
+    if support is not None and vocabulary is not None:
+        s_u = [s for s, flag in zip(support, unanswerable_flags) if flag]
+        s_a = [s for s, flag in zip(support, unanswerable_flags) if not flag]
+        weight = choose_weight(u, a, s_u, s_a, max_false_refusals)
+        scored_u = [m - weight * s for m, s in zip(u, s_u)]
+        scored_a = [m - weight * s for m, s in zip(a, s_a)]
+    else:
+        scored_u, scored_a = u, a
+    bias = choose_bias(scored_u, scored_a, max_false_refusals)
     return RefusalCalibration(token_ids, bias, max_false_refusals,
                               {"unanswerable": len(u), "answerable": len(a), "before": rates(u, a, 0.0),
-                               "after": rates(u, a, bias)})
+                               "after": rates(scored_u, scored_a, bias)},
+                              weight, vocabulary if weight else None)

@@ -198,7 +198,8 @@ def _train(root: Path, cfg: Config, records: dict, ctx: StageContext, *, quick: 
         model = trainer.model
         stop = check_stopping(model, val, eot_id=eot, pad_id=tokenizer.pad_token_id, min_rate=section.stop_min_rate,
                               limit=QUICK_VAL if quick else section.stop_prompts) if val else None
-        refusal = _calibrate_refusal(model, tokenizer, cfg, val, val_records, log) if section.refusal_calibration else None
+        refusal = _calibrate_refusal(model, tokenizer, cfg, val, val_records, train_records, log) \
+            if section.refusal_calibration else None
         adapter_dir = out_dir / "adapter"
         metrics = {"best_val_loss": round(fit.best_val_loss, 4) if fit.best_val_loss is not None else None, "best_step": fit.best_step, "train_loss": round(fit.train_loss, 4) if fit.train_loss is not None else None,
                    "steps": fit.steps, "loss_tokens": fit.loss_tokens, "loss_tokens_per_s": round(fit.tokens_per_s, 1),
@@ -216,7 +217,7 @@ def _train(root: Path, cfg: Config, records: dict, ctx: StageContext, *, quick: 
                          "train/padding_share": fit.padding_share,
                          **({"eval/stop_rate_base": stop.base_rate, "eval/stop_rate_adapter": stop.adapter_rate}
                             if stop else {}),
-                         **({"refusal/bias": refusal.bias,
+                         **({"refusal/bias": refusal.bias, "refusal/support_weight": refusal.support_weight,
                              **{f"refusal/val_{k}_{when}": refusal.val[when][k] for when in ("before", "after")
                                 for k in ("refusal_accuracy", "false_refusals")}} if refusal else {})}, step=fit.steps)
         tracker.artifacts(adapter_dir, "adapter")
@@ -253,8 +254,10 @@ def _train(root: Path, cfg: Config, records: dict, ctx: StageContext, *, quick: 
     shutil.rmtree(checkpoints, ignore_errors=True)  # a finished run needs no resume point
 
 
-def _calibrate_refusal(model, tokenizer, cfg: Config, val: list, val_records: list[dict], log: Callable[[str], None]):
+def _calibrate_refusal(model, tokenizer, cfg: Config, val: list, val_records: list[dict], train_records: list[dict],
+                       log: Callable[[str], None]):
     """The adapter's refusal bias chosen on val (sovllm.train.calibrate); None when val cannot support it."""
+    from sovllm.models.grounding import Vocabulary, split_user_message
     from sovllm.train.calibrate import calibrate, refusal_token_ids
 
     kinds = {str(r.get("id")): (r.get("meta") or {}).get("type") == "unanswerable" for r in val_records}
@@ -264,11 +267,21 @@ def _calibrate_refusal(model, tokenizer, cfg: Config, val: list, val_records: li
             "items, it needs both")
         return None
     tokens = refusal_token_ids(tokenizer, cfg.prompt.refusal)
+    vocabulary, support = None, None
+    if cfg.train.refusal_support:
+        def parts(record):
+            turns = [m.get("content") for m in record.get("messages") or [] if m.get("role") == "user"]
+            return split_user_message(turns[-1] if turns else None)
+
+        vocabulary = Vocabulary.from_contexts(p[0] for p in map(parts, train_records) if p)
+        split = {str(r.get("id")): parts(r) for r in val_records}
+        support = [vocabulary.support(*split[e.id]) if split.get(e.id) else 1.0 for e in val]
     result = calibrate(model, val, flags, tokens, pad_id=tokenizer.pad_token_id,
-                       max_false_refusals=cfg.train.refusal_max_false)
+                       max_false_refusals=cfg.train.refusal_max_false, support=support, vocabulary=vocabulary)
     before, after = result.val["before"], result.val["after"]
     n_u, n_a = result.val["unanswerable"], result.val["answerable"]
-    log(f"refusal calibration on val: bias {result.bias:+.2f} on the refusal's first {len(tokens)} tokens; refused "
+    weight = f" - {result.support_weight:g} x lexical support" if result.support_weight else ""
+    log(f"refusal calibration on val: bias {result.bias:+.2f}{weight} on the refusal's first {len(tokens)} tokens; refused "
         f"{before['refused_unanswerable']}/{n_u} unanswerable and {before['refused_answerable']}/{n_a} answerable "
         f"before, {after['refused_unanswerable']}/{n_u} and {after['refused_answerable']}/{n_a} after "
         f"(train.refusal_max_false {cfg.train.refusal_max_false:g})")
@@ -303,8 +316,10 @@ def _save_adapter(model, tokenizer, adapter_dir: Path, manifest: dict) -> None:
 def _bias_text(calibration: dict | None) -> str:
     if not calibration:
         return "none"
-    return (f"{calibration['bias']:+.2f} on the refusal sentence's first {len(calibration['token_ids'])} tokens, "
-            "chosen on val (applied by `sovllm serve`, not by vLLM)")
+    weight = (calibration.get("support") or {}).get("weight")
+    minus = f" − {weight:g} × the question's lexical support in its context" if weight else ""
+    return (f"{calibration['bias']:+.2f}{minus} on the refusal sentence's first {len(calibration['token_ids'])} tokens, "
+            "chosen on val (applied by `sovllm serve` to requests in the training format, not by vLLM)")
 
 
 def _card(m: dict) -> str:
