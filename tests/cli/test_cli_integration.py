@@ -78,7 +78,9 @@ def test_quick_run_of_the_example_project(tmp_path, bundled_model):
     calibration = train["extra"]["refusal_calibration"]  # None when the quick val sample lacks a kind of item
     assert summary["models"] == [{"label": "base", "served_as": "smollm2-135m-instruct"},
                                  {"label": "acme", "served_as": "acme",
-                                  "refusal_bias": calibration["bias"] if calibration else None}]
+                                  "refusal_bias": calibration["bias"] if calibration else None,
+                                  "refusal_support_weight": (calibration["support"] or {"weight": 0.0})["weight"]
+                                  if calibration else None}]
     gold = summary["table"]["gold"]
     assert gold["base"]["items"] == gold["acme"]["items"] == 8 and gold["acme"]["unanswerable"] >= 1
     assert summary["comparisons"]["gold"]["acme"]["f1"]["resamples"] == 10_000

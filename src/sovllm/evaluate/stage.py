@@ -80,12 +80,12 @@ def refusal_bias(path) -> float | None:
 
 
 def refusal_summary(path) -> dict:
-    """The adapter's refusal calibration as summary.json states it: bias and support weight ({} without one)."""
+    """The adapter's refusal calibration as summary.json states it: bias and support weight (None without one)."""
     from sovllm.models.adapter import inspect_adapter
 
     refusal = inspect_adapter(path).refusal
     if refusal is None:
-        return {}
+        return {"refusal_bias": None, "refusal_support_weight": None}
     return {"refusal_bias": round(refusal.bias, 4), "refusal_support_weight": round(refusal.support_weight, 4)}
 
 
