@@ -20,7 +20,9 @@ decision does not depend on whether the context holds the answer) and the best r
 any threshold on it would give with ≤ 10 % false refusals. Greedy answers show where an adapter
 *is* on that curve; the separation shows whether any amount of refusal bias could reach the targets.
 `--score margin` uses the refusal calibration's margin instead (docs/train.md: margin + bias ≥ 0 is
-exactly the greedy refusal under a bias). `--adapter DIR` scores a trained adapter (e.g. `out/train/adapter`) instead of training one,
+exactly the greedy refusal under a bias), `--score support` the question's lexical support in its
+context alone, `--score calibrated` the adapter's calibrated score margin − w × support (w from its
+manifest) and also counts the items its bias refuses. `--adapter DIR` scores a trained adapter (e.g. `out/train/adapter`) instead of training one,
 `--base` scores the base model too, `--no-generate` skips the greedy answers (about 2 × faster).
 `--top-layers N` puts LoRA on the top N layers only (faster steps: backward stops at the lowest
 adapted layer); `--paired` trains each question's items (own and foreign context) in one micro-batch;
@@ -52,9 +54,10 @@ def main(argv=None) -> int:
     parser.add_argument("--adapter", type=Path, help="score this trained adapter instead of training one")
     parser.add_argument("--base", action="store_true", help="also score the base model (adapter disabled)")
     parser.add_argument("--no-generate", action="store_true", help="only the score separation, no greedy answers")
-    parser.add_argument("--score", choices=("logprob", "margin"), default="logprob",
+    parser.add_argument("--score", choices=("logprob", "margin", "support", "calibrated"), default="logprob",
                         help="logprob: log P(first three refusal tokens); margin: the refusal calibration's margin "
-                             "(sovllm.train.calibrate.margins), which decides greedy refusal exactly")
+                             "(sovllm.train.calibrate.margins), which decides greedy refusal exactly; support: the "
+                             "lexical support alone; calibrated: margin - w x support with the adapter's own w and b")
     parser.add_argument("--top-layers", type=int, default=0, help="LoRA only on the top N decoder layers (0: all)")
     parser.add_argument("--share", action="store_true",
                         help="train examples that share a context as one shared-prefix tree (sovllm.train.data.Tree)")
@@ -147,16 +150,39 @@ def main(argv=None) -> int:
                     scores.append(float(logp[torch.arange(len(prefix)), torch.tensor(prefix)].sum()))
         return scores
 
+    def support() -> list[float]:
+        """Each eval item's lexical support in its context (IDF over the training contexts)."""
+        from sovllm.models.grounding import Vocabulary, split_user_message
+
+        turn = lambda r: split_user_message(r["messages"][1]["content"])  # noqa: E731
+        vocabulary = Vocabulary.from_contexts(t[0] for t in map(turn, train_records) if t)
+        return [vocabulary.support(*turn(r)) if turn(r) else 1.0 for r in items]
+
     def separated() -> dict:
-        if args.score == "margin":
+        extra = {}
+        if args.score == "support":
+            scores = [-s for s in support()]  # lower support refuses
+        elif args.score in ("margin", "calibrated"):
             from sovllm.train.calibrate import margins, refusal_token_ids
 
             scores = margins(model, [e.prompt_ids for e in probes], refusal_token_ids(tokenizer, refusal), pad_id=pad,
                              share_keys=[e.share_key for e in probes])
+            if args.score == "calibrated":
+                from sovllm.models.adapter import inspect_adapter
+
+                calibration = inspect_adapter(args.adapter).refusal if args.adapter else None
+                if calibration is None:
+                    parser.error("--score calibrated needs --adapter with a refusal_calibration in its manifest")
+                weight = calibration.support_weight
+                scores = [m - weight * s for m, s in zip(scores, support())]
+                refused = [m + calibration.bias >= 0 for m in scores]
+                extra = {"support_weight": weight, "bias": calibration.bias,
+                         "refused_unanswerable": sum(refused[i] for i in unanswerable),
+                         "refused_answerable": sum(refused[i] for i in answerable)}
         else:
             scores = refusal_scores()
         sep = separation([scores[i] for i in unanswerable], [scores[i] for i in answerable], max_fpr=0.10)
-        return {"auc": round(sep.auc, 4), "refusal_at_10pct_false": round(sep.recall, 4)}
+        return {"auc": round(sep.auc, 4), "refusal_at_10pct_false": round(sep.recall, 4), **extra}
 
     def probe(step: int) -> dict:
         started = time.perf_counter()
