@@ -306,6 +306,9 @@ class TrainSection(Section):
                                                         "applied by sovllm serve)")
     refusal_max_false: float = Field(0.1, ge=0.0, le=1.0, description="share of answerable val items the calibrated "
                                                                       "adapter may refuse")
+    refusal_val_foreign: bool = Field(True, description="the calibration also asks each answerable val question about "
+                                                        "another val document's context (as curate builds unanswerable "
+                                                        "items): more unanswerable items to choose on")
     refusal_support: bool = Field(True, description="the calibrated bias also falls with the question's lexical "
                                                     "support in its context (IDF-weighted share of its words found "
                                                     "there); its weight is chosen on val")

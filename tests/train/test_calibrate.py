@@ -201,3 +201,40 @@ def test_margins_of_questions_on_a_shared_context_equal_those_asked_alone(tiny_m
     shared = margins(model, prompts, tokens, pad_id=tokenizer.pad_token_id, share_keys=keys)
     assert len(set(round(v, 3) for v in alone)) == 4  # four different decisions, not one value repeated
     assert shared == pytest.approx(alone, abs=1e-4)
+
+
+def test_val_questions_are_also_asked_about_another_val_documents_context():
+    """More unanswerable calibration items, built as curate builds them: another document's context, the
+    most overlapping one that shares at most max_overlap of the question's content words."""
+    from sovllm.config import PromptSection
+    from sovllm.curate.records import make_record
+    from sovllm.train.calibrate import foreign_val_records
+
+    prompt = PromptSection()
+    chunk = lambda i, doc, text: {"id": f"{doc}-{i}", "doc_id": doc, "text": text, "heading_path": [doc]}  # noqa: E731
+    vpn = chunk(0, "it", "The VPN client Tunnelwerk needs a FIDO2 key; passwords rotate every 90 days.")
+    travel = chunk(0, "hr", "Travel by train is reimbursed in second class; the VPN is not needed for expenses.")
+    leave = chunk(1, "hr", "Parental leave is requested in Kompass eight weeks ahead.")
+    records = [make_record("q1", prompt=prompt, contexts=[vpn], question="Which key does the VPN client need?",
+                           answer="A FIDO2 key.", chunk=vpn, type_="factual"),
+               make_record("q2", prompt=prompt, contexts=[travel], question="Which class is reimbursed for trains?",
+                           answer="Second class.", chunk=travel, type_="factual"),
+               make_record("q3", prompt=prompt, contexts=[leave], question="How early is parental leave requested?",
+                           answer="Eight weeks ahead.", chunk=leave, type_="factual"),
+               make_record("n1", prompt=prompt, contexts=[vpn], question="How early is parental leave requested?",
+                           answer=prompt.refusal, chunk=vpn, type_="unanswerable")]
+    out = {r["id"]: r for r in foreign_val_records(records, prompt.refusal, max_overlap=0.5)}
+    assert set(out) == {"q1-calibration-foreign", "q2-calibration-foreign", "q3-calibration-foreign"}
+    for record in out.values():
+        assert record["meta"]["type"] == "unanswerable" and record["messages"][2]["content"] == prompt.refusal
+        assert record["messages"][0] == records[0]["messages"][0]  # the same system prompt
+    context = lambda r: split_user_message(r["messages"][1]["content"])[0]  # noqa: E731
+    # q1 (VPN, document "it"): both hr contexts are foreign; the travel one shares "vpn" (1 of the 4 content
+    # words key, vpn, client, need), the leave one none: the harder one is chosen
+    assert "Travel by train" in context(out["q1-calibration-foreign"])
+    # q2 and q3 (document "hr") can only be asked about the VPN context
+    assert "Tunnelwerk" in context(out["q2-calibration-foreign"]) and "Tunnelwerk" in context(out["q3-calibration-foreign"])
+    strict = {r["id"]: r for r in foreign_val_records(records, prompt.refusal, max_overlap=0.0)}
+    assert "Parental leave" in context(strict["q1-calibration-foreign"])  # 1/4 > 0: travel is excluded
+    single = [r for r in records if r["meta"]["doc_id"] == "hr"]
+    assert foreign_val_records(single, prompt.refusal, max_overlap=0.5) == []  # one document: nothing to pair

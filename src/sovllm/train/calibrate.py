@@ -73,6 +73,45 @@ def margins(model, prompts: list[list[int]], token_ids: list[int], *, pad_id: in
     return out
 
 
+def foreign_val_records(records: list[dict], refusal: str, max_overlap: float) -> list[dict]:
+    """More unanswerable items for the calibration, built as curate builds them: each answerable val
+    question asked about a context of another val document, the one it shares the most content words
+    with among those sharing at most `max_overlap` of them (a hard negative that is still not
+    answerable); none when val has a single document. Records in the train/val.jsonl format."""
+    from sovllm.curate.negatives import overlap
+    from sovllm.models.grounding import CONTEXT_HEAD, QUESTION_HEAD, split_user_message
+
+    def turn(record):
+        users = [m.get("content") for m in record.get("messages") or [] if m.get("role") == "user"]
+        return split_user_message(users[-1] if users else None)
+
+    def meta(record):
+        return record.get("meta") or {}
+
+    contexts: dict[str, str] = {}  # context text -> its document
+    for record in records:
+        parts = turn(record)
+        if parts and meta(record).get("type") != "unanswerable":
+            contexts.setdefault(parts[0], str(meta(record).get("doc_id")))
+    out = []
+    for record in records:
+        parts = turn(record)
+        if not parts or meta(record).get("type") == "unanswerable":
+            continue
+        question, doc = parts[1], str(meta(record).get("doc_id"))
+        scored = [(overlap(question, text), text) for text, other in contexts.items()
+                  if other != doc and overlap(question, text) <= max_overlap]
+        if not scored:
+            continue
+        _, text = max(scored, key=lambda s: s[0])  # first of the most overlapping (dict order: stable)
+        system = [m for m in record["messages"] if m.get("role") == "system"]
+        out.append({"id": f"{record.get('id')}-calibration-foreign",
+                    "messages": system + [{"role": "user", "content": CONTEXT_HEAD + text + QUESTION_HEAD + question},
+                                          {"role": "assistant", "content": refusal.strip()}],
+                    "meta": {**meta(record), "type": "unanswerable", "question": question}})
+    return out
+
+
 def choose_bias(unanswerable: list[float], answerable: list[float], max_false_refusals: float) -> float:
     """The bias that refuses the most unanswerable items while refusing at most `max_false_refusals` of
     the answerable ones (margins as `margins` returns them), midway between the items it separates."""

@@ -257,8 +257,8 @@ def _train(root: Path, cfg: Config, records: dict, ctx: StageContext, *, quick: 
 def _calibrate_refusal(model, tokenizer, cfg: Config, val: list, val_records: list[dict], train_records: list[dict],
                        log: Callable[[str], None]):
     """The adapter's refusal bias chosen on val (sovllm.train.calibrate); None when val cannot support it."""
-    from sovllm.models.grounding import Vocabulary, split_user_message
-    from sovllm.train.calibrate import calibrate, refusal_token_ids
+    from sovllm.models.grounding import Vocabulary
+    from sovllm.train.calibrate import calibrate, foreign_val_records, refusal_token_ids
 
     kinds = {str(r.get("id")): (r.get("meta") or {}).get("type") == "unanswerable" for r in val_records}
     flags = [kinds.get(e.id, False) for e in val]
@@ -267,25 +267,45 @@ def _calibrate_refusal(model, tokenizer, cfg: Config, val: list, val_records: li
             "items, it needs both")
         return None
     tokens = refusal_token_ids(tokenizer, cfg.prompt.refusal)
+    records = {str(r.get("id")): r for r in val_records}
+    examples = list(val)
+    if cfg.train.refusal_val_foreign:
+        from sovllm.models.chat import end_of_turn_id
+        from sovllm.train.data import encode
+
+        eot = end_of_turn_id(tokenizer)
+        for record in foreign_val_records(val_records, cfg.prompt.refusal, cfg.curate.max_overlap):
+            example = encode(record, tokenizer, eot, "val.jsonl (calibration)")
+            if len(example.prompt_ids) < cfg.train.max_length:
+                records[example.id] = record
+                examples.append(example)
+                flags.append(True)
     vocabulary, support = None, None
     if cfg.train.refusal_support:
-        def parts(record):
-            turns = [m.get("content") for m in record.get("messages") or [] if m.get("role") == "user"]
-            return split_user_message(turns[-1] if turns else None)
-
-        vocabulary = Vocabulary.from_contexts(p[0] for p in map(parts, train_records) if p)
-        split = {str(r.get("id")): parts(r) for r in val_records}
-        support = [vocabulary.support(*split[e.id]) if split.get(e.id) else 1.0 for e in val]
-    result = calibrate(model, val, flags, tokens, pad_id=tokenizer.pad_token_id,
+        vocabulary = Vocabulary.from_contexts(p[0] for p in map(_user_turn, train_records) if p)
+        support = [vocabulary.support(*parts) if (parts := _user_turn(records.get(e.id, {}))) else 1.0
+                   for e in examples]
+    result = calibrate(model, examples, flags, tokens, pad_id=tokenizer.pad_token_id,
                        max_false_refusals=cfg.train.refusal_max_false, support=support, vocabulary=vocabulary)
+    foreign = len(examples) - len(val)
+    result.val["foreign_questions"] = foreign
     before, after = result.val["before"], result.val["after"]
     n_u, n_a = result.val["unanswerable"], result.val["answerable"]
     weight = f" - {result.support_weight:g} x lexical support" if result.support_weight else ""
+    added = f" (of them {foreign} val questions asked about another val document's context)" if foreign else ""
     log(f"refusal calibration on val: bias {result.bias:+.2f}{weight} on the refusal's first {len(tokens)} tokens; refused "
-        f"{before['refused_unanswerable']}/{n_u} unanswerable and {before['refused_answerable']}/{n_a} answerable "
+        f"{before['refused_unanswerable']}/{n_u} unanswerable{added} and {before['refused_answerable']}/{n_a} answerable "
         f"before, {after['refused_unanswerable']}/{n_u} and {after['refused_answerable']}/{n_a} after "
         f"(train.refusal_max_false {cfg.train.refusal_max_false:g})")
     return result
+
+
+def _user_turn(record: dict) -> tuple[str, str] | None:
+    """(context, question) of a record's last user turn in the training format, else None."""
+    from sovllm.models.grounding import split_user_message
+
+    turns = [m.get("content") for m in record.get("messages") or [] if m.get("role") == "user"]
+    return split_user_message(turns[-1] if turns else None)
 
 
 CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_model.safetensors")
