@@ -152,9 +152,9 @@ def main(argv=None) -> int:
 
     def support() -> list[float]:
         """Each eval item's lexical support in its context (IDF over the training contexts)."""
-        from sovllm.models.grounding import Vocabulary, split_user_message
+        from sovllm.models.grounding import Vocabulary
+        from sovllm.models.grounding import record_turn as turn
 
-        turn = lambda r: split_user_message(r["messages"][1]["content"])  # noqa: E731
         vocabulary = Vocabulary.from_contexts(t[0] for t in map(turn, train_records) if t)
         return [vocabulary.support(*turn(r)) if turn(r) else 1.0 for r in items]
 

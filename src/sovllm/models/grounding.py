@@ -34,6 +34,12 @@ def split_user_message(content: str | None) -> tuple[str, str] | None:
     return context, question.strip()
 
 
+def record_turn(record: dict) -> tuple[str, str] | None:
+    """(context, question) of a train/val/eval record's last user turn, else None."""
+    turns = [m.get("content") for m in record.get("messages") or [] if isinstance(m, dict) and m.get("role") == "user"]
+    return split_user_message(turns[-1] if turns else None)
+
+
 def words(text: str) -> set[str]:
     """Lower-cased word forms of two or more characters (letters, digits; any script)."""
     return {w for w in _WORD.findall(text.lower()) if len(w) > 1}

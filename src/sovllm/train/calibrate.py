@@ -79,11 +79,8 @@ def foreign_val_records(records: list[dict], refusal: str, max_overlap: float) -
     with among those sharing at most `max_overlap` of them (a hard negative that is still not
     answerable); none when val has a single document. Records in the train/val.jsonl format."""
     from sovllm.curate.negatives import overlap
-    from sovllm.models.grounding import CONTEXT_HEAD, QUESTION_HEAD, split_user_message
-
-    def turn(record):
-        users = [m.get("content") for m in record.get("messages") or [] if m.get("role") == "user"]
-        return split_user_message(users[-1] if users else None)
+    from sovllm.models.grounding import CONTEXT_HEAD, QUESTION_HEAD
+    from sovllm.models.grounding import record_turn as turn
 
     def meta(record):
         return record.get("meta") or {}

@@ -257,7 +257,7 @@ def _train(root: Path, cfg: Config, records: dict, ctx: StageContext, *, quick: 
 def _calibrate_refusal(model, tokenizer, cfg: Config, val: list, val_records: list[dict], train_records: list[dict],
                        log: Callable[[str], None]):
     """The adapter's refusal bias chosen on val (sovllm.train.calibrate); None when val cannot support it."""
-    from sovllm.models.grounding import Vocabulary
+    from sovllm.models.grounding import Vocabulary, record_turn
     from sovllm.train.calibrate import calibrate, foreign_val_records, refusal_token_ids
 
     kinds = {str(r.get("id")): (r.get("meta") or {}).get("type") == "unanswerable" for r in val_records}
@@ -282,8 +282,8 @@ def _calibrate_refusal(model, tokenizer, cfg: Config, val: list, val_records: li
                 flags.append(True)
     vocabulary, support = None, None
     if cfg.train.refusal_support:
-        vocabulary = Vocabulary.from_contexts(p[0] for p in map(_user_turn, train_records) if p)
-        support = [vocabulary.support(*parts) if (parts := _user_turn(records.get(e.id, {}))) else 1.0
+        vocabulary = Vocabulary.from_contexts(p[0] for p in map(record_turn, train_records) if p)
+        support = [vocabulary.support(*parts) if (parts := record_turn(records.get(e.id, {}))) else 1.0
                    for e in examples]
     result = calibrate(model, examples, flags, tokens, pad_id=tokenizer.pad_token_id,
                        max_false_refusals=cfg.train.refusal_max_false, support=support, vocabulary=vocabulary)
@@ -298,14 +298,6 @@ def _calibrate_refusal(model, tokenizer, cfg: Config, val: list, val_records: li
         f"before, {after['refused_unanswerable']}/{n_u} and {after['refused_answerable']}/{n_a} after "
         f"(train.refusal_max_false {cfg.train.refusal_max_false:g})")
     return result
-
-
-def _user_turn(record: dict) -> tuple[str, str] | None:
-    """(context, question) of a record's last user turn in the training format, else None."""
-    from sovllm.models.grounding import split_user_message
-
-    turns = [m.get("content") for m in record.get("messages") or [] if m.get("role") == "user"]
-    return split_user_message(turns[-1] if turns else None)
 
 
 CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_model.safetensors")
