@@ -96,11 +96,11 @@ def foreign_val_records(records: list[dict], refusal: str, max_overlap: float) -
         if not parts or meta(record).get("type") == "unanswerable":
             continue
         question, doc = parts[1], str(meta(record).get("doc_id"))
-        scored = [(overlap(question, text), text) for text, other in contexts.items()
-                  if other != doc and overlap(question, text) <= max_overlap]
-        if not scored:
+        scored = [(overlap(question, text), text) for text, other in contexts.items() if other != doc]
+        allowed = [(shared, text) for shared, text in scored if shared <= max_overlap]
+        if not allowed:
             continue
-        _, text = max(scored, key=lambda s: s[0])  # first of the most overlapping (dict order: stable)
+        _, text = max(allowed, key=lambda s: s[0])  # first of the most overlapping (dict order: stable)
         system = [m for m in record["messages"] if m.get("role") == "system"]
         out.append({"id": f"{record.get('id')}-calibration-foreign",
                     "messages": system + [{"role": "user", "content": CONTEXT_HEAD + text + QUESTION_HEAD + question},
