@@ -158,19 +158,19 @@ def test_engine_greedy_refuses_exactly_when_margin_plus_bias_is_non_negative(tin
 
 def test_eval_caches_answers_per_bias_and_reports_it(tiny_model_dir, tmp_path):
     """Same weights, another bias: other answers, so the answer cache must not reuse them."""
-    from sovllm.evaluate.stage import adapter_fingerprint, refusal_bias
+    from sovllm.evaluate.stage import adapter_fingerprint, refusal_summary
     from sovllm.models.tiny import make_random_adapter
 
     path = make_random_adapter(tiny_model_dir, tmp_path / "a", rank=2, target_modules=("q_proj",), seed=3)
     raw = adapter_fingerprint(path, "base")
-    assert refusal_bias(path) is None
+    assert refusal_summary(path)["refusal_bias"] is None
     manifest = path / "manifest.json"
     data = json.loads(manifest.read_text())
     fingerprints = set()
     for bias in (-1.25, 0.5):
         manifest.write_text(json.dumps({**data, "refusal_calibration": {"token_ids": [4, 9], "bias": bias}}))
         fingerprints.add(adapter_fingerprint(path, "base"))
-        assert refusal_bias(path) == bias
+        assert refusal_summary(path)["refusal_bias"] == bias
     # the support term decides answers too: its weight and its document frequencies
     for weight, df in ((2.0, {"vpn": 1}), (3.0, {"vpn": 1}), (3.0, {"vpn": 2})):
         calibration = RefusalCalibration([4, 9], 0.5, 0.1, {}, weight, Vocabulary(3, df))

@@ -74,11 +74,6 @@ def fingerprint_file(path: Path) -> str:
     return sha256_path(path)[:16]
 
 
-def refusal_bias(path) -> float | None:
-    """The refusal bias the embedded server applies to this adapter (its manifest's refusal_calibration)."""
-    return refusal_summary(path).get("refusal_bias")
-
-
 def refusal_summary(path) -> dict:
     """The adapter's refusal calibration as summary.json states it: bias and support weight (None without one)."""
     from sovllm.models.adapter import inspect_adapter
