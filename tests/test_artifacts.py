@@ -121,3 +121,96 @@ def test_manifest_is_valid_json_on_disk(tmp_path):
     run_stage("demo", tmp_path, Counter())
     data = json.loads((tmp_path / "manifest.json").read_text())
     assert data["stage"] == "demo" and data["key"]
+
+
+def test_a_torn_manifest_makes_the_stage_run_again(tmp_path):
+    work = Counter()
+    run_stage("demo", tmp_path, work)
+    text = (tmp_path / "manifest.json").read_text()
+    (tmp_path / "manifest.json").write_text(text[: len(text) // 2])  # a write cut off by a crash
+    assert load_manifest(tmp_path) is None
+    assert not run_stage("demo", tmp_path, work).skipped and work.calls == 2
+    assert load_manifest(tmp_path).status == "ok"
+
+
+def test_write_atomic_syncs_the_file_before_the_rename_and_then_its_folder(tmp_path, monkeypatch):
+    import os
+
+    from sovllm.artifacts import write_atomic
+
+    target = tmp_path / "stage" / "manifest.json"
+    synced = []  # (inode, whether the target already was that inode when it was synced)
+    real_fsync = os.fsync
+
+    def spy(fd):
+        inode = os.fstat(fd).st_ino
+        synced.append((inode, target.exists() and target.stat().st_ino == inode))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    write_atomic(target, '{"stage": "demo"}\n')
+    file_inode, dir_inode = target.stat().st_ino, target.parent.stat().st_ino
+    inodes = [inode for inode, _ in synced]
+    assert (file_inode, False) in synced  # the data is on disk before the rename publishes it
+    assert dir_inode in inodes and inodes.index(dir_inode) > inodes.index(file_inode)  # then the rename itself
+    assert target.read_text() == '{"stage": "demo"}\n' and os.listdir(target.parent) == ["manifest.json"]
+
+
+def test_a_torn_last_line_is_cut_off_before_the_next_append(tmp_path):
+    from sovllm.artifacts import append_jsonl, truncate_partial_line
+
+    path = tmp_path / "cache.jsonl"
+    assert truncate_partial_line(path) == 0 and not path.exists()
+    append_jsonl(path, [{"id": 1, "text": "Grüße"}, {"id": 2, "text": "Grüße"}])
+    whole = path.read_bytes()
+    assert truncate_partial_line(path) == 0 and path.read_bytes() == whole
+    second = whole.index(b'{"id": 2')
+    for cut in (whole.index(b"\xc3", second) + 1, second + 5):  # inside "ü" / inside the JSON
+        path.write_bytes(whole[:cut])
+        assert truncate_partial_line(path) == cut - second
+        append_jsonl(path, [{"id": 3}])
+        assert list(read_jsonl(path)) == [{"id": 1, "text": "Grüße"}, {"id": 3}]
+    path.write_bytes(whole[:-1])  # only the newline is missing: the record is whole and kept
+    assert truncate_partial_line(path) == 0
+    assert path.read_bytes() == whole
+
+
+def test_a_line_cut_inside_a_character_is_a_partial_line_or_a_clear_error(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    record = '{"id": 2, "text": "Grüße"}'.encode()
+    cut = record[: record.index(b"\xc3") + 1]
+    path.write_bytes(b'{"id": 1}\n' + cut)
+    assert list(read_jsonl(path, skip_partial_last_line=True)) == [{"id": 1}]
+    path.write_bytes(b'{"id": 1}\n' + cut + b'{"id": 3}\n')  # torn in the middle: real corruption
+    with pytest.raises(InputError, match=r"qa.jsonl:2: not valid UTF-8") as err:
+        list(read_jsonl(path, skip_partial_last_line=True))
+    assert "delete that line" in str(err.value)
+
+
+def test_replace_dir_without_a_one_step_swap_puts_the_old_folder_back_after_a_crash(tmp_path, monkeypatch):
+    import os
+
+    from sovllm import artifacts
+
+    monkeypatch.setattr(artifacts, "_exchange", lambda a, b: False)  # a filesystem without RENAME_EXCHANGE
+    dst, src = tmp_path / "adapter", tmp_path / ".adapter.tmp"
+    for folder, tag in ((dst, "old"), (src, "new")):
+        folder.mkdir()
+        (folder / "weights").write_text(tag)
+    real_rename, calls = os.rename, []
+
+    def crash_on_second_rename(a, b):
+        calls.append((a, b))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed between moving the old folder aside and the new one in
+        real_rename(a, b)
+
+    monkeypatch.setattr(os, "rename", crash_on_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        artifacts.replace_dir(src, dst)
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert not dst.exists()
+    artifacts.recover_dir(dst)  # what the next run does first
+    assert (dst / "weights").read_text() == "old" and not (tmp_path / ".adapter.old").exists()
+    artifacts.replace_dir(src, dst)
+    assert (dst / "weights").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["adapter"]

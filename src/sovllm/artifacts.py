@@ -5,17 +5,23 @@ Every stage writes its files into its own output directory plus a `manifest.json
 and timings. `run_stage` computes a key from the stage name, the inputs and the config; when the
 directory already holds a successful manifest with the same key (and the stage's outputs still
 verify), the stage is skipped. A failed run leaves a manifest with `status: failed`, so the next
-run retries it.
+run retries it. Writes are crash-safe: whole files are synced and renamed into place
+(`write_atomic`), appended JSONL is synced per call and cut back to its last complete line before
+a resumed run appends (`truncate_partial_line`), and folders are swapped in so the path always
+holds the old or the new one (`replace_dir`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import importlib.metadata
 import json
 import os
 import platform
+import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,17 +59,107 @@ def sha256_path(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def fsync_dir(path: str | Path) -> None:
+    """Make a folder's entries (a rename, a new file) durable; a no-op where the OS cannot sync folders."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # Windows cannot open a folder; its renames need no folder sync
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):  # filesystems without folder sync
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | Path) -> None:
+    """fsync every file and folder under `path` (before a rename publishes it)."""
+    for folder, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_dir(folder)
+
+
 def write_atomic(path: str | Path, text: str) -> None:
-    """Write text so readers see the old or the new file, never half of one."""
+    """Write text so readers see the old or the new file, never half of one, even after a power cut.
+
+    The temp file is synced before the rename (else the rename can reach the disk before the data,
+    leaving an empty file) and the folder after it (else the rename itself can be lost).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)  # a full disk or Ctrl-C leaves no stray temp file behind
         raise
+    fsync_dir(path.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux `renameat2(RENAME_EXCHANGE)`); False where OS or filesystem cannot."""
+    if sys.platform != "linux":
+        return False
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a libc without renameat2 (glibc < 2.28, musl)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def _aside(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def replace_dir(src: str | Path, dst: str | Path) -> None:
+    """Move the finished folder `src` to `dst`, replacing the folder there without a moment without one.
+
+    `src` is synced first. On Linux the two folders swap in one rename and the old one is deleted
+    afterwards. Where that is not possible the old folder is renamed aside to `.<name>.old` first;
+    a crash between the two renames leaves it there, and `recover_dir(dst)` puts it back.
+    """
+    src, dst = Path(src), Path(dst)
+    fsync_tree(src)
+    old = _aside(dst)
+    recover_dir(dst)
+    if not dst.exists():
+        os.rename(src, dst)
+    elif _exchange(src, dst):
+        fsync_dir(dst.parent)
+        shutil.rmtree(src)  # now the old folder
+    else:
+        os.rename(dst, old)
+        os.rename(src, dst)
+        fsync_dir(dst.parent)
+        shutil.rmtree(old)
+    fsync_dir(dst.parent)
+
+
+def recover_dir(dst: str | Path) -> None:
+    """Finish what a crash inside `replace_dir` left: the old folder back if `dst` is missing, debris removed."""
+    dst = Path(dst)
+    old = _aside(dst)
+    if old.exists() and not dst.exists():
+        os.rename(old, dst)
+        fsync_dir(dst.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
@@ -74,34 +170,95 @@ def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
 
 
 def append_jsonl(path: str | Path, records: Iterable[dict]) -> None:
-    """Append records and flush, so an interrupted stage keeps what it finished."""
+    """Append records and sync them, so an interrupted stage keeps what it finished.
+
+    Call `truncate_partial_line` once before the first append to a file a crash may have cut off.
+    """
+    path = Path(path)
+    new = not path.exists()
     with open(path, "a", encoding="utf-8") as fh:
         for record in records:
             fh.write(json.dumps(record, ensure_ascii=False) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
+    if new:
+        fsync_dir(path.parent)
 
 
-def read_jsonl(path: str | Path, *, skip_partial_last_line: bool = False) -> Iterator[dict]:
+def truncate_partial_line(path: str | Path) -> int:
+    """Make an append-only JSONL file end with a complete line before appending to it again.
+
+    A crash during an append can leave an unterminated last line; the next append would be glued
+    to it, and that line would then be unreadable in the middle of the file. The cut-off line is
+    removed (or, when it already holds a whole JSON object and only lacks its newline, ended).
+    Returns the number of bytes removed; a missing file is left alone.
+    """
+    try:
+        fh = open(path, "r+b")
+    except FileNotFoundError:
+        return 0
+    with fh:
+        size = fh.seek(0, os.SEEK_END)
+        if size == 0:
+            return 0
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":
+            return 0
+        keep, end = 0, size
+        while end > 0:  # find the last newline, reading backwards
+            start = max(0, end - (1 << 16))
+            fh.seek(start)
+            found = fh.read(end - start).rfind(b"\n")
+            if found >= 0:
+                keep = start + found + 1
+                break
+            end = start
+        fh.seek(keep)
+        tail = fh.read()
+        try:
+            whole = isinstance(json.loads(tail.decode("utf-8")), dict)
+        except ValueError:  # UnicodeDecodeError is a ValueError too: a write cut inside a character
+            whole = False
+        if whole:
+            fh.write(b"\n")
+            removed = 0
+        else:
+            fh.truncate(keep)
+            removed = size - keep
+        fh.flush()
+        os.fsync(fh.fileno())
+        return removed
+
+
+def read_jsonl(path: str | Path, *, skip_partial_last_line: bool = False,
+               bad_line_hint: str = "fix or delete that line") -> Iterator[dict]:
     """Yield records of a JSONL file; a malformed line is an InputError naming file and line.
 
-    With `skip_partial_last_line`, an unterminated last line (a write cut off by a crash) is
-    ignored instead of being an error.
+    With `skip_partial_last_line`, an unterminated last line (a write cut off by a crash, possibly
+    inside a multi-byte character) is ignored instead of being an error.
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: file not found", hint="run the stage that produces it first")
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
+    with open(path, "rb") as fh:  # bytes: a cut-off character must not escape as UnicodeDecodeError
+        for number, raw in enumerate(fh, start=1):
+            partial = not raw.endswith(b"\n")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                if skip_partial_last_line and partial:
+                    return
+                raise InputError(f"{path}:{number}: not valid UTF-8 (byte {exc.start + 1} of the line)",
+                                 hint=bad_line_hint) from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                if skip_partial_last_line and not line.endswith("\n"):
+                if skip_partial_last_line and partial:
                     return
                 raise InputError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})",
-                                 hint="fix or delete that line") from None
+                                 hint=bad_line_hint) from None
             if not isinstance(record, dict):
                 raise InputError(f"{path}:{number}: expected a JSON object, found {type(record).__name__}")
             yield record

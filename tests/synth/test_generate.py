@@ -12,7 +12,7 @@ import pytest
 from sovllm.artifacts import read_jsonl
 from sovllm.config import load_config
 from sovllm.endpoint import ChatClient
-from sovllm.errors import BackendError
+from sovllm.errors import BackendError, InputError
 from sovllm.project import init_project
 from sovllm.synth import stage
 from sovllm.synth.generate import Settings, generate
@@ -179,3 +179,30 @@ def test_parse_shard():
     for bad in ("0/4", "5/4", "x", "1-2"):
         with pytest.raises(Exception, match="--shard"):
             stage.parse_shard(bad)
+
+
+def test_a_torn_last_cache_line_is_cut_off_on_resume(fake, tmp_path):
+    """kill -9 during the cache write: the resumed run must not glue its records to the cut-off line."""
+    endpoint = fake(good_free)
+    run(CHUNKS[:3], endpoint_of(endpoint), tmp_path, concurrency=1)
+    cache = tmp_path / "cache.jsonl"
+    lines = cache.read_bytes().splitlines(keepends=True)
+    cache.write_bytes(b"".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
+    asked = len(endpoint.requests)
+    _, stats = run(CHUNKS[:3], endpoint_of(endpoint), tmp_path, concurrency=1)  # resume: the torn chunk again
+    assert stats.reused == 2 and stats.generated == 1
+    assert len(list(read_jsonl(cache))) == 3  # every line whole: no glued record
+    _, stats = run(CHUNKS[:3], endpoint_of(endpoint), tmp_path, concurrency=1)
+    assert stats.reused == 3 and len(endpoint.requests) == asked + 1
+
+
+def test_a_corrupt_cache_line_in_the_middle_is_an_error_naming_file_and_line(fake, tmp_path):
+    endpoint = fake(good_free)
+    run(CHUNKS[:3], endpoint_of(endpoint), tmp_path, concurrency=1)
+    cache = tmp_path / "cache.jsonl"
+    lines = cache.read_text().splitlines(keepends=True)
+    cache.write_text(lines[0] + lines[1][:20] + "\n" + lines[2])
+    asked = len(endpoint.requests)
+    with pytest.raises(InputError, match=r"cache.jsonl:2: not valid JSON") as err:
+        run(CHUNKS[:3], endpoint_of(endpoint), tmp_path, concurrency=1)
+    assert "delete that line (or the whole file)" in str(err.value) and len(endpoint.requests) == asked

@@ -114,7 +114,167 @@ def test_an_incomplete_checkpoint_is_skipped_and_removed(tmp_path):
         folder = tmp_path / f"checkpoint-{step}"
         folder.mkdir()
         for name in files:
-            (folder / name).write_text("x")
+            (folder / name).write_text("{}")
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-3"
     assert not (tmp_path / "checkpoint-6").exists()
     assert latest_checkpoint(tmp_path / "none") is None
+
+
+def test_unknown_folders_among_checkpoints_are_ignored(tmp_path):
+    from sovllm.train.stage import CHECKPOINT_FILES, latest_checkpoint
+
+    for name in ("checkpoint-3", "checkpoint-foo", "checkpoint-9.partial"):
+        (tmp_path / name).mkdir()
+        for file in CHECKPOINT_FILES:
+            (tmp_path / name / file).write_text("{}")
+    (tmp_path / "checkpoint-12").write_text("a file, not a checkpoint")
+    (tmp_path / "checkpoint-6").mkdir()  # killed while writing trainer_state.json: it does not parse
+    for file in CHECKPOINT_FILES:
+        (tmp_path / "checkpoint-6" / file).write_text('{"global_step"')
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-3"
+    assert not (tmp_path / "checkpoint-6").exists()
+    assert {p.name for p in tmp_path.iterdir()} == {"checkpoint-3", "checkpoint-foo", "checkpoint-9.partial",
+                                                     "checkpoint-12"}
+
+
+class Saver:
+    """Stands in for the PEFT model and tokenizer: writes files tagged with one version."""
+
+    def __init__(self, tag: str, files: tuple[str, ...], fail: bool = False):
+        self.tag, self.files, self.fail = tag, files, fail
+
+    def save_pretrained(self, path):
+        from pathlib import Path
+
+        Path(path).mkdir(parents=True, exist_ok=True)
+        for name in self.files:
+            (Path(path) / name).write_text(json.dumps({"tag": self.tag}))
+            if self.fail:
+                raise OSError(28, "No space left on device")
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def adapter_manifest(tag: str) -> dict:
+    return {"name": tag, "base_model": "tiny", "base_id": "0" * 64, "mlflow_run_id": "r",
+            "lora": {"preset": "attention", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]},
+            "metrics": {"steps": 2, "best_val_loss": 1.0, "best_step": 2}, "stop_check": None,
+            "refusal_calibration": None, "data": {"train.jsonl": "a" * 64, "val.jsonl": "b" * 64}}
+
+
+def save(adapter, tag: str, fail: bool = False) -> None:
+    stage._save_adapter(Saver(tag, ADAPTER_FILES, fail), Saver(tag, ("tokenizer.json",)), adapter,
+                        adapter_manifest(tag))
+
+
+def held(adapter) -> str | None:
+    """The version of the complete adapter at `adapter`, or None if there is none or it is mixed."""
+    try:
+        tags = {json.loads((adapter / f).read_text())["tag"] for f in (*ADAPTER_FILES, "tokenizer.json")}
+        tags.add(json.loads((adapter / "manifest.json").read_text())["name"])
+        (adapter / "README.md").read_text()
+    except (OSError, ValueError):
+        return None
+    return tags.pop() if len(tags) == 1 else None
+
+
+def watch_filesystem(monkeypatch, after_each) -> None:
+    """Call `after_each()` before every rename, replace, exchange and tree removal (it may raise: a crash)."""
+    import shutil
+
+    from sovllm import artifacts
+
+    for owner, name in ((os, "rename"), (os, "replace"), (shutil, "rmtree"), (artifacts, "_exchange")):
+        real = getattr(owner, name)
+
+        def wrapped(*args, _real=real, **kwargs):
+            after_each()
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, wrapped)
+
+
+def test_a_failed_adapter_save_leaves_the_previous_adapter_in_place(tmp_path):
+    adapter = tmp_path / "adapter"
+    save(adapter, "old")
+    with pytest.raises(OSError, match="No space left"):
+        save(adapter, "new", fail=True)
+    assert held(adapter) == "old" and sorted(os.listdir(tmp_path)) == ["adapter"]
+
+
+def test_the_adapter_path_holds_a_complete_adapter_at_every_step_of_a_save(tmp_path, monkeypatch):
+    from sovllm import artifacts
+
+    probe = [tmp_path / "a", tmp_path / "b"]
+    for folder in probe:
+        folder.mkdir()
+    if not artifacts._exchange(*probe):
+        pytest.skip("this filesystem cannot swap two folders in one step (RENAME_EXCHANGE)")
+    adapter = tmp_path / "adapter"
+    save(adapter, "old")
+    seen = []
+    watch_filesystem(monkeypatch, lambda: seen.append(held(adapter)))
+    save(adapter, "new")
+    seen.append(held(adapter))
+    assert seen[-1] == "new" and len(seen) >= 3 and set(seen) <= {"old", "new"}, seen
+
+
+@pytest.mark.parametrize("one_step_swap", [True, False])
+def test_a_crash_at_any_step_of_an_adapter_save_is_recovered_by_the_next_run(tmp_path, monkeypatch, one_step_swap):
+    from sovllm import artifacts
+
+    if not one_step_swap:
+        monkeypatch.setattr(artifacts, "_exchange", lambda a, b: False)
+    adapter = tmp_path / "adapter"
+    step = 0
+    while True:
+        root = tmp_path / f"run{step}"
+        root.mkdir()
+        adapter = root / "adapter"
+        save(adapter, "old")
+        calls = []
+
+        def crash_at_step(step=step, calls=calls):
+            calls.append(1)
+            if len(calls) == step + 1:
+                raise KeyboardInterrupt  # stands in for kill -9 right before this filesystem step
+
+        with monkeypatch.context() as m:
+            watch_filesystem(m, crash_at_step)
+            try:
+                save(adapter, "new")
+                crashed = False
+            except KeyboardInterrupt:
+                crashed = True
+        stage.recover_adapter(adapter)  # the next run's first act
+        assert held(adapter) in ({"old", "new"} if crashed else {"new"}), (step, sorted(os.listdir(root)))
+        assert sorted(os.listdir(root)) == ["adapter"], step
+        if not crashed:
+            break
+        step += 1
+    assert step >= 3  # there were steps to crash at
+
+
+def test_the_train_stage_restores_an_adapter_moved_aside_before_deciding_to_skip(tmp_path, monkeypatch):
+    from sovllm.project import init_project
+
+    root = tmp_path / "p"
+    init_project(root)
+    curated = root / "out" / "curate"
+    curated.mkdir(parents=True)
+    for split in ("train", "val"):
+        (curated / f"{split}.jsonl").write_text(json.dumps({"id": split}) + "\n")
+    trained = []
+
+    def fake_train(root, cfg, records, ctx, **kwargs):
+        trained.append(1)
+        save(ctx.out_dir / "adapter", f"v{len(trained)}")
+
+    monkeypatch.setattr(stage, "_train", fake_train)
+    cfg = load_config(root)
+    assert not stage.run(root, cfg, log=lambda _: None).skipped
+    out = root / "out" / "train"
+    os.rename(out / "adapter", out / ".adapter.old")  # killed between the two renames of a later save
+    assert stage.run(root, cfg, log=lambda _: None).skipped and len(trained) == 1
+    assert held(out / "adapter") == "v1" and not (out / ".adapter.old").exists()

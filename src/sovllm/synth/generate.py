@@ -5,7 +5,8 @@ and validation settings), not by its position, and appended to `cache.jsonl` (fl
 as soon as the chunk is done. A re-run, after an edit, Ctrl-C or `kill -9`, reuses every cached
 key and only asks the endpoint for the rest; `qa.jsonl` is rebuilt from the cache in chunk order,
 so a pair is never duplicated or lost. A cut-off last line (the write `kill -9` interrupted) is
-ignored.
+cut off the file before the re-run appends to it; an unreadable line elsewhere is corruption and
+an error naming the file and line.
 
 Concurrency: at most `concurrency` requests are in flight at the endpoint (a semaphore in the
 client); as many workers take chunks from a queue fed by one producer, so at most
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from sovllm.artifacts import append_jsonl, read_jsonl
+from sovllm.artifacts import append_jsonl, read_jsonl, truncate_partial_line
 from sovllm.config import SynthSection
 from sovllm.endpoint import ChatClient, Endpoint
 from sovllm.errors import BackendError
@@ -67,11 +68,15 @@ def chunk_key(chunk: dict, prompts: PromptSet, model: str, settings: Settings) -
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:24]
 
 
+CACHE_LINE_HINT = "a cache line only saves requests: delete that line (or the whole file) and run again"
+
+
 def load_cache(path: Path) -> dict[str, dict]:
     """Cached chunk results by key (later lines win; a cut-off last line is ignored)."""
     if not path.is_file():
         return {}
-    return {record["key"]: record for record in read_jsonl(path, skip_partial_last_line=True) if "key" in record}
+    return {record["key"]: record for record in read_jsonl(path, skip_partial_last_line=True,
+                                                           bad_line_hint=CACHE_LINE_HINT) if "key" in record}
 
 
 @dataclass
@@ -213,6 +218,7 @@ async def generate(chunks: list[dict], *, endpoint: Endpoint, prompts: PromptSet
                    cache_path: Path, concurrency: int, timeout: float, reuse: bool = True,
                    on_done: Callable[[dict], None] | None = None) -> tuple[dict[str, dict], RunStats]:
     """Generate pairs for every chunk not in the cache; returns all results by key and run statistics."""
+    truncate_partial_line(cache_path)  # new records must not be glued to a line a crash cut off
     cache = load_cache(cache_path) if reuse else {}
     stats = RunStats(chunks=len(chunks))
     keys = {c["id"]: chunk_key(c, prompts, endpoint.model, settings) for c in chunks}

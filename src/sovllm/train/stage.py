@@ -14,11 +14,13 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
 
-from sovllm.artifacts import StageContext, StageResult, read_jsonl, run_stage, sha256_file, write_atomic
+from sovllm.artifacts import (StageContext, StageResult, read_jsonl, recover_dir, replace_dir, run_stage,
+                              sha256_file, write_atomic)
 from sovllm.config import Config, config_hash
 from sovllm.errors import InputError, ModelError
 
@@ -62,6 +64,7 @@ def run(root: Path, cfg: Config, *, quick: bool = False, force: bool = False, al
     section = cfg.train
     check_options(section, cuda=_cuda(), allow_non_vllm=allow_non_vllm)
     out_dir = root / cfg.project.output_dir / "train"
+    recover_adapter(out_dir / "adapter")  # before the skip check: a crash mid-save may have moved the adapter aside
     config = {"train": section.model_dump(mode="json"), "model": cfg.model.base, "prompt": cfg.prompt.model_dump(),
               "quick": quick, "allow_non_vllm": allow_non_vllm}
 
@@ -301,28 +304,53 @@ def _calibrate_refusal(model, tokenizer, cfg: Config, val: list, val_records: li
 
 
 CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_model.safetensors")
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
 def latest_checkpoint(checkpoints: Path) -> Path | None:
-    """The newest complete checkpoint; incomplete ones (a kill during the write) are deleted."""
-    found = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]), reverse=True)
-    for path in found:
-        if all((path / f).is_file() for f in CHECKPOINT_FILES):
+    """The newest complete checkpoint; incomplete ones (a kill during the write) are deleted.
+
+    Only folders named `checkpoint-<step>` count: anything else there (a user's `checkpoint-best`
+    copy) is neither resumed nor deleted.
+    """
+    found = [p for p in checkpoints.glob("checkpoint-*") if _CHECKPOINT.fullmatch(p.name) and p.is_dir()]
+    for path in sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[1]), reverse=True):
+        if all((path / f).is_file() for f in CHECKPOINT_FILES) and _readable_state(path / "trainer_state.json"):
             return path
         shutil.rmtree(path, ignore_errors=True)
     return None
 
 
+def _readable_state(path: Path) -> bool:
+    try:
+        return isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def _staging(adapter_dir: Path) -> Path:
+    return adapter_dir.with_name(f".{adapter_dir.name}.tmp")
+
+
+def recover_adapter(adapter_dir: Path) -> None:
+    """Undo what a crash inside `_save_adapter` left: the previous adapter back in place, no temp folders."""
+    recover_dir(adapter_dir)
+    shutil.rmtree(_staging(adapter_dir), ignore_errors=True)
+
+
 def _save_adapter(model, tokenizer, adapter_dir: Path, manifest: dict) -> None:
-    """Write the adapter folder atomically (a temp folder renamed into place)."""
-    tmp = adapter_dir.with_name(f".{adapter_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
-    (tmp / "README.md").write_text(_card(manifest), encoding="utf-8")
-    shutil.rmtree(adapter_dir, ignore_errors=True)
-    os.replace(tmp, adapter_dir)
+    """Write the adapter into a temp folder, then swap it in: the path always holds a complete adapter."""
+    tmp = _staging(adapter_dir)
+    recover_adapter(adapter_dir)
+    try:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
+        (tmp / "README.md").write_text(_card(manifest), encoding="utf-8")
+        replace_dir(tmp, adapter_dir)
+    except BaseException:
+        recover_adapter(adapter_dir)  # the previous adapter stays (or is put back); no half-written one is left
+        raise
 
 
 def _bias_text(calibration: dict | None) -> str:
