@@ -1,6 +1,9 @@
-"""Fixtures for ingest tests: the tiny tokenizer and builders for real PDF/DOCX files."""
+"""Fixtures for ingest tests: the tiny tokenizer, builders for real PDF/DOCX files, a deadline."""
 
 from __future__ import annotations
+
+import signal
+from contextlib import contextmanager
 
 import pytest
 
@@ -34,3 +37,18 @@ def make_pdf(path, pages: list[list[tuple[str, int]]], *, header: str | None = "
         c.showPage()
     c.save()
     return path
+
+
+@contextmanager
+def deadline(seconds: float):
+    """Fail with TimeoutError (instead of hanging for minutes) when the body runs longer than `seconds`."""
+    def expire(signum, frame):
+        raise TimeoutError(f"took longer than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

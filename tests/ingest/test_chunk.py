@@ -109,3 +109,25 @@ def test_pages_follow_the_chunk_start(tokenizer):
 def test_invalid_overlap_is_rejected(tokenizer):
     with pytest.raises(ValueError, match="smaller than size"):
         chunk_document([Section("x", [])], tokenizer, size=64, overlap=64)
+
+
+class CountingTokenizer:
+    """The tokenizer, counting its calls: work measured without a clock."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.tokenizer(*args, **kwargs)
+
+
+def test_merging_many_tiny_sections_is_linear(tokenizer):
+    sections = [Section(f"word{i}", ["Guide", f"Part {i}"]) for i in range(2000)]
+    counting = CountingTokenizer(tokenizer)
+    chunks = chunk_document(sections, counting, size=512, overlap=16)
+    # Once per section, once per distinct heading line, once per chunk. Re-estimating every merged
+    # part at every merge cost ~45,000 calls here (quadratic in the sections per chunk).
+    assert counting.calls <= 2 * len(sections) + 2 * len(chunks)
+    text = "\n".join(chunk.text for chunk in chunks)
+    assert all(f"Part {i}\nword{i}" in text for i in range(2000)) and len(chunks) < 100

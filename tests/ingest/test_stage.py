@@ -86,13 +86,22 @@ def test_bad_files_are_skipped_listed_and_the_run_continues(project):
     make_pdf(docs / "secret.pdf", [[("Secret", 10)]], encrypt="pw")
     (docs / "corrupt.docx").write_bytes(b"PK\x03\x04 not really a zip")
     os.symlink(docs / "gone.md", docs / "dangling.md")  # unreadable: its target does not exist
+    (project / "outside.md").write_text("# Outside\n\nNot part of the documents folder.\n")
+    os.symlink(project / "outside.md", docs / "linked.md")
+    (docs / "recursive.md").write_text("---\nrefs: &a [*a]\n---\n# T\n\nBody.\n")
+    (docs / "undefined.html").write_bytes(b'<meta charset="undefined"><p>caf\xe9</p>')
     warnings = []
     result = stage.run(project, load_config(project), warn=warnings.append)
     skipped = {s["path"]: s["reason"] for s in result.manifest.extra["skipped"]}
     assert set(skipped) == {"empty.md", "binary.txt", "latin1.txt", "image.png", "secret.pdf", "corrupt.docx",
-                            "dangling.md"}
+                            "dangling.md", "linked.md", "recursive.md", "undefined.html"}
     assert "unreadable" in skipped["dangling.md"] and "encrypted" in skipped["secret.pdf"]
     assert "not valid UTF-8" in skipped["latin1.txt"] and "unsupported format '.png'" in skipped["image.png"]
+    assert skipped["linked.md"] == "symbolic link to a file outside the documents folder (not followed)"
+    assert skipped["recursive.md"] == "front matter: recursive YAML alias (*a inside &a)"
+    assert "declared charset 'undefined'" in skipped["undefined.html"]
+    stats = json.loads((project / "out" / "ingest" / "stats.json").read_text())
+    assert stats["skipped"] == result.manifest.extra["skipped"]
     assert all(any(path in w for w in warnings) for path in skipped)
     assert result.manifest.counts["documents"] == 2
 

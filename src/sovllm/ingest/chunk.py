@@ -133,14 +133,12 @@ def chunk_section(section: Section, tokenizer, size: int, overlap: int) -> list[
     return chunks
 
 
-def _common_prefix(paths: list[list[str]]) -> list[str]:
-    prefix = list(paths[0])
-    for path in paths[1:]:
-        n = 0
-        while n < min(len(prefix), len(path)) and prefix[n] == path[n]:
-            n += 1
-        prefix = prefix[:n]
-    return prefix
+def _shared(prefix: list[str], path: list[str]) -> int:
+    """Length of the common prefix of two heading paths."""
+    n = 0
+    while n < min(len(prefix), len(path)) and prefix[n] == path[n]:
+        n += 1
+    return n
 
 
 def _merged_text(parts: list[tuple[list[str], str, int]], prefix: list[str]) -> str:
@@ -151,27 +149,78 @@ def _merged_text(parts: list[tuple[list[str], str, int]], prefix: list[str]) -> 
     return "\n\n".join(blocks)
 
 
+class _Run:
+    """A run of whole sections being merged into one chunk, with its size estimate kept current.
+
+    Adding a section costs O(1) tokeniser calls: heading lines are tokenised once each (cached),
+    and the inner-heading total is recomputed only when the common prefix shrinks, which happens
+    at most once per heading level. (Recomputing everything per added section was quadratic in
+    the number of sections per chunk: slow for documents made of many tiny sections.)
+    """
+
+    def __init__(self, chunk: Chunk, heading_tokens):
+        self.first = chunk
+        self.parts = list(chunk.parts)
+        self.prefix = list(chunk.heading_path)
+        for path, _, _ in self.parts:
+            self.prefix = self.prefix[:_shared(self.prefix, path)]
+        self.base = sum(n for _, _, n in self.parts) + 2 * len(self.parts)
+        self.heading_tokens = heading_tokens
+        self.headings = sum(heading_tokens(path, len(self.prefix)) for path, _, _ in self.parts)
+
+    def try_add(self, chunk: Chunk, size: int) -> bool:
+        prefix = self.prefix
+        for path, _, _ in chunk.parts:
+            prefix = prefix[:_shared(prefix, path)]
+        base = self.base + sum(n for _, _, n in chunk.parts) + 2 * len(chunk.parts)
+        if len(prefix) == len(self.prefix):
+            headings = self.headings + sum(self.heading_tokens(p, len(prefix)) for p, _, _ in chunk.parts)
+        else:
+            headings = sum(self.heading_tokens(p, len(prefix)) for p, _, _ in self.parts + chunk.parts)
+        if base + headings > size:
+            return False
+        self.parts.extend(chunk.parts)
+        self.prefix, self.base, self.headings = prefix, base, headings
+        return True
+
+    def chunk(self) -> Chunk:
+        if len(self.parts) == 1:
+            return self.first
+        return Chunk(_merged_text(self.parts, self.prefix), self.prefix, self.first.page,
+                     self.base + self.headings, True, self.parts)
+
+
 def merge_small_sections(chunks: list[Chunk], tokenizer, size: int) -> list[Chunk]:
     """Merge runs of whole, small sections into one chunk under their common heading path.
 
     The merged size is estimated from the parts' token counts plus their inner heading lines
     (no re-tokenising of the growing text); `chunk_document` measures the result exactly.
     """
+    cache: dict[str, int] = {}
+
+    def heading_tokens(path: list[str], prefix_len: int) -> int:
+        inner = path[prefix_len:]
+        if not inner:
+            return 0
+        key = "\n".join(inner)
+        if key not in cache:
+            cache[key] = len(tokenizer(key, add_special_tokens=False)["input_ids"]) + 1
+        return cache[key]
+
     merged: list[Chunk] = []
+    run: _Run | None = None
     for chunk in chunks:
-        last = merged[-1] if merged else None
-        if last is not None and last.whole_section and chunk.whole_section:
-            parts = last.parts + chunk.parts
-            prefix = _common_prefix([path for path, _, _ in parts])
-            estimate = sum(n for _, _, n in parts) + 2 * len(parts)
-            for path, _, _ in parts:
-                inner = path[len(prefix):]
-                if inner:
-                    estimate += len(tokenizer("\n".join(inner), add_special_tokens=False)["input_ids"]) + 1
-            if estimate <= size:
-                merged[-1] = Chunk(_merged_text(parts, prefix), prefix, last.page, estimate, True, parts)
-                continue
-        merged.append(chunk)
+        if run is not None and chunk.whole_section and run.try_add(chunk, size):
+            continue
+        if run is not None:
+            merged.append(run.chunk())
+            run = None
+        if chunk.whole_section:
+            run = _Run(chunk, heading_tokens)
+        else:
+            merged.append(chunk)
+    if run is not None:
+        merged.append(run.chunk())
     return merged
 
 

@@ -23,7 +23,7 @@ class Section:
     def page_at(self, offset: int) -> int | None:
         if not self.pages:
             return None
-        i = bisect.bisect_right([o for o, _ in self.pages], offset) - 1
+        i = bisect.bisect_right(self.pages, offset, key=lambda pair: pair[0]) - 1  # no list per call
         return self.pages[max(i, 0)][1]
 
 

@@ -9,13 +9,16 @@ group (the entry point's module registers its loaders when imported). A loader r
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Callable
 
-import yaml
-
+from sovllm.ingest import limits
 from sovllm.ingest.document import LoadedDocument, SectionBuilder, SkipDocument
+from sovllm.ingest.markdown import atx_heading, clean_line, is_table_rule, setext_underline
+from sovllm.ingest.metadata import yaml_mapping
 
 Loader = Callable[[Path], LoadedDocument]
 LOADERS: dict[str, Loader] = {}
@@ -46,58 +49,78 @@ def loader_for(path: Path) -> Loader | None:
 # --- text decoding -------------------------------------------------------------------------------
 
 
-def read_text(path: Path, declared: str | None = None) -> str:
-    """Decode a text file: UTF-8 (BOM optional), UTF-16 with BOM, or a charset the file declares."""
+def read_limited(path: Path) -> bytes:
+    """The bytes of a regular file of at most `limits.MAX_TEXT_BYTES`; `SkipDocument` otherwise.
+
+    Opened without blocking and checked with `fstat` on the open file, so a FIFO or device put
+    in place after discovery is refused instead of read forever.
+    """
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
     except OSError as exc:
         raise SkipDocument(f"unreadable ({exc.strerror or exc})") from None
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fh.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise SkipDocument("not a regular file")
+        if info.st_size > limits.MAX_TEXT_BYTES:
+            raise SkipDocument(f"too large for a text format ({limits.mib(info.st_size)}; "
+                               f"the limit is {limits.mib(limits.MAX_TEXT_BYTES)})")
+        try:
+            data = fh.read(limits.MAX_TEXT_BYTES + 1)
+        except OSError as exc:
+            raise SkipDocument(f"unreadable ({exc.strerror or exc})") from None
+    if len(data) > limits.MAX_TEXT_BYTES:  # grew after fstat
+        raise SkipDocument(f"too large for a text format (over {limits.mib(limits.MAX_TEXT_BYTES)})")
+    return data
+
+
+def decode_text(data: bytes, declared: str | None = None) -> str:
+    """Decode a text file's bytes: UTF-8 (BOM optional), UTF-16 with BOM, or a charset the file declares."""
     if not data.strip():
         raise SkipDocument("empty file")
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return data.decode("utf-16")
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError as exc:
+            raise SkipDocument(f"not valid UTF-16 despite its byte order mark (at offset {exc.start})") from None
     if b"\x00" in data[:8192]:
         raise SkipDocument("binary content (NUL bytes) in a text format")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        if declared:
-            try:
-                return data.decode(declared)
-            except (LookupError, UnicodeDecodeError):
-                pass
         bad = data[exc.start]
-        raise SkipDocument(f"not valid UTF-8 (byte 0x{bad:02x} at offset {exc.start}); re-save it as UTF-8") from None
+        reason = f"not valid UTF-8 (byte 0x{bad:02x} at offset {exc.start})"
+    if declared:
+        try:
+            return data.decode(declared)
+        except (LookupError, UnicodeError, ValueError):
+            # an unknown label, a codec that always fails ("undefined") or wrong bytes for it
+            reason += f" nor in its declared charset '{declared[:40]}'"
+    raise SkipDocument(f"{reason}; re-save it as UTF-8")
+
+
+def read_text(path: Path, declared: str | None = None) -> str:
+    """Read and decode a text file (see `read_limited` and `decode_text`)."""
+    return decode_text(read_limited(path), declared)
 
 
 # --- Markdown and plain text -----------------------------------------------------------------------
 
-_ATX = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
 _FENCE = re.compile(r"^(```|~~~)")
-_LINK = re.compile(r"!?\[([^\]]*)\]\([^)]*\)")
-_TABLE_RULE = re.compile(r"^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*$")
-_EMPHASIS = re.compile(r"(\*\*|__)(?=\S)(.+?)(?<=\S)\1")
+_FRONT_MATTER_END = re.compile(r"^(---|\.\.\.)\s*$", flags=re.MULTILINE)
 
 
 def split_front_matter(text: str) -> tuple[dict, str, list[str]]:
-    """Split YAML front matter (`---` … `---`) from a Markdown text."""
+    """Split YAML front matter (`---` … `---`) from a Markdown text (`SkipDocument` for a hostile one)."""
     if not text.startswith("---\n"):
         return {}, text, []
-    end = re.search(r"^(---|\.\.\.)\s*$", text[4:], flags=re.MULTILINE)
+    end = _FRONT_MATTER_END.search(text, 4)
     if not end:
         return {}, text, []
-    raw, body = text[4:4 + end.start()], text[4 + end.end():].lstrip("\n")
-    try:
-        meta = yaml.safe_load(raw) or {}
-    except yaml.YAMLError as exc:
-        return {}, body, [f"front matter ignored: invalid YAML ({getattr(exc, 'problem', exc)})"]
-    if not isinstance(meta, dict):
-        return {}, body, ["front matter ignored: not a mapping"]
-    return {str(k): v for k, v in meta.items()}, body, []
-
-
-def _clean_md_line(line: str) -> str:
-    return _EMPHASIS.sub(r"\2", _LINK.sub(r"\1", line))
+    raw, body = text[4:end.start()], text[end.end():].lstrip("\n")
+    meta, warning = yaml_mapping(raw, "front matter")
+    return meta, body, [warning] if warning else []
 
 
 @register_loader(".md", ".markdown")
@@ -112,7 +135,7 @@ def load_markdown(path: Path) -> LoadedDocument:
         builder.block("\n".join(paragraph))
         paragraph.clear()
 
-    for i, line in enumerate(lines):
+    for line in lines:
         if fence:
             paragraph.append(line)
             if line.strip().startswith(fence):
@@ -125,21 +148,22 @@ def load_markdown(path: Path) -> LoadedDocument:
             fence = match.group(1)
             paragraph.append(line)
             continue
-        heading = _ATX.match(line)
+        heading = atx_heading(line)
         if heading:
             flush()
-            builder.heading(len(heading.group(1)), _clean_md_line(heading.group(2)))
+            builder.heading(heading[0], clean_line(heading[1]))
             continue
-        if re.fullmatch(r"\s*(=+|-+)\s*", line) and len(paragraph) == 1 and len(line.strip()) >= 3:
+        underline = setext_underline(line)
+        if underline and len(paragraph) == 1 and len(line.strip()) >= 3:
             title = paragraph.pop()  # setext heading: a single line underlined with === or ---
-            builder.heading(1 if "=" in line else 2, _clean_md_line(title))
+            builder.heading(1 if underline == "=" else 2, clean_line(title))
             continue
         if not line.strip():
             flush()
             continue
-        if _TABLE_RULE.match(line) and paragraph and "|" in paragraph[-1]:
+        if paragraph and "|" in paragraph[-1] and is_table_rule(line):
             continue  # the |---|---| rule under a table header carries no text
-        paragraph.append(_clean_md_line(line.rstrip()))
+        paragraph.append(clean_line(line.rstrip()))
     flush()
     return LoadedDocument(builder.build(), meta, warnings)
 

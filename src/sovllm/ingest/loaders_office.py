@@ -7,7 +7,9 @@ page numbers, digits ignored) are removed. A PDF without a text layer or with a 
 skipped with that reason.
 
 DOCX (python-docx): `Title`/`Heading N` paragraph styles give the heading path, list styles
-become `- item` lines and tables `cell | cell` lines, in document order.
+become `- item` lines and tables `cell | cell` lines, in document order. The zip's declared sizes
+are checked before python-docx unpacks it, and styles and tables are read from the XML in one
+pass (python-docx looks styles up per paragraph and walks vertical merges recursively).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from sovllm.ingest import limits
 from sovllm.ingest.document import LoadedDocument, SectionBuilder, SkipDocument
 from sovllm.ingest.loaders import register_loader
 
@@ -50,15 +53,20 @@ def _page_lines(page) -> list[_Line]:
                 runs.append((y - i * abs(font_size * scale_y), x, abs(font_size * scale_y), part))
 
     page.extract_text(visitor_text=visit)
-    lines: list[_Line] = []
+    # Runs on one line are collected as lists and joined once: a page with very many runs on one
+    # line made repeated string concatenation quadratic.
+    grouped: list[tuple[list[str], float, float]] = []  # (parts, size, y)
     for y, x, size, text in sorted(runs, key=lambda r: (-round(r[0], 0), r[1])):
-        if lines and abs(lines[-1].y - y) < 0.5 * max(size, 1.0):
-            last = lines[-1]
-            joiner = "" if last.text.endswith(" ") or text.startswith(" ") else " "
-            lines[-1] = _Line(last.text + joiner + text, max(last.size, size), last.y)
+        if grouped and abs(grouped[-1][2] - y) < 0.5 * max(size, 1.0):
+            parts, last_size, last_y = grouped[-1]
+            if not (parts[-1].endswith(" ") or text.startswith(" ")):
+                parts.append(" ")
+            parts.append(text)
+            grouped[-1] = (parts, max(last_size, size), last_y)
         else:
-            lines.append(_Line(text, size, y))
-    return [_Line(_clean(line.text), line.size, line.y) for line in lines if _clean(line.text)]
+            grouped.append(([text], size, y))
+    lines = [_Line(_clean("".join(parts)), size, y) for parts, size, y in grouped]
+    return [line for line in lines if line.text]
 
 
 def _clean(text: str) -> str:
@@ -66,6 +74,16 @@ def _clean(text: str) -> str:
     text = " ".join(text.split())
     text = _BULLET_GLYPH.sub("- ", text)
     return _CONTROL.sub("", text).strip()
+
+
+def _tail(pieces: list[str], n: int) -> str:
+    """The last `n` characters of "".join(pieces), without joining them all."""
+    tail = ""
+    for piece in reversed(pieces):
+        tail = piece + tail
+        if len(tail) >= n:
+            break
+    return tail[-n:]
 
 
 def _repeated_edges(pages: list[list[_Line]], edge: int = 2) -> set[str]:
@@ -110,12 +128,13 @@ def load_pdf(path: Path) -> LoadedDocument:
             sizes[round(line.size, 1)] += len(line.text)
     body = sizes.most_common(1)[0][0] if sizes else 0
     heading_sizes = sorted({round(l.size, 1) for p in pages for l in p if l.size >= 1.15 * body and body}, reverse=True)
+    heading_rank = {size: rank for rank, size in enumerate(heading_sizes, start=1)}
 
     builder = SectionBuilder()
-    paragraph: list[str] = []
+    paragraph: list[list[str]] = []  # lines, each a list of pieces joined once (no quadratic +=)
 
     def flush():
-        builder.block("\n".join(paragraph))
+        builder.block("\n".join("".join(pieces) for pieces in paragraph))
         paragraph.clear()
 
     for number, lines in enumerate(pages, start=1):
@@ -127,21 +146,24 @@ def load_pdf(path: Path) -> LoadedDocument:
             if at_edge and (normalised in repeated or _PAGE_NUMBER.match(line.text)):
                 continue
             size = round(line.size, 1)
-            if size in heading_sizes and len(line.text) < 200:
+            if size in heading_rank and len(line.text) < 200:
                 flush()
-                builder.heading(heading_sizes.index(size) + 1, line.text)
+                builder.heading(heading_rank[size], line.text)
                 previous_y = None
                 continue
             gap = None if previous_y is None else previous_y - line.y
             if gap is not None and gap > 1.6 * max(line.size, 1.0):
                 flush()
             if _BULLET.match(line.text) or not paragraph:
-                paragraph.append(line.text)
-            elif paragraph[-1].endswith("-") and len(paragraph[-1]) > 1 and paragraph[-1][-2].isalpha() \
-                    and line.text[:1].islower():
-                paragraph[-1] = paragraph[-1][:-1] + line.text  # re-join a word hyphenated at the line end
+                paragraph.append([line.text])
             else:
-                paragraph[-1] = paragraph[-1] + " " + line.text
+                pieces = paragraph[-1]
+                tail = _tail(pieces, 2)
+                if tail.endswith("-") and len(tail) > 1 and tail[-2].isalpha() and line.text[:1].islower():
+                    pieces[-1] = pieces[-1][:-1]  # re-join a word hyphenated at the line end
+                else:
+                    pieces.append(" ")
+                pieces.append(line.text)
             previous_y = line.y
         flush()  # paragraphs do not run across pages; keeps page numbers exact
     metadata = {}
@@ -164,18 +186,68 @@ def _heading_level(style_name: str) -> int | None:
     return int(match.group(1)) + 1 if match else None
 
 
+def _check_zip(path: Path) -> None:
+    """Refuse a DOCX whose parts would unpack to too much (a zip bomb) before python-docx reads them."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        infos = archive.infolist()
+    if len(infos) > limits.MAX_ZIP_MEMBERS:
+        raise SkipDocument(f"DOCX with {len(infos):,} parts (the limit is {limits.MAX_ZIP_MEMBERS:,})")
+    unpacked = sum(info.file_size for info in infos)  # zipfile never reads past a member's declared size
+    if unpacked > limits.MAX_UNPACKED_BYTES:
+        raise SkipDocument(f"DOCX unpacks to {limits.mib(unpacked)} (the limit is "
+                           f"{limits.mib(limits.MAX_UNPACKED_BYTES)}; a zip bomb?)")
+    largest = max(infos, key=lambda info: info.file_size, default=None)
+    if largest is not None and largest.filename.endswith((".xml", ".rels")) \
+            and largest.file_size > limits.MAX_XML_PART_BYTES:
+        raise SkipDocument(f"DOCX part {largest.filename[:80]} unpacks to {limits.mib(largest.file_size)} "
+                           f"(the limit is {limits.mib(limits.MAX_XML_PART_BYTES)})")
+
+
+def _table_rows(tbl) -> list[str]:
+    """`cell | cell` lines of a table, read from its XML in one pass.
+
+    python-docx's `row.cells` finds the cell above a vertically merged one by searching from the
+    start of the row, recursively up the column: quadratic in rows, a RecursionError for a long
+    merge and a ValueError for a merge that starts in the first row. Here the text of each grid
+    column's last cell is carried down instead.
+    """
+    rows: list[str] = []
+    above: dict[int, str] = {}
+    for tr in tbl.tr_lst:
+        cells: list[str] = []
+        offset = tr.grid_before
+        for tc in tr.tc_lst:
+            if tc.vMerge == "continue":
+                value = above.get(offset, "")
+            else:
+                value = " ".join(" ".join(p.text for p in tc.p_lst).split())
+            above[offset] = value
+            offset += tc.grid_span
+            if not cells or cells[-1] != value:  # merged cells repeat their text
+                cells.append(value)
+        if any(cells):
+            rows.append(" | ".join(cells))
+    return rows
+
+
 @register_loader(".docx")
 def load_docx(path: Path) -> LoadedDocument:
     import zipfile
 
     import docx
-    from docx.table import Table
-    from docx.text.paragraph import Paragraph
+    from docx.enum.style import WD_STYLE_TYPE
 
     try:
         if path.stat().st_size == 0:
             raise SkipDocument("empty file")
+        _check_zip(path)
         document = docx.Document(str(path))
+        # One lookup table for paragraph styles: python-docx searches styles.xml for every paragraph.
+        styles = {s.style_id: s.name for s in document.styles if s.type == WD_STYLE_TYPE.PARAGRAPH}
+        default = document.styles.default(WD_STYLE_TYPE.PARAGRAPH)
+        default_name = default.name if default is not None else ""
     except SkipDocument:
         raise
     except (zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
@@ -183,20 +255,23 @@ def load_docx(path: Path) -> LoadedDocument:
     except Exception as exc:  # noqa: BLE001 - python-docx raises its own PackageNotFoundError etc.
         raise SkipDocument(f"not a valid DOCX (corrupt, or encrypted with a password): {type(exc).__name__}") from None
 
+    def style_of(p) -> str:
+        return styles.get(p.style, default_name) or ""
+
     builder = SectionBuilder()
     items: list[str] = []
-    uses_title = any(p.style is not None and p.style.name == "Title" for p in document.paragraphs)
+    body = document.element.body
+    uses_title = any(style_of(p) == "Title" for p in body.iterchildren("{*}p"))
 
     def flush_items():
         builder.block("\n".join(items))
         items.clear()
 
-    for element in document.element.body.iterchildren():
+    for element in body.iterchildren():
         tag = element.tag.rsplit("}", 1)[-1]
         if tag == "p":
-            paragraph = Paragraph(element, document)
-            text = " ".join(paragraph.text.split())
-            style = paragraph.style.name if paragraph.style is not None else ""
+            text = " ".join(element.text.split())
+            style = style_of(element)
             level = _heading_level(style)
             if level is not None and not uses_title:
                 level -= 1 if style != "Title" else 0
@@ -210,16 +285,7 @@ def load_docx(path: Path) -> LoadedDocument:
                 builder.block(text)
         elif tag == "tbl":
             flush_items()
-            rows = []
-            for row in Table(element, document).rows:
-                cells: list[str] = []
-                for cell in row.cells:
-                    value = " ".join(cell.text.split())
-                    if not cells or cells[-1] != value:  # merged cells repeat their text
-                        cells.append(value)
-                if any(cells):
-                    rows.append(" | ".join(cells))
-            builder.block("\n".join(rows))
+            builder.block("\n".join(_table_rows(element)))
     flush_items()
     metadata = {"title": document.core_properties.title} if document.core_properties.title else {}
     return LoadedDocument(builder.build(), metadata)

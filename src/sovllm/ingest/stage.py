@@ -2,31 +2,31 @@
 
 Files are discovered in sorted order (hidden files and `*.meta.yaml` sidecars excluded), loaded
 by suffix, chunked with the base model's tokenizer and written atomically. A file that cannot be
-used is skipped with a warning naming it and the reason, and listed in the manifest; a folder
-without any usable document is an `InputError` (exit code 2). Exact-duplicate chunks (same text
-after case folding and whitespace normalisation) are dropped and counted.
+used — not a regular file, over a size limit (`limits`), refused or failed by its loader, over
+the per-file time budget — is skipped with a one-line reason, warned about and listed in the
+manifest, and the stage goes on; a folder without any usable document is an `InputError` (exit
+code 2). Exact-duplicate chunks (same text after case folding and whitespace normalisation) are
+dropped and counted.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
-import yaml
-
 from sovllm.artifacts import StageContext, StageResult, run_stage, sha256_file, write_atomic, write_jsonl
 from sovllm.config import Config
 from sovllm.errors import InputError
+from sovllm.ingest import limits
 from sovllm.ingest.chunk import chunk_document
+from sovllm.ingest.discover import check_file, discover, display_path
 from sovllm.ingest.document import SkipDocument
 from sovllm.ingest.language import detect_language
 from sovllm.ingest.loaders import LOADERS, loader_for
-
-SIDECAR = ".meta.yaml"
+from sovllm.ingest.metadata import json_safe, sidecar_metadata
 
 
 def doc_id_for(relative_path: str) -> str:
@@ -37,20 +37,6 @@ def doc_id_for(relative_path: str) -> str:
 def chunk_id_for(doc_id: str, position: int) -> str:
     """Stable chunk id: the document id and the chunk's position in it (unique by construction)."""
     return f"{doc_id}-{position:05d}"
-
-
-def discover(folder: Path) -> list[Path]:
-    """Document candidates below `folder`, sorted; hidden entries and sidecars excluded."""
-    if not folder.is_dir():
-        raise InputError(f"{folder}: documents folder not found",
-                         hint="put your files there or set project.documents in sovllm.yaml")
-    found = []
-    for directory, subdirs, files in os.walk(folder):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        for name in files:
-            if not name.startswith(".") and not name.endswith(SIDECAR):
-                found.append(Path(directory) / name)
-    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
 
 def pick_quick(files: list[Path], n: int) -> list[Path]:
@@ -65,30 +51,6 @@ def pick_quick(files: list[Path], n: int) -> list[Path]:
             if queue and len(picked) < n:
                 picked.append(queue.pop(0))
     return sorted(picked)
-
-
-def sidecar_metadata(path: Path) -> tuple[dict, str | None]:
-    """Metadata from `name.ext.meta.yaml` or `name.meta.yaml` next to a document."""
-    for candidate in (path.with_name(path.name + SIDECAR), path.with_name(path.stem + SIDECAR)):
-        if candidate.is_file():
-            try:
-                data = yaml.safe_load(candidate.read_text(encoding="utf-8")) or {}
-            except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-                return {}, f"{candidate.name} ignored: {exc}"
-            if not isinstance(data, dict):
-                return {}, f"{candidate.name} ignored: not a mapping"
-            return {str(k): v for k, v in data.items()}, None
-    return {}, None
-
-
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return str(value)  # dates from YAML front matter and the like
 
 
 def _normalise(text: str) -> str:
@@ -106,41 +68,46 @@ def ingest_folder(folder: Path, tokenizer, cfg: Config, *, quick: bool = False,
     seen_text: set[str] = set()
     seen_ids: dict[str, str] = {}
     duplicates = 0
-    load_s = chunk_s = 0.0
+    timings = {"load": 0.0, "chunk": 0.0}
+
+    def skip(shown: str, reason) -> None:
+        reason = " ".join(str(reason).split())[:500] or "skipped"  # one line in the manifest
+        skipped.append({"path": shown, "reason": reason})
+        warn(f"skipped {shown}: {reason}")
+
     for path in files:
-        rel = path.relative_to(folder).as_posix()
+        shown = display_path(path, folder)
         if progress:
-            progress(rel)
+            progress(shown)
+        problem = check_file(path, folder)
+        if problem:
+            skip(shown, problem)
+            continue
+        rel = path.relative_to(folder).as_posix()
         loader = loader_for(path)
         if loader is None:
-            reason = f"unsupported format '{path.suffix or '(none)'}' (supported: {', '.join(sorted(LOADERS))})"
-            skipped.append({"path": rel, "reason": reason})
-            warn(f"skipped {rel}: {reason}")
+            skip(shown, f"unsupported format '{path.suffix or '(none)'}' (supported: {', '.join(sorted(LOADERS))})")
             continue
-        started = time.perf_counter()
         try:
-            loaded = loader(path)
+            with limits.time_budget(limits.TIME_BUDGET_S):
+                loaded, metadata, notes, chunks = _load_and_chunk(path, folder, loader, tokenizer, cfg, timings)
             sha = sha256_file(path)
         except SkipDocument as exc:
-            skipped.append({"path": rel, "reason": str(exc)})
-            warn(f"skipped {rel}: {exc}")
+            skip(shown, exc)
+            continue
+        except limits.TimeBudgetExceeded as exc:
+            skip(shown, exc)
             continue
         except OSError as exc:
-            reason = f"unreadable ({exc.strerror or exc})"
-            skipped.append({"path": rel, "reason": reason})
-            warn(f"skipped {rel}: {reason}")
+            skip(shown, f"unreadable ({exc.strerror or exc})")
             continue
-        load_s += time.perf_counter() - started
-        meta, sidecar_problem = sidecar_metadata(path)
-        for note in [*loaded.warnings, *([sidecar_problem] if sidecar_problem else [])]:
+        except Exception as exc:  # noqa: BLE001 - one bad file (or a loader's bug on it) never stops ingest
+            skip(shown, f"could not be loaded ({type(exc).__name__}: {exc})")
+            continue
+        for note in notes:
             warn(f"{rel}: {note}")
-        metadata = _json_safe({**loaded.metadata, **meta})
-        started = time.perf_counter()
-        chunks = chunk_document(loaded.sections, tokenizer, cfg.ingest.chunk_size, cfg.ingest.chunk_overlap)
-        chunk_s += time.perf_counter() - started
         if not chunks:
-            skipped.append({"path": rel, "reason": "no text after extraction"})
-            warn(f"skipped {rel}: no text after extraction")
+            skip(shown, "no text after extraction")
             continue
         doc_id = doc_id_for(rel)
         if doc_id in seen_ids:  # two paths with one 64-bit hash: never seen, but never silent
@@ -174,7 +141,25 @@ def ingest_folder(folder: Path, tokenizer, cfg: Config, *, quick: bool = False,
         raise InputError(f"{folder}: no usable document ({len(skipped)} skipped: {reasons})",
                          hint=f"add .md, .txt, .html, .pdf or .docx files to {folder}")
     return {"records": records, "documents": documents, "skipped": skipped, "duplicates": duplicates,
-            "files": len(files), "load_s": load_s, "chunk_s": chunk_s}
+            "files": len(files), "load_s": timings["load"], "chunk_s": timings["chunk"]}
+
+
+def _load_and_chunk(path: Path, folder: Path, loader, tokenizer, cfg: Config, timings: dict):
+    """One document: loaded, within the text limit, with JSON-safe metadata, chunked."""
+    started = time.perf_counter()
+    loaded = loader(path)
+    n_chars = sum(len(section.text) for section in loaded.sections)
+    if n_chars > limits.MAX_TEXT_CHARS:
+        raise SkipDocument(f"too much text ({n_chars:,} characters; the limit is {limits.MAX_TEXT_CHARS:,} "
+                           "per document): split it")
+    meta, sidecar_problem = sidecar_metadata(path, folder)
+    metadata = json_safe({**loaded.metadata, **meta})
+    notes = [*loaded.warnings, *([sidecar_problem] if sidecar_problem else [])]
+    timings["load"] += time.perf_counter() - started
+    started = time.perf_counter()
+    chunks = chunk_document(loaded.sections, tokenizer, cfg.ingest.chunk_size, cfg.ingest.chunk_overlap)
+    timings["chunk"] += time.perf_counter() - started
+    return loaded, metadata, notes, chunks
 
 
 def histogram(lengths: list[int], size: int) -> dict[str, int]:
