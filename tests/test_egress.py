@@ -41,15 +41,30 @@ class Listener:
             except (TimeoutError, OSError):
                 continue
             with conn:
-                conn.settimeout(1)
+                conn.settimeout(10)  # returns at once when the peer sends or closes
                 try:
                     self.received.append(conn.recv(100))
                 except OSError:
                     self.received.append(b"")
 
     def close(self) -> list[bytes]:
+        """Everything received, including connections still queued (a connect that returned is in the queue)."""
+        if self.sock.fileno() == -1:
+            return self.received
         self._stop.set()
-        self._thread.join(2)
+        self._thread.join(60)
+        self.sock.setblocking(False)
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # BlockingIOError: the queue is empty
+                break
+            with conn:
+                conn.settimeout(5)
+                try:
+                    self.received.append(conn.recv(100))
+                except OSError:
+                    self.received.append(b"")
         self.sock.close()
         return self.received
 
@@ -120,6 +135,25 @@ def test_only_exact_loopback_hosts_are_allowed_by_default():
     policy = egress.Policy([])
     assert policy.allows("127.0.0.1") and policy.allows("::1") and policy.allows("localhost")
     assert policy.allows("[::1]") and policy.allows("LOCALHOST.")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1%x.evil.test", "[127.0.0.1]", "localhost%x.evil.test", "[localhost]",
+                                  "127.0.0.1.evil.test", "::1.evil.test", "\u212aube.internal", "kube.internal..",
+                                  "[::ffff:127.0.0.2]", "::ffff:127.0.0.2%lo"])
+def test_names_that_contain_an_allowed_address_are_names(host, resolver_calls):
+    """Zone ids belong to IPv6 literals only, brackets to URLs: anything else is a name, compared exactly."""
+    assert not egress.Policy(["kube.internal"]).allows(host)
+    egress.install(["kube.internal"])
+    with pytest.raises(EgressBlockedError):
+        socket.getaddrinfo(host, 80)
+    assert resolver_calls == []
+
+
+def test_zone_ids_are_read_on_ipv6_literals_only():
+    policy = egress.Policy(["fe80::/10"])
+    assert policy.allows("::1%lo") and policy.allows("fe80::1%eth0") and policy.allows("[fe80::1%eth0]")
+    assert policy.allows("[::1]") and not policy.allows("[127.0.0.1]") and not policy.allows("127.0.0.1%lo")
+    assert not egress.Policy([]).allows("fe80::1%eth0")
 
 
 def test_unlisted_name_triggers_no_dns_lookup(resolver_calls):

@@ -54,9 +54,37 @@ def sha256_path(path: str | Path) -> str:
     if not path.is_dir():
         raise InputError(f"{path}: input does not exist")
     digest = hashlib.sha256()
-    for item in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(f"{item.relative_to(path).as_posix()}\0{sha256_file(item)}\n".encode())
+    for relative, item in sorted(_regular_files(path)):
+        digest.update(relative + b"\0" + sha256_file(item).encode() + b"\n")
     return digest.hexdigest()
+
+
+def _regular_files(root: Path):
+    """(relative path as bytes, path) of the regular files below `root`, without recursion (any depth),
+    file names that are not UTF-8 included, symbolic links followed only to regular files inside `root`."""
+    resolved_root = root.resolve()
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            item = Path(entry.path)
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(item)
+                    continue
+                if entry.is_symlink():
+                    target = item.resolve()
+                    if not (target.is_file() and resolved_root in target.parents):
+                        continue
+                elif not entry.is_file(follow_symlinks=False):
+                    continue  # FIFOs, sockets, devices: never opened
+            except OSError:
+                continue
+            yield os.fsencode(item.relative_to(root).as_posix()), item
 
 
 def fsync_dir(path: str | Path) -> None:

@@ -62,6 +62,9 @@ class PromptSection(Section):
 
 class EgressSection(Section):
     allow: list[str] = Field(default_factory=list)
+    # an HTTP(S) or SOCKS proxy for sovllm's own clients; its host must be allowed. Without it, proxy
+    # variables (HTTP_PROXY, ...) are ignored: they could carry requests past the allow-list.
+    proxy: str | None = None
 
     @field_validator("allow")
     @classmethod

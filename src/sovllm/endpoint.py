@@ -97,8 +97,11 @@ class ChatClient:
         self.max_retries = max_retries
         self.backoff = backoff
         self._openai = openai
+        # Proxy variables are ignored; a proxy configured for sovllm is used, and every request's real
+        # destination (redirects included) is checked against egress.allow and recorded.
+        http_client = openai.DefaultAsyncHttpxClient(**egress.http_client_options(asynchronous=True))
         self._client = openai.AsyncOpenAI(base_url=endpoint.base_url, api_key=endpoint.api_key or "sovllm",
-                                          max_retries=0, timeout=timeout)
+                                          max_retries=0, timeout=timeout, http_client=http_client)
         self.retries = 0
         self._slots = asyncio.Semaphore(max_in_flight) if max_in_flight else None
 
@@ -166,22 +169,23 @@ class CompletionCache:
 
     Only a model with a fingerprint of its weights may be cached (an empty fingerprint is never
     cached): a remote name can point at different weights tomorrow. A torn last line (kill -9) is
-    dropped on load.
+    cut off the file on load, so the next entry starts on a line of its own; an unreadable line
+    before it is corruption, an InputError naming file and line.
     """
 
     def __init__(self, path):
-        import json
         from pathlib import Path
+
+        from sovllm.artifacts import read_jsonl, truncate_partial_line
 
         self.path = Path(path) if path is not None else None  # None: in memory only
         self.entries: dict[str, dict] = {}
         if self.path is not None and self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    entry = json.loads(line)
+            truncate_partial_line(self.path)
+            hint = "a cache line only saves a request: delete that line (or the whole file) and run again"
+            for entry in read_jsonl(self.path, bad_line_hint=hint):
+                if isinstance(entry.get("key"), str):
                     self.entries[entry["key"]] = entry
-                except (ValueError, KeyError, TypeError):
-                    continue
 
     @staticmethod
     def key(fingerprint: str, messages: list[dict], params: dict) -> str:
@@ -192,16 +196,16 @@ class CompletionCache:
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
     def put(self, key: str, completion: Completion) -> None:
-        import json
         from dataclasses import asdict
+
+        from sovllm.artifacts import append_jsonl
 
         entry = {"key": key, **asdict(completion)}
         self.entries[key] = entry
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        append_jsonl(self.path, [entry])  # synced: a finished answer survives a crash
 
     async def complete(self, client: ChatClient, fingerprint: str, messages: list[dict], **params) -> Completion:
         """The cached completion, or a new one from `client` (stored when `fingerprint` is set)."""

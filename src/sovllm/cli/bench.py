@@ -44,7 +44,7 @@ def serve(
 
     phases, weights = parse_profile(profile), parse_mix(mix)
     cfg = load_config(project if (project / CONFIG_FILE).is_file() else None)
-    egress.install(cfg.egress.allow)
+    egress.install(cfg.egress.allow, proxy=cfg.egress.proxy)
     path = prompts or project / cfg.project.output_dir / "curate" / "eval.jsonl"
     messages = load_prompts(path)
     key = None

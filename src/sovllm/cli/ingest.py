@@ -56,7 +56,7 @@ def ingest(
 
     root = project_root(directory)
     cfg = load_config(root, tuple(set_))
-    egress.install(cfg.egress.allow)
+    egress.install(cfg.egress.allow, proxy=cfg.egress.proxy)
     result = stage.run(root, cfg, quick=quick, force=force, warn=lambda m: err.print(f"[yellow]warning:[/] {m}"),
                        progress_factory=bar_factory("ingest", err))
     out_dir = root / cfg.project.output_dir / "ingest"

@@ -46,7 +46,7 @@ def load_project(directory, overrides_: list[str]):
 
     root = project_root(directory)
     cfg = load_config(root, tuple(overrides_))
-    egress.install(cfg.egress.allow)
+    egress.install(cfg.egress.allow, proxy=cfg.egress.proxy)
     return root, cfg
 
 

@@ -54,7 +54,7 @@ def serve(
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(project if (project / CONFIG_FILE).is_file() else None)
-    egress.install(cfg.egress.allow)
+    egress.install(cfg.egress.allow, proxy=cfg.egress.proxy)
     keys = read_api_keys(api_key_file, api_key, os.environ.get("SOVLLM_API_KEY"),
                          warn=lambda msg: typer.echo(f"warning: {msg}", err=True))
     run_server(model or cfg.model.base, host=host, port=port, ready_file=str(ready_file) if ready_file else None,

@@ -82,7 +82,7 @@ def run_pipeline(directory: str | Path = ".", *, overrides: tuple[str, ...] = ()
 
     root = project_root(directory)
     cfg = load_config(root, overrides)
-    egress.install(cfg.egress.allow)
+    egress.install(cfg.egress.allow, proxy=cfg.egress.proxy)
     check_endpoints(cfg)
     out_dir = root / cfg.project.output_dir
     started = time.perf_counter()

@@ -164,7 +164,8 @@ async def run_load(base_url: str, *, phases: list[Phase], mix: dict[str, float],
     from sovllm import egress
     from sovllm.errors import BackendError
 
-    client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "sovllm", max_retries=0, timeout=timeout)
+    client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "sovllm", max_retries=0, timeout=timeout,
+                                http_client=openai.DefaultAsyncHttpxClient(**egress.http_client_options(asynchronous=True)))
     try:
         try:
             served = await client.models.list()
