@@ -145,3 +145,68 @@ def test_the_embedded_server_does_not_outlive_a_killed_stage(tiny_model_dir, sig
         assert gone_within(server_pid, 15), f"server {server_pid} still running after its parent got {signum.name}"
     finally:
         child.kill()
+
+
+def _post_raw(base_url: str, body: dict):
+    """A socket that has sent a non-streaming completion request (close it to leave without the answer)."""
+    import json as _json
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(base_url)
+    payload = _json.dumps(body).encode()
+    sock = socket.create_connection((url.hostname, url.port), timeout=10)
+    sock.sendall(f"POST {url.path}/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    return sock
+
+
+def _wait_for(condition, srv, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, srv.log_tail()
+        time.sleep(0.02)
+
+
+def test_clients_that_leave_are_aborted_whether_queued_or_running(tiny_model_dir):
+    """Non-streaming clients that disconnect stop costing compute: queued ones are dropped before their
+    prefill (their prompt tokens are never processed), a running one is aborted at its next step."""
+    with server(tiny_model_dir, grace=5) as srv:
+        long = {"model": "model", "prompt": "Hello", "max_tokens": 900, "temperature": 0, "ignore_eos": True}
+        first = _post_raw(srv.base_url, long)  # takes the only slot
+        _wait_for(lambda: running(srv) >= 1, srv)
+        prompt_tokens = metric(srv, "vllm:prompt_tokens_total")
+        queued = {**long, "prompt": "A different prompt that would cost a prefill", "max_tokens": 500}
+        others = [_post_raw(srv.base_url, queued) for _ in range(4)]
+        _wait_for(lambda: metric(srv, "vllm:num_requests_waiting") >= 4, srv)
+        for sock in others:
+            sock.close()
+        _wait_for(lambda: metric(srv, "sovllm:adapter_requests_total", finished_reason="abort") >= 4, srv)
+        assert metric(srv, "vllm:num_requests_waiting") == 0
+        assert running(srv) == 1  # the first one is still going
+        first.close()
+        _wait_for(lambda: metric(srv, "sovllm:adapter_requests_total", finished_reason="abort") >= 5, srv)
+        assert running(srv) == 0 and metric(srv, "vllm:kv_cache_usage_perc") == 0
+        assert metric(srv, "vllm:prompt_tokens_total") == prompt_tokens  # no queued prompt was prefilled
+        generated = metric(srv, "vllm:generation_tokens_total")
+        assert generated < 900  # the running one was cut short
+        time.sleep(0.5)
+        assert metric(srv, "vllm:generation_tokens_total") == generated
+
+
+def test_sigterm_with_queued_requests_answers_every_client_and_logs_no_traceback(tiny_model_dir):
+    with server(tiny_model_dir, grace=0.5) as srv:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(long_request, srv.base_url, 1000) for _ in range(4)]  # one slot: 3 queue
+            deadline = time.monotonic() + 30
+            while running(srv) < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            time.sleep(0.3)
+            srv.process.send_signal(signal.SIGTERM)
+            wait_exit(srv.process, 30)
+            results = [f.result(timeout=30) for f in futures]
+        log = srv.log_tail(100_000)
+        assert srv.process.returncode == 0, log
+        assert "Traceback" not in log and "Event loop is closed" not in log, log
+        assert all(r[0] in ("length", "error") for r in results), results  # every client got an answer

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from sovllm.errors import AdapterError
 from sovllm.models.grounding import Vocabulary, split_user_message
+from sovllm.models.lora_check import check_config
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -127,6 +128,8 @@ def inspect_adapter(path: str | Path) -> AdapterInfo:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise AdapterError(f"{config_file}: unreadable ({exc})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{config_file}: must hold a JSON object, found {type(config).__name__}")
     if str(config.get("peft_type", "")).upper() != "LORA":
         raise AdapterError(f"{path}: peft_type is {config.get('peft_type')!r}; only LoRA adapters are served")
     weights = next((path / w for w in ADAPTER_WEIGHTS if (path / w).is_file()), None)
@@ -142,13 +145,18 @@ def inspect_adapter(path: str | Path) -> AdapterInfo:
         unservable.append(f"trained biases (bias: {config['bias']})")
     if config.get("trainable_token_indices"):
         unservable.append("trainable token embeddings (trainable_token_indices)")
-    names = _tensor_names(weights)
+    try:
+        names = _tensor_names(weights)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types on corrupt files
+        raise AdapterError(f"{weights}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
     if any(re.search(r"(embed_tokens|lm_head|wte|embed_out)\.(weight|base_layer)", n) for n in names):
         unservable.append("full embedding or output weights (added tokens)")
     if any(n.endswith(".bias") and "lora_" in n for n in names):
         unservable.append("LoRA bias tensors (lora_bias)")
     if (path / "added_tokens.json").is_file():
         unservable.append("added tokens (added_tokens.json)")
+    if not unservable:
+        check_config(config, config_file)  # every other field: the allow-list of plain LoRA
 
     base_id, refusal = None, None
     manifest = path / "manifest.json"
@@ -157,14 +165,26 @@ def inspect_adapter(path: str | Path) -> AdapterInfo:
             data = json.loads(manifest.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             raise AdapterError(f"{manifest}: unreadable manifest") from None
+        if not isinstance(data, dict):
+            raise AdapterError(f"{manifest}: must hold a JSON object, found {type(data).__name__}",
+                               hint="restore the manifest sovllm train wrote, or remove it")
+        if data.get("model") is not None and not isinstance(data["model"], dict):
+            raise AdapterError(f"{manifest}: field 'model' must be an object")
         base_id = data.get("base_id") or (data.get("model") or {}).get("base_id")
+        if base_id is not None and not isinstance(base_id, str):
+            raise AdapterError(f"{manifest}: field 'base_id' must be a string")
         if data.get("refusal_calibration") is not None:
             refusal = RefusalCalibration.from_dict(data["refusal_calibration"], f"{manifest}: refusal_calibration")
     targets = config.get("target_modules") or []
+    rank, alpha = config.get("r", 0), config.get("lora_alpha", config.get("r", 1))
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise AdapterError(f"{config_file}: field 'r' must be a positive integer, found {str(rank)[:40]!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        raise AdapterError(f"{config_file}: field 'lora_alpha' must be a number, found {str(alpha)[:40]!r}")
     return AdapterInfo(
         path=path,
-        rank=int(config.get("r", 0)),
-        alpha=float(config.get("lora_alpha", config.get("r", 1))),
+        rank=rank,
+        alpha=float(alpha),
         target_modules=[targets] if isinstance(targets, str) else list(targets),
         base_id=base_id,
         base_model_name_or_path=config.get("base_model_name_or_path"),

@@ -11,12 +11,14 @@ prompts are memory-bound and gain from sharing a pass, long ones are compute-bou
 delay each other's first tokens). Finished sequences leave the batch at once, new ones join
 at the next iteration.
 
-The KV cache is a preallocated tensor per layer, `[slots, kv_heads, max_model_len, head_dim]`;
-a custom attention function registered with transformers writes each row's new keys and values
-into its slot and attends over that slot's prefix (a view, no copy), so sequences of different
-lengths and positions share a batch without padding. A decode step whose rows occupy a dense range
-of slots attends over the whole range in two batched matrix products instead (`SlotSpan`), masked
-beyond each slot's length.
+The KV cache is a preallocated tensor per layer, `[slots, kv_heads, max_model_len, head_dim]`,
+read and written by the attention function of `sovllm.serve.attention`.
+
+Failures stay with the requests they belong to: token ids are checked at `submit`; a forward pass
+that raises is retried row by row (a batch, then each request alone), and only the rows that fail
+again are answered with an error; a sampling error ends only its own sequence. Every failed or
+aborted request is answered and its slots are freed. `health()` reports a dead engine thread or
+one that has made no progress for `stall_seconds` while it had work.
 
 Automatic prefix caching (on by default, as in vLLM): a slot keeps the prompt whose keys and values
 it holds, also after its sequence finished, until the slot is given to another request. A new
@@ -40,12 +42,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from sovllm.errors import AdapterError, InputError
+from sovllm.errors import AdapterError, BackendError, InputError
+from sovllm.serve.attention import ATTENTION, Batch, SlotSpan, register_attention
 from sovllm.serve.sampling import Detokenizer, SamplingParams, Sequence, sample_next
 
 log = logging.getLogger("sovllm.engine")
 BASE = "__base__"
-_ATTENTION = "sovllm_slots"
 MIN_PREFIX = 16  # shorter shared prefixes are recomputed: not worth a copy (vLLM's block size)
 # a decode step attends over the range of its slots at once when the range is at most this many
 # times the number of rows (idle slots in the range are computed and discarded), else row by row
@@ -70,110 +72,6 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 @dataclass
-class Batch:
-    """Where each row of the current forward pass lives in the KV cache."""
-
-    keys: Any
-    values: Any
-    slots: list[int]
-    starts: list[int]
-    lengths: list[int]
-    # where each row's real tokens begin in the padded input (left padding); 0 = no padding
-    offsets: list[int] | None = None
-    # a decode step over a dense range of slots: attended in one batched pass (`SlotSpan`)
-    span: SlotSpan | None = None
-
-
-@dataclass
-class SlotSpan:
-    """A decode step's rows as one contiguous range of cache slots, for batched attention.
-
-    Attending row by row reads each slot's keys and values in small, single-threaded kernels; a decode
-    step of 32 rows then spends about half its time there. Over a range of slots the same attention is
-    two batched matrix products on views of the cache (no copy) with a mask beyond each slot's length:
-    slots in the range that are not in the batch are computed and discarded. The engine makes sure the
-    values under the mask are finite (zero where nothing was ever written), as 0 × NaN would leak.
-    """
-
-    lo: int
-    hi: int  # exclusive
-    slots: Any  # per row: its slot (long tensor)
-    rows: Any  # per row: its slot's index within the range (long tensor)
-    positions: Any  # per row: the cache position its new key and value go to (long tensor)
-    width: int  # positions attended: the longest row's length after this step
-    masked: Any  # [hi - lo, 1, 1, width] bool: True where a slot has no key (beyond its length, idle slots)
-
-    @classmethod
-    def build(cls, slots: list[int], lengths: list[int]) -> SlotSpan:
-        import torch
-
-        lo, hi = min(slots), max(slots) + 1
-        slot_ids = torch.tensor(slots)
-        rows = slot_ids - lo
-        visible = torch.zeros(hi - lo, dtype=torch.long)  # idle slots in the range attend to nothing
-        visible[rows] = torch.tensor(lengths) + 1
-        width = int(visible.max())
-        masked = torch.arange(width)[None, :] >= visible[:, None]
-        return cls(lo, hi, slot_ids, rows, torch.tensor(lengths), width, masked[:, None, None, :])
-
-
-def _span_attention(batch: Batch, layer: int, query, key, value, scaling):
-    """One decode step's attention over a range of slots (see `SlotSpan`); returns [rows, 1, heads, dim]."""
-    span = batch.span
-    rows, heads, _, dim = query.shape
-    kv_heads = key.shape[1]
-    keys, values = batch.keys[layer], batch.values[layer]
-    keys[span.slots, :, span.positions] = key[:, :, 0]
-    values[span.slots, :, span.positions] = value[:, :, 0]
-    k = keys[span.lo:span.hi, :, :span.width]
-    v = values[span.lo:span.hi, :, :span.width]
-    q = query.new_zeros(span.hi - span.lo, heads, dim)
-    q[span.rows] = query[:, :, 0]
-    # grouped-query attention: query head h reads key/value head h // (heads // kv_heads)
-    scores = (q.view(-1, kv_heads, heads // kv_heads, dim) @ k.transpose(-1, -2)).mul_(scaling)
-    scores.masked_fill_(span.masked, float("-inf"))
-    out = scores.softmax(dim=-1) @ v
-    return out.view(-1, heads, dim)[span.rows].unsqueeze(1)
-
-
-def _slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                    sovllm_batch: Batch | None = None, **kwargs):
-    """Attention over per-sequence cache slots (registered as a transformers attention function)."""
-    import torch
-    import torch.nn.functional as F
-
-    batch = sovllm_batch
-    layer = module.layer_idx
-    rows, heads, q_len, dim = query.shape
-    if batch.span is not None:
-        return _span_attention(batch, layer, query, key, value,
-                               scaling if scaling is not None else dim ** -0.5), None
-    out = query.new_zeros(rows, q_len, heads, dim)
-    for r in range(rows):
-        slot, start, n = batch.slots[r], batch.starts[r], batch.lengths[r]
-        o0 = batch.offsets[r] if batch.offsets else 0
-        batch.keys[layer, slot, :, start:start + n] = key[r, :, o0:o0 + n]
-        batch.values[layer, slot, :, start:start + n] = value[r, :, o0:o0 + n]
-        k = batch.keys[layer, slot, :, :start + n].unsqueeze(0)
-        v = batch.values[layer, slot, :, :start + n].unsqueeze(0)
-        mask = None
-        if n > 1 and start > 0:  # a chunk after a cached prefix: causal within, full over the prefix
-            mask = torch.ones(n, start + n, dtype=torch.bool).tril(diagonal=start)
-        o = F.scaled_dot_product_attention(query[r:r + 1, :, o0:o0 + n], k, v, attn_mask=mask,
-                                           is_causal=(n > 1 and start == 0), scale=scaling, enable_gqa=True)
-        out[r, o0:o0 + n] = o[0].transpose(0, 1)
-    return out, None
-
-
-def _register_attention() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(_ATTENTION, _slot_attention)
-    AttentionMaskInterface.register(_ATTENTION, lambda *args, **kwargs: None)  # the slots are the mask
-
-
-@dataclass
 class Request:
     """A generation request as the engine sees it; `emit` receives events from the engine thread."""
 
@@ -185,6 +83,11 @@ class Request:
     grammar: Any = None  # a compiled grammar (structured output) or None
     arrival: float = field(default_factory=time.monotonic)
     refusal_bias: float | None = None  # the adapter's calibrated refusal bias for this request (None: none)
+    gone: bool = False  # its receiver failed: aborted, reported once
+
+
+class EngineDeadError(BackendError):
+    """The engine thread has ended: nothing submitted now would ever run."""
 
 
 class Engine:
@@ -192,16 +95,17 @@ class Engine:
 
     def __init__(self, model_dir, tokenizer, *, max_num_seqs: int = 16, max_model_len: int = 2048,
                  threads: int | None = None, max_prefill_batch: int = 8, max_prefill_tokens: int = 512,
-                 metrics=None, prefix_caching: bool = True, min_prefix: int = MIN_PREFIX):
+                 metrics=None, prefix_caching: bool = True, min_prefix: int = MIN_PREFIX,
+                 stall_seconds: float = 120.0):
         import torch
         from transformers import AutoModelForCausalLM
 
         if threads:
             torch.set_num_threads(threads)
-        _register_attention()
+        register_attention()
         self.tokenizer = tokenizer
         self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-        self.model.set_attn_implementation(_ATTENTION)
+        self.model.set_attn_implementation(ATTENTION)
         self.model.eval()
         config = self.model.config
         self.max_model_len = min(max_model_len, getattr(config, "max_position_embeddings", max_model_len))
@@ -215,6 +119,9 @@ class Engine:
         self.keys = torch.empty(shape, dtype=torch.float32)
         self.values = torch.empty(shape, dtype=torch.float32)
         self.vocab_size = config.vocab_size
+        # (in, out) features of every linear module: what an adapter's lora_A / lora_B must fit
+        self.linear_shapes = {name: (m.in_features, m.out_features) for name, m in self.model.named_modules()
+                              if isinstance(m, torch.nn.Linear)}
         eos = self.model.generation_config.eos_token_id
         self.stop_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:
@@ -239,6 +146,8 @@ class Engine:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.heartbeat = time.monotonic()  # when the engine thread last finished an iteration or idled
+        self.stall_seconds = stall_seconds
         self.step = 0  # decode iterations so far (sequences record the steps they join and leave)
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "requests": 0, "cached_prompt_tokens": 0}
         self.metrics = metrics  # serve.metrics.Metrics or None: told of every prompt, token and finish
@@ -251,32 +160,66 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="sovllm-engine", daemon=True)
         self._thread.start()
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: float = 30) -> None:
+        """Stop the engine thread; every request still queued or running is answered (aborted)."""
         self._stop.set()
         self._wake.set()
-        if self._thread:
-            self._thread.join(timeout=30)
+        if self._thread and self._thread is not threading.current_thread():
+            self._thread.join(timeout=timeout)
 
     def submit(self, request: Request) -> None:
-        """Queue a request; raises InputError when it cannot fit the context window."""
-        total = len(request.prompt_ids) + request.params.max_tokens
-        if not request.prompt_ids:
+        """Queue a request (checked by `validate` first); EngineDeadError when the engine thread is not running."""
+        self.validate(request.prompt_ids, request.params, request.adapter)
+        if not self.alive:
+            raise EngineDeadError("the inference engine is not running; the server must be restarted")
+        self._waiting.put(request)
+        self._wake.set()
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> None:
+        """InputError when a request cannot fit the context window or names token ids outside the vocabulary,
+        AdapterError when its adapter is not loaded."""
+        total = len(prompt_ids) + params.max_tokens
+        if not prompt_ids:
             raise InputError("the prompt is empty")
+        self._check_ids(prompt_ids, "prompt")
+        self._check_ids(params.stop_token_ids, "stop_token_ids")
         if total > self.max_model_len:
             raise InputError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{total} tokens ({len(request.prompt_ids)} in the messages, {request.params.max_tokens} in the "
+                f"{total} tokens ({len(prompt_ids)} in the messages, {params.max_tokens} in the "
                 f"completion). Please reduce the length of the messages or completion.")
-        if request.params.n > self.max_num_seqs:
-            raise InputError(f"n={request.params.n} exceeds the server's --max-num-seqs {self.max_num_seqs}")
-        if request.adapter is not None and request.adapter not in self.adapters:
-            raise AdapterError(f"adapter {request.adapter!r} is not loaded")
-        self._waiting.put(request)
-        self._wake.set()
+        if params.n > self.max_num_seqs:
+            raise InputError(f"n={params.n} exceeds the server's --max-num-seqs {self.max_num_seqs}")
+        if adapter is not None and adapter not in self.adapters:
+            raise AdapterError(f"adapter {adapter!r} is not loaded")
+
+    def _check_ids(self, ids: list[int], what: str) -> None:
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            bad = next(t for t in ids if not 0 <= t < self.vocab_size)
+            raise InputError(f"{what}: token id {bad} is out of vocabulary (valid ids: 0 to {self.vocab_size - 1})")
+
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread is running (False before `start` and after it ended)."""
+        return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
+
+    def health(self) -> str | None:
+        """None when healthy; else why not (thread gone, or no progress while there is work)."""
+        if self._thread is None or not self._thread.is_alive():
+            return "the engine thread is not running"
+        idle_for = time.monotonic() - self.heartbeat
+        if self.busy and idle_for > self.stall_seconds:
+            return f"the engine has made no progress for {idle_for:.0f} s with {self.busy} requests in it"
+        return None
 
     def abort(self, request_id: str) -> None:
         """Stop a request (client went away); its slots are freed at the next iteration."""
         self._aborted.add(request_id)
+        self._wake.set()
+
+    def abort_all(self, error: str, status: int = 503) -> None:
+        """Answer every queued and running request with `error` at the next iteration (shutdown)."""
+        self._commands.put((lambda: self._fail_all(error, status), Future()))
         self._wake.set()
 
     def call(self, fn: Callable[[], Any], timeout: float = 600) -> Any:
@@ -287,8 +230,17 @@ class Engine:
         return future.result(timeout=timeout)
 
     def load_adapter(self, name: str, path, refusal=None) -> None:
-        """Load (or replace) adapter `name`; `refusal` is its RefusalCalibration, applied while decoding for it."""
-        self.call(lambda: self._load_adapter(name, str(path), refusal))
+        """Load (or replace) adapter `name`; `refusal` is its RefusalCalibration, applied while decoding for it.
+
+        The files are read and checked in the calling thread (`sovllm.models.lora_check`: allowed config
+        fields, tensor names, shapes and values); the engine thread pauses generation only to add the
+        LoRA layers and copy the checked weights in (milliseconds for the bundled model)."""
+        from pathlib import Path
+
+        from sovllm.models.lora_check import read_adapter
+
+        config, state = read_adapter(Path(path), self.linear_shapes)
+        self.call(lambda: self._load_adapter(name, config, state, refusal))
 
     def unload_adapter(self, name: str) -> None:
         self.call(lambda: self._unload_adapter(name))
@@ -313,18 +265,34 @@ class Engine:
 
     # --- engine thread ----------------------------------------------------------------------------
 
-    def _load_adapter(self, name: str, path: str, refusal=None) -> None:
-        from peft import PeftModel
+    def _load_adapter(self, name: str, config: dict, state: dict, refusal=None) -> None:
+        from peft import PeftModel, set_peft_model_state_dict
 
+        from sovllm.models.lora_check import lora_config
+
+        if name in self.adapters:
+            self._unload_adapter(name)
         if self.peft is not None:
             self._lora_layers(True)  # new layers come enabled: keep all of them in one state
-
+        lora = lora_config(config)
         if self.peft is None:
-            self.peft = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=False)
+            self.peft = PeftModel(self.model, lora, adapter_name=name)
             self.peft.eval()
         else:
-            self.peft.load_adapter(path, adapter_name=name, is_trainable=False)
+            self.peft.add_adapter(name, lora)
         self.adapters.add(name)
+        try:
+            result = set_peft_model_state_dict(self.peft, state, adapter_name=name)
+            if result.unexpected_keys:
+                raise AdapterError(f"adapter {name!r}: weights for modules it does not target: "
+                                   f"{result.unexpected_keys[0]}")
+            missing = [k for k in result.missing_keys if f".{name}." in k and "lora_" in k]
+            if missing:
+                raise AdapterError(f"adapter {name!r}: no weights for {missing[0]}")
+        except Exception:
+            self._unload_adapter(name)
+            raise
+        self.peft.requires_grad_(False)
         self._refusal.pop(name, None)
         if refusal is not None:
             self._refusal[name] = refusal
@@ -346,17 +314,57 @@ class Engine:
     def _loop(self) -> None:
         import torch
 
-        with torch.inference_mode():
-            while not self._stop.is_set():
-                try:
-                    self._iteration()
-                except Exception as exc:  # noqa: BLE001 - fail the requests in flight, keep serving
-                    log.exception("engine iteration failed")
-                    for seq in list(self._running):
-                        self._finish(seq, "error", error=f"engine error: {type(exc).__name__}: {exc}")
-                if not self._running and not self._pending and self._waiting.empty() and self._commands.empty():
-                    self._wake.wait(timeout=1.0)
-                    self._wake.clear()
+        try:
+            with torch.inference_mode():
+                while not self._stop.is_set():
+                    try:
+                        self._iteration()
+                    except Exception as exc:  # noqa: BLE001 - a bug outside the isolated steps: fail what is in flight
+                        log.exception("engine iteration failed")
+                        self._fail_all(f"engine error: {type(exc).__name__}: {exc}", 500)
+                    self.heartbeat = time.monotonic()
+                    if not self._running and not self._pending and self._waiting.empty() and self._commands.empty():
+                        self._wake.wait(timeout=1.0)
+                        self._wake.clear()
+                        self.heartbeat = time.monotonic()
+        except BaseException as exc:  # noqa: BLE001 - the thread ends here: nobody may wait forever
+            log.exception("engine thread died")
+            self._fail_all(f"engine stopped: {type(exc).__name__}", 503)
+        finally:
+            self._stop.set()
+            self._fail_all("the server is shutting down; the request was aborted", 503)
+
+    def _fail_all(self, error: str, status: int) -> None:
+        """Answer every queued, pending and running request with `error` and free their slots."""
+        while not self._waiting.empty():
+            self._pending.append(self._waiting.get())
+        while not self._commands.empty():
+            _, future = self._commands.get()
+            future.set_exception(EngineDeadError(error))
+        pending, self._pending = self._pending, []
+        for request in pending:
+            self._fail_request(request, error, status)
+        for seq in list(self._running):
+            self._finish(seq, "error", error=error, status=status)
+
+    def _fail_request(self, request: Request, error: str, status: int = 500) -> None:
+        """Answer a request that holds no running sequence (never admitted, or its prefill failed)."""
+        if self.metrics is not None:
+            self.metrics.finished(request.adapter, "error", time.monotonic() - request.arrival)
+        for index in range(request.params.n):
+            self._emit(request, {"index": index, "token": None, "text": "", "logprobs": None,
+                                 "finish_reason": "error", "error": error, "status": status, "step": self.step})
+
+    def _emit(self, request: Request, event: dict) -> None:
+        """Hand an event to the request's receiver; a receiver that fails (its event loop closed, say)
+        is treated as a client that went away, never as an engine failure."""
+        try:
+            request.emit(event)
+        except Exception:  # noqa: BLE001
+            if not request.gone:
+                log.warning("request %s: its receiver failed; aborting it", request.id, exc_info=True)
+                request.gone = True
+            self._aborted.add(request.id)
 
     def _iteration(self) -> None:
         while not self._commands.empty():
@@ -394,7 +402,7 @@ class Engine:
             plans.append((source, cached, group))
             admitted.append(self._pending.pop(0))
         if admitted:
-            self._prefill(admitted, plans)
+            self._prefill_isolated(admitted, plans)
         if self._running:
             self._decode()
 
@@ -506,26 +514,46 @@ class Engine:
         self.keys[:, dest, :, :length] = self.keys[:, source, :, :length]
         self.values[:, dest, :, :length] = self.values[:, source, :, :length]
 
+    def _prefill_isolated(self, requests: list[Request], plans: list) -> None:
+        """Prefill together; if the pass fails, each request alone, and fail only those that fail again."""
+        try:
+            self._prefill(requests, plans)
+            return
+        except Exception as exc:  # noqa: BLE001
+            if len(requests) == 1:
+                self._prefill_failed(requests[0], exc)
+                return
+            log.warning("batched prefill of %d requests failed (%s: %s); retrying each alone", len(requests),
+                        type(exc).__name__, exc)
+        for request, plan in zip(requests, plans):
+            try:
+                self._prefill([request], [plan])
+            except Exception as exc:  # noqa: BLE001
+                self._prefill_failed(request, exc)
+
+    def _prefill_failed(self, request: Request, exc: Exception) -> None:
+        log.error("request %s: prefill failed: %s: %s", request.id, type(exc).__name__, exc)
+        self._fail_request(request, f"engine error: {type(exc).__name__}: {exc}")
+
     def _prefill(self, requests: list[Request], plans: list[tuple[int | None, int, list[int]]]) -> None:
         """Prefill several prompts in one forward pass (left-padded), then start their sequences.
 
         Each prompt starts after its cached prefix (`plans`: source slot, cached length and the
         request's slots, from `_assign`). On a CPU a forward pass costs about the same for one short
         prompt as for several: the time goes into reading the weights. Batching the prefills of
-        requests that arrived together saves those passes.
+        requests that arrived together saves those passes. If the forward pass raises, the slots are
+        free again and nothing was started (the caller retries or fails the requests).
         """
         import torch
 
-        for _, _, group in plans:
-            for slot in group:
-                self._free.remove(slot)
         cached = [c for _, c, _ in plans]
         slots = [group for _, _, group in plans]
+        for group in slots:
+            for slot in group:
+                self._resident[slot] = None  # overwritten from here on
         for source, c, group in plans:  # all copies before the forward pass writes any slot
             if source is not None and source != group[0]:
                 self._copy_prefix(source, group[0], c)
-            for slot in group:
-                self._resident[slot] = None  # overwritten from here on
         suffixes = [r.prompt_ids[c:] for r, c in zip(requests, cached)]
         width = max(len(x) for x in suffixes)
         pad = self.tokenizer.pad_token_id or 0
@@ -534,12 +562,10 @@ class Engine:
                                   for x, c in zip(suffixes, cached)])
         batch = Batch(self.keys, self.values, [s[0] for s in slots], cached, [len(x) for x in suffixes],
                       [width - len(x) for x in suffixes])
-        try:
-            logits = self._forward(input_ids, positions, batch, [r.adapter for r in requests])
-        except Exception:
-            for group in slots:
-                self._free.extend(group)
-            raise
+        logits = self._forward(input_ids, positions, batch, [r.adapter for r in requests])
+        for group in slots:
+            for slot in group:
+                self._free.remove(slot)
         for row, (request, group) in enumerate(zip(requests, slots)):
             n_prompt = len(request.prompt_ids)
             for slot in group[1:]:  # n > 1: share the prompt's cache instead of recomputing it
@@ -555,14 +581,48 @@ class Engine:
             for index, slot in enumerate(group):
                 seq = Sequence(request=request, index=index, slot=slot, length=n_prompt, joined_step=self.step,
                                detok=Detokenizer(self.tokenizer, request.params.stop))
-                seq.setup(self.vocab_size)
                 self._running.append(seq)
-                self._accept(seq, logits[row])
+                try:
+                    seq.setup(self.vocab_size)
+                    self._accept(seq, logits[row])
+                except Exception as exc:  # noqa: BLE001 - this sequence's own failure (sampling, grammar)
+                    self._sequence_failed(seq, exc)
+
+    def _sequence_failed(self, seq: Sequence, exc: Exception) -> None:
+        log.error("request %s: sequence %d failed: %s: %s", seq.request.id, seq.index, type(exc).__name__, exc)
+        self._finish(seq, "error", error=f"engine error: {type(exc).__name__}: {exc}")
 
     def _decode(self) -> None:
+        """One decode step for every running sequence; if the batched pass fails, each row alone."""
+        running = list(self._running)
+        try:
+            logits = self._decode_rows(running)
+        except Exception as exc:  # noqa: BLE001
+            if len(running) == 1:
+                self._sequence_failed(running[0], exc)
+                return
+            log.warning("batched decode of %d rows failed (%s: %s); retrying each alone", len(running),
+                        type(exc).__name__, exc)
+            rows = []
+            for seq in running:
+                try:
+                    rows.append((seq, self._decode_rows([seq])[0]))
+                except Exception as exc:  # noqa: BLE001
+                    self._sequence_failed(seq, exc)
+        else:
+            rows = list(zip(running, logits))
+        self.step += 1
+        for seq, row_logits in rows:
+            seq.length += 1
+            try:
+                self._accept(seq, row_logits)
+            except Exception as exc:  # noqa: BLE001
+                self._sequence_failed(seq, exc)
+
+    def _decode_rows(self, running: list[Sequence]):
+        """Logits of one decode step for `running` (each writes its new key and value at its length)."""
         import torch
 
-        running = list(self._running)
         slots, lengths = [s.slot for s in running], [s.length for s in running]
         batch = Batch(self.keys, self.values, slots, lengths, [1] * len(running))
         if len(running) > 1 and max(slots) - min(slots) < SPAN_DENSITY * len(running):
@@ -574,11 +634,7 @@ class Engine:
                 self._finite[slot] = max(done, batch.span.width)
         input_ids = torch.tensor([[s.last_token] for s in running])
         positions = torch.tensor([[s.length] for s in running])
-        logits = self._forward(input_ids, positions, batch, [s.request.adapter for s in running])
-        self.step += 1
-        for row, seq in enumerate(running):
-            seq.length += 1
-            self._accept(seq, logits[row])
+        return self._forward(input_ids, positions, batch, [s.request.adapter for s in running])
 
     def _accept(self, seq: Sequence, logits) -> None:
         """Sample the next token of `seq` from its logits, emit it, and finish the sequence if done."""
@@ -608,12 +664,18 @@ class Engine:
                 finish, delta = "length", delta + seq.detok.finish()
             elif seq.length + 1 >= self.max_model_len:
                 finish, delta = "length", delta + seq.detok.finish()
-        seq.request.emit({"index": seq.index, "token": token, "text": delta, "logprobs": logprobs,
-                          "finish_reason": finish, "step": self.step})
+        event = {"index": seq.index, "token": token, "text": delta, "logprobs": logprobs,
+                 "finish_reason": finish, "step": self.step}
         if finish:
-            self._finish(seq, finish, emitted=True)
+            self._finish(seq, finish, event=event)  # counted in the metrics before the client hears of it
+        else:
+            self._emit(seq.request, event)
 
-    def _finish(self, seq: Sequence, reason: str, *, emitted: bool = False, error: str | None = None) -> None:
+    def _finish(self, seq: Sequence, reason: str, *, event: dict | None = None, error: str | None = None,
+                status: int = 500) -> None:
+        """End a sequence: free its slot, record it, then send `event` (or a closing event of its own).
+
+        The metrics are updated before the client is told, so a scrape right after a response sees it."""
         if seq.finished_step is not None:
             return  # already finished: its slot is free once, never twice
         if seq in self._running:
@@ -622,9 +684,10 @@ class Engine:
         seq.finished_step = self.step
         if self.metrics is not None and seq.index == 0:
             self.metrics.finished(seq.request.adapter, reason, time.monotonic() - seq.request.arrival)
-        if not emitted:
-            seq.request.emit({"index": seq.index, "token": None, "text": "", "logprobs": None,
-                              "finish_reason": reason, "error": error, "step": self.step})
+        if event is None:
+            event = {"index": seq.index, "token": None, "text": "", "logprobs": None, "finish_reason": reason,
+                     "error": error, "status": status, "step": self.step}
+        self._emit(seq.request, event)
 
 
 _ids = itertools.count()

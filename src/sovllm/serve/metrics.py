@@ -15,7 +15,9 @@ are read from the engine at scrape time. What the terms mean here:
 
 sovllm's own series split traffic by adapter (`__base__` for the base model):
 `sovllm:adapter_requests_total{adapter, finished_reason}`, `sovllm:adapter_tokens_total{adapter,
-kind}` (`prompt` | `generation`) and `sovllm:adapter_load_failures_total{adapter}`.
+kind}` (`prompt` | `generation`) and `sovllm:adapter_load_failures_total{adapter}` (a client may
+name anything: only valid adapter names become label values, at most 64 distinct; the rest count
+under `__other__`, so the exposition stays small and always valid UTF-8).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 disable_created_metrics()  # no `*_created` series: the exposition matches what vLLM dashboards expect
 
 BASE = "__base__"
+OTHER = "__other__"  # load failures of invalid names, or beyond MAX_FAILURE_LABELS distinct names
+MAX_FAILURE_LABELS = 64
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                 40.0, 80.0, 160.0, 640.0, 2560.0)
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
@@ -81,6 +85,7 @@ class Metrics:
             child.labels(model_name)  # present (at 0) from the first scrape, as in vLLM
         self._engine = None
         self._lora_labels: tuple | None = None
+        self._failure_labels: set[str] = set()
 
     # --- from the engine thread ---------------------------------------------------------------------
 
@@ -106,7 +111,16 @@ class Metrics:
         self.adapter_requests.labels(adapter or BASE, reason).inc()
 
     def load_failed(self, adapter: str) -> None:
-        self.adapter_load_failures.labels(adapter).inc()
+        """A failed load. The name comes from a client: only a valid adapter name becomes a label value,
+        and at most `MAX_FAILURE_LABELS` distinct ones; any other counts under `__other__`."""
+        from sovllm.models.adapter import NAME_RE
+
+        label = OTHER
+        if isinstance(adapter, str) and NAME_RE.match(adapter) and adapter != OTHER:
+            if adapter in self._failure_labels or len(self._failure_labels) < MAX_FAILURE_LABELS:
+                self._failure_labels.add(adapter)
+                label = adapter
+        self.adapter_load_failures.labels(label).inc()
 
     # --- at scrape time -----------------------------------------------------------------------------
 

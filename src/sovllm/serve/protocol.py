@@ -23,11 +23,57 @@ class APIError(Exception):
         self.code = code if code is not None else status
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        # a message may quote client input: never let it break the UTF-8 response
+        message = self.message.encode("utf-8", "backslashreplace").decode("utf-8")
+        return {"error": {"message": message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+LONG_MIN, LONG_MAX = -(2**63), 2**63 - 1  # vLLM's range for `seed` (a torch long)
+MAX_STOP_TOKEN_IDS = 64
+
+
+def _has_surrogate(text: str) -> bool:
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def reject_surrogates(value: Any) -> None:
+    """Raise ValueError if any string in a decoded JSON value holds a lone UTF-16 surrogate.
+
+    JSON allows `"\\ud800"`, but such a string is not Unicode text: the tokenizer, the chat template
+    and the UTF-8 response writer all fail on it. It is refused at the door, without echoing it.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _has_surrogate(item):
+                raise ValueError("the request holds a lone UTF-16 surrogate (e.g. \\ud800) in a string; "
+                                 "send valid Unicode text")
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+class _Body(_Wire):
+    """A whole request body: checked for lone surrogates before any field is parsed."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        reject_surrogates(data)
+        return data
 
 
 class StreamOptions(_Wire):
@@ -52,20 +98,20 @@ class ResponseFormat(_Wire):
         return self
 
 
-class _Sampling(_Wire):
+class _Sampling(_Body):
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=4)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=LONG_MIN, le=LONG_MAX)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     # vLLM extensions
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     # refused when set to anything that changes the output
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
@@ -140,11 +186,11 @@ class CompletionRequest(_Sampling):
             raise APIError("suffix is not supported by this server", param="suffix")
 
 
-class LoadLoRARequest(_Wire):
+class LoadLoRARequest(_Body):
     lora_name: str
     lora_path: str
 
 
-class UnloadLoRARequest(_Wire):
+class UnloadLoRARequest(_Body):
     lora_name: str
     lora_int_id: int | None = None

@@ -37,6 +37,40 @@ async def _sse_stream(chunks):
     yield "data: [DONE]\n\n"
 
 
+class ClientDisconnected(Exception):
+    """The client closed its connection before the response was ready."""
+
+
+async def until_disconnected(request: Request, work):
+    """Await `work`, cancelling it as soon as the client disconnects (queued or running, as vLLM does).
+
+    A non-streaming request (and a streaming one before its first token) has no response to write
+    to, so nothing else would notice the client leaving; cancelling `work` aborts its sequences in
+    the engine before more compute is spent on them.
+    """
+    task = asyncio.ensure_future(work)
+
+    async def watch():
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task not in done:
+        task.cancel()
+        log.info("client disconnected before its response was ready; request aborted")
+        raise ClientDisconnected()
+    return task.result()
+
+
 class BodyLimit:
     """ASGI middleware: a request body gets 413 as soon as it passes `limit` bytes, before anything parses it."""
 
@@ -87,6 +121,8 @@ def create_app(service: Service, on_start: Callable[[Service], Awaitable[None]] 
         yield
         if task and not task.done():
             task.cancel()
+        # the grace period is over: answer what is still queued or running while the loop can deliver it
+        await asyncio.to_thread(service.engine.shutdown)
 
     app = FastAPI(title="sovllm", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.service = service
@@ -126,6 +162,10 @@ def create_app(service: Service, on_start: Callable[[Service], Awaitable[None]] 
         kind = {404: "NotFoundError", 405: "MethodNotAllowedError"}.get(exc.status_code, "BadRequestError")
         return _error(str(exc.detail), exc.status_code, kind)
 
+    @app.exception_handler(ClientDisconnected)
+    async def disconnected(_: Request, exc: ClientDisconnected):
+        return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
+
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception):
         log.exception("request failed")
@@ -135,6 +175,9 @@ def create_app(service: Service, on_start: Callable[[Service], Awaitable[None]] 
     async def health():
         if not service.healthy:
             return JSONResponse({"status": "starting"}, status_code=503)
+        problem = service.engine.health()
+        if problem:
+            return JSONResponse({"status": "unhealthy", "reason": problem}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
@@ -157,12 +200,12 @@ def create_app(service: Service, on_start: Callable[[Service], Awaitable[None]] 
         return JSONResponse(result)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest):
-        return respond(await service.chat(body), body.stream)
+    async def chat(body: ChatCompletionRequest, request: Request):
+        return respond(await until_disconnected(request, service.chat(body)), body.stream)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        return respond(await service.completions(body), body.stream)
+    async def completions(body: CompletionRequest, request: Request):
+        return respond(await until_disconnected(request, service.completions(body)), body.stream)
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadLoRARequest):

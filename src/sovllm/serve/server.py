@@ -150,7 +150,21 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, ready_file: 
         kwargs["adapter_roots"] = [*(kwargs.get("adapter_roots") or [Path.cwd()]), Path(adapters_dir)]
     app, service = build(model, on_start=warm, **kwargs)
     # limit_concurrency: connections beyond it get uvicorn's 503 before any work is done for them
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False,
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            # shortly before uvicorn's grace period ends (it would cancel the handlers mid-flight), answer
+            # what is still queued or running with 503, so every client gets a response and the log stays clean
+            margin = min(1.0, grace_period / 2)
+            handle = asyncio.get_running_loop().call_later(
+                max(grace_period - margin, 0), service.engine.abort_all,
+                f"the server is shutting down (the {grace_period:g} s grace period ended); retry on another replica")
+            try:
+                await super().shutdown(sockets)
+            finally:
+                handle.cancel()
+
+    # loop="asyncio": uvloop would open sockets outside Python, where the egress guard cannot see them
+    server = Server(uvicorn.Config(app, loop="asyncio", log_level=log_level, access_log=False,
                                            timeout_graceful_shutdown=grace_period,
                                            limit_concurrency=limit_concurrency or None))
     # uvicorn re-raises the signal it stopped on once it is done; a no-op handler makes that a clean exit 0

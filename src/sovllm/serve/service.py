@@ -18,7 +18,7 @@ from typing import AsyncIterator
 
 from sovllm.errors import AdapterError, InputError
 from sovllm.models.adapter import check_servable, inspect_adapter, validate_name
-from sovllm.serve.engine import Engine, Request, next_request_id
+from sovllm.serve.engine import Engine, EngineDeadError, Request, next_request_id
 from sovllm.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from sovllm.serve.sampling import SamplingParams
 from sovllm.serve.structured import GrammarCache
@@ -103,6 +103,9 @@ class Service:
             self.engine.load_adapter(name, adapter_path, info.refusal if self.refusal_calibration else None)
         except AdapterError as exc:
             raise APIError(str(exc), 400, "BadRequestError", "lora_path") from None
+        except OSError as exc:
+            raise APIError(f"{adapter_path}: cannot read the adapter ({exc.strerror or exc})", 400,
+                           "BadRequestError", "lora_path") from None
         if info.base_id is None:
             log.warning("adapter %s has no sovllm manifest; its base model could not be verified", name)
         refusal = info.refusal if self.refusal_calibration else None
@@ -149,14 +152,23 @@ class Service:
             await asyncio.sleep(interval)
 
     async def _watch_once(self, folder: Path, watched: dict, failed: dict, signature) -> None:
+        """One scan: load new folders, unload removed ones. A folder that fails is reported once (until its
+        files change) and never stops the others."""
         present = {}
-        if folder.is_dir():
-            for sub in sorted(folder.iterdir()):
+        try:
+            entries = sorted(folder.iterdir()) if folder.is_dir() else []
+        except OSError as exc:
+            entries = []
+            log.warning("adapters dir: cannot list %s: %s", folder, exc)
+        for sub in entries:
+            try:
                 if sub.is_dir() and (sub / "adapter_config.json").is_file() \
                         and (sub / "adapter_model.safetensors").is_file():
-                    present[sub.name] = sub
-        for name, sub in present.items():
-            if name in watched or name in self.adapters or failed.get(name) == signature(sub):
+                    present[sub.name] = (sub, signature(sub))
+            except OSError:
+                continue  # vanished or unreadable while we looked: the next scan sees it again
+        for name, (sub, sig) in present.items():
+            if name in watched or name in self.adapters or failed.get(name) == sig:
                 continue
             try:
                 async with self._locks[name]:
@@ -164,9 +176,10 @@ class Service:
                 watched[name] = str(sub)
                 failed.pop(name, None)
                 log.info("adapters dir: loaded %s from %s", name, sub)
-            except APIError as exc:
-                failed[name] = signature(sub)
-                log.warning("adapters dir: cannot load %s: %s", name, exc.message)
+            except Exception as exc:  # noqa: BLE001 - one bad folder must not stop the others
+                failed[name] = sig
+                message = exc.message if isinstance(exc, APIError) else f"{type(exc).__name__}: {exc}"
+                log.warning("adapters dir: skipped %r (reported once until its files change): %s", name, message)
         for name in [n for n in watched if n not in present]:
             if name not in self.adapters:  # already unloaded through the API
                 del watched[name]
@@ -209,6 +222,8 @@ class Service:
                            headers={"Retry-After": "1"})
         try:
             self.engine.submit(request)
+        except EngineDeadError as exc:
+            raise APIError(str(exc), 503, "ServiceUnavailableError") from None
         except (InputError, AdapterError) as exc:
             raise APIError(str(exc), 400, "BadRequestError") from None
         remaining = params.n
@@ -216,7 +231,9 @@ class Service:
             while remaining:
                 event = await events.get()
                 if event.get("error"):
-                    raise APIError(event["error"], 500, "InternalServerError")
+                    status = event.get("status", 500)
+                    raise APIError(event["error"], status,
+                                   "ServiceUnavailableError" if status == 503 else "InternalServerError")
                 if event["finish_reason"]:
                     remaining -= 1
                 yield event
@@ -248,7 +265,7 @@ class Service:
         """A chat completion (dict) or, with `stream`, an async iterator of SSE chunks (dicts)."""
         req.refuse_unsupported()
         adapter = self._adapter_for(req.model)
-        prompt = self._chat_prompt(req)
+        prompt = await asyncio.to_thread(self._chat_prompt, req)  # templating and tokenising: off the loop
         params = self._params(req, len(prompt), req.max_completion_tokens or req.max_tokens, req.logprobs,
                               req.top_logprobs or 0)
         # compiling a new schema takes a moment: keep it off the event loop
@@ -315,30 +332,51 @@ class Service:
             prompts = [prompt]
         elif prompt and all(isinstance(p, int) for p in prompt):
             return [list(prompt)]
-        elif prompt and all(isinstance(p, list) for p in prompt):
-            return [list(p) for p in prompt]
         else:
             prompts = list(prompt)
         if not prompts:
             raise APIError("prompt must not be empty", param="prompt")
+        if len(prompts) * req.n > self.engine.max_num_seqs:
+            raise APIError(f"prompt: {len(prompts)} prompts x n={req.n} exceed the server's --max-num-seqs "
+                           f"{self.engine.max_num_seqs} sequences per request; send them as separate requests",
+                           param="prompt")
+        if all(isinstance(p, list) for p in prompts):
+            return [list(p) for p in prompts]
         return [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
 
     async def completions(self, req: CompletionRequest):
         """A text completion (dict) or, with `stream`, an async iterator of chunks."""
         req.refuse_unsupported()
         adapter = self._adapter_for(req.model)
-        prompts = self._completion_prompts(req)
+        prompts = await asyncio.to_thread(self._completion_prompts, req)  # tokenising: off the loop
         top = req.logprobs or 0
         request_id = next_request_id("cmpl")
-        streams = []
-        for p, prompt in enumerate(prompts):
-            params = self._params(req, len(prompt), req.max_tokens if req.max_tokens is not None else 16,
-                                  req.logprobs is not None, top)
-            streams.append(self._events(prompt, params, adapter, None, f"{request_id}-{p}"))
+        all_params = [self._params(req, len(prompt), req.max_tokens if req.max_tokens is not None else 16,
+                                   req.logprobs is not None, top) for prompt in prompts]
+        for prompt, params in zip(prompts, all_params):  # all or none: no prompt starts if one is invalid
+            try:
+                self.engine.validate(prompt, params, adapter)
+            except (InputError, AdapterError) as exc:
+                raise APIError(str(exc), 400, "BadRequestError", "prompt") from None
+        streams = [self._events(prompt, params, adapter, None, f"{request_id}-{p}")
+                   for p, (prompt, params) in enumerate(zip(prompts, all_params))]
         if req.stream:
-            firsts = [await anext(s) for s in streams]
+            firsts = []
+            try:
+                for s in streams:
+                    firsts.append(await anext(s))
+            except BaseException:
+                for s in streams:
+                    await s.aclose()  # aborts the prompts already submitted
+                raise
             return self._completion_stream(req, request_id, prompts, firsts, streams)
-        results = await asyncio.gather(*(self._collect(s, req.n) for s in streams))
+        tasks = [asyncio.ensure_future(self._collect(s, req.n)) for s in streams]
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:  # one prompt failed or the client left: the others stop too
+                task.cancel()
+            raise
         choices, generated = [], 0
         for p, (texts, logprobs, finishes, count) in enumerate(results):
             generated += count

@@ -16,6 +16,10 @@ from collections import OrderedDict
 from sovllm.serve.protocol import APIError, ResponseFormat
 
 _ANY_OBJECT = {"type": "object"}
+# bounds on what is compiled: an 800-deep array schema took 25 s; a schema nested 64 levels
+# (JSON depth, counting the schema's own objects) compiles in well under a second here
+MAX_SCHEMA_DEPTH = 64
+MAX_SCHEMA_BYTES = 64 * 1024
 # xgrammar (0.2.x) writes strings with minLength/maxLength with this character class, which lets
 # raw control characters through, and JSON forbids them; its unbounded strings exclude them.
 _LENGTH_BOUNDED_CHAR = r'[^\"\\\r\n]'
@@ -44,7 +48,8 @@ class GrammarCache:
         self._compiler = None
         self._cache: OrderedDict[str, object] = OrderedDict()
         self._capacity = capacity
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the cache, never held while compiling
+        self._compiling: dict[str, threading.Lock] = {}
 
     def _get_compiler(self):
         if self._compiler is None:
@@ -56,22 +61,58 @@ class GrammarCache:
         return self._compiler
 
     def for_format(self, response_format: ResponseFormat | None):
-        """The compiled grammar for a request's response_format, or None for free text."""
+        """The compiled grammar for a request's response_format, or None for free text.
+
+        Schemas nested deeper than `MAX_SCHEMA_DEPTH` or longer than `MAX_SCHEMA_BYTES` are refused
+        (compile time grows steeply with nesting). Different schemas compile concurrently; requests
+        for the same schema wait for one compilation.
+        """
         if response_format is None or response_format.type == "text":
             return None
         schema = _ANY_OBJECT if response_format.type == "json_object" else response_format.json_schema.schema_
         key = json.dumps(schema, sort_keys=True)
+        if len(key) > MAX_SCHEMA_BYTES:
+            raise APIError(f"response_format: the JSON schema has {len(key):,} bytes; at most {MAX_SCHEMA_BYTES:,} "
+                           "are compiled", param="response_format")
+        depth = _depth(schema)
+        if depth > MAX_SCHEMA_DEPTH:
+            raise APIError(f"response_format: the JSON schema is nested {depth} levels deep; at most "
+                           f"{MAX_SCHEMA_DEPTH} are compiled", param="response_format")
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
+            compiler = self._get_compiler()
+            pending = self._compiling.setdefault(key, threading.Lock())
+        with pending:  # one compilation per schema; other schemas are not held up
+            with self._lock:
+                if key in self._cache:
+                    return self._cache[key]
             try:
                 # compile in the caller's property order: it is the order the model writes them in
-                grammar = self._get_compiler().compile_grammar(json_schema_ebnf(json.dumps(schema)))
+                grammar = compiler.compile_grammar(json_schema_ebnf(json.dumps(schema)))
             except Exception as exc:  # noqa: BLE001 - xgrammar reports schema problems as RuntimeError etc.
                 raise APIError(f"response_format: the JSON schema cannot be used for constrained decoding: {exc}",
                                param="response_format") from None
-            self._cache[key] = grammar
-            if len(self._cache) > self._capacity:
-                self._cache.popitem(last=False)
+            finally:
+                with self._lock:
+                    self._compiling.pop(key, None)
+            with self._lock:
+                self._cache[key] = grammar
+                if len(self._cache) > self._capacity:
+                    self._cache.popitem(last=False)
             return grammar
+
+
+def _depth(value) -> int:
+    """Nesting depth of a JSON value (objects and arrays), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            deepest = max(deepest, level)
+            stack.extend((v, level + 1) for v in item.values())
+        elif isinstance(item, list):
+            deepest = max(deepest, level)
+            stack.extend((v, level + 1) for v in item)
+    return deepest
