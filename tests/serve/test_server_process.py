@@ -1,4 +1,5 @@
-"""`sovllm serve` as a real process on the tiny model: SIGTERM drains within the grace period, then exits 0."""
+"""`sovllm serve` as a real process on the tiny model: SIGTERM drains within the grace period, then exits 0;
+clients that leave are aborted; hostile requests leave a bystander stream intact."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import concurrent.futures
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -210,3 +212,78 @@ def test_sigterm_with_queued_requests_answers_every_client_and_logs_no_traceback
         assert srv.process.returncode == 0, log
         assert "Traceback" not in log and "Event loop is closed" not in log, log
         assert all(r[0] in ("length", "error") for r in results), results  # every client got an answer
+
+
+def _stream_text(base_url: str, body: dict) -> tuple[str, str]:
+    text, finish = [], None
+    with httpx.stream("POST", base_url + "/completions", json={**body, "stream": True}, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                import json as _json
+
+                choice = _json.loads(line[6:])["choices"][0]
+                text.append(choice["text"])
+                finish = choice["finish_reason"] or finish
+    return "".join(text), finish
+
+
+def test_hostile_requests_against_a_real_server_leave_a_bystander_stream_intact(tiny_model_dir, tiny_adapters,
+                                                                                tmp_path):
+    """Hostile requests replayed while bystander streams run: each gets a 4xx JSON error, every bystander
+    stream gives exactly the text it gives alone, and the server ends idle and healthy."""
+    import json as _json
+    import shutil
+
+    bad = tmp_path / "adapters" / "pissa"
+    shutil.copytree(tiny_adapters["r2"], bad)
+    config = _json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(_json.dumps({**config, "init_lora_weights": "pissa"}))
+    srv = EmbeddedServer(str(tiny_model_dir), extra_args=["--max-num-seqs", "4", "--max-model-len", "1024",
+                                                          "--adapter-root", str(tmp_path / "adapters")])
+    with srv:
+        base = srv.base_url
+        bystander = {"model": "model", "prompt": "Hello there", "max_tokens": 300, "temperature": 0,
+                     "ignore_eos": True}
+        reference = _stream_text(base, bystander)
+        assert reference[1] == "length"
+        deep: dict = {"type": "string"}
+        for _ in range(800):
+            deep = {"type": "array", "items": deep}
+        chat = {"model": "model", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+        hostile = [
+            ("/completions", {"model": "model", "prompt": [1_000_000_000], "max_tokens": 4}),
+            ("/completions", {"model": "model", "prompt": [-5], "max_tokens": 4}),
+            ("/completions", {"model": "model", "prompt": "Hi", "seed": 2**64}),
+            ("/completions", {"model": "model", "prompt": "Hi", "stop_token_ids": [-1], "min_tokens": 2}),
+            ("/completions", {"model": "model", "prompt": ["Hi"] * 200}),
+            ("/completions", {"model": "model\ud800", "prompt": "Hi"}),
+            ("/chat/completions", {**chat, "messages": [{"role": "user", "content": "\udfff"}]}),
+            ("/chat/completions", {**chat, "response_format": {"type": "json_schema",
+                                                               "json_schema": {"name": "d", "schema": deep}}}),
+            ("/load_lora_adapter", {"lora_name": "pissa", "lora_path": str(bad)}),
+            ("/load_lora_adapter", {"lora_name": "x" * 100_000, "lora_path": str(bad)}),
+        ]
+        results, stop = [], threading.Event()
+
+        def bystanders():
+            while not stop.is_set():
+                results.append(_stream_text(base, bystander))
+
+        thread = threading.Thread(target=bystanders)
+        thread.start()
+        try:
+            for path, body in hostile:
+                response = httpx.post(base + path, content=_json.dumps(body),
+                                      headers={"content-type": "application/json"}, timeout=60)
+                assert 400 <= response.status_code < 500, (path, response.status_code, response.text)
+                assert response.json()["error"]["message"]
+            broken = httpx.post(base + "/completions", content=b'{"model": "model", "prompt": ',
+                                headers={"content-type": "application/json"}, timeout=60)
+            assert broken.status_code == 400
+        finally:
+            stop.set()
+            thread.join(120)
+        assert results and all(r == reference for r in results), results[:2]
+        assert httpx.get(base.removesuffix("/v1") + "/health").status_code == 200
+        _wait_for(lambda: metric(srv, "vllm:kv_cache_usage_perc") == 0 and running(srv) == 0, srv)
+        assert "Traceback" not in srv.log_tail(100_000)
