@@ -234,7 +234,7 @@ class Engine:
 
         The files are read and checked in the calling thread (`sovllm.models.lora_check`: allowed config
         fields, tensor names, shapes and values); the engine thread pauses generation only to add the
-        LoRA layers and copy the checked weights in (milliseconds for the bundled model)."""
+        LoRA layers and copy the checked weights in (docs/serve.md gives the measured pause)."""
         from pathlib import Path
 
         from sovllm.models.lora_check import read_adapter
@@ -367,6 +367,9 @@ class Engine:
             self._aborted.add(request.id)
 
     def _iteration(self) -> None:
+        # queued requests first: an adapter unload (a command) must see those that name the adapter
+        while not self._waiting.empty():
+            self._pending.append(self._waiting.get())
         while not self._commands.empty():
             fn, future = self._commands.get()
             try:
@@ -382,6 +385,11 @@ class Engine:
         sources: set[int] = set()  # slots a request copies a prefix from: never a destination now
         while self._pending and avail and len(admitted) < self.max_prefill_batch:
             request = self._pending[0]
+            if request.adapter is not None and request.adapter not in self.adapters:
+                # unloaded between `validate` and now: never answer it with the base model instead
+                self._fail_request(self._pending.pop(0), f"The model `{request.adapter}` does not exist "
+                                   "(its adapter was unloaded before the request started).", 404)
+                continue
             source, cached = self._lookup(request, taken)
             if admitted:
                 if self.prefix_caching and any(self._worth_waiting(request, r, cached) for r in admitted):
@@ -501,7 +509,12 @@ class Engine:
             first = others[0]
         else:
             return None
-        rest = [slot for slot in usable if slot not in (first, source)][:n - 1]
+        rest = [slot for slot in usable if slot not in (first, source)]
+        if source in usable and source != first:
+            # its own source last: the prefix is copied out before the forward pass, and `n` up to
+            # every slot there is must still fit, or the request would wait forever with all slots free
+            rest.append(source)
+        rest = rest[:n - 1]
         if len(rest) < n - 1:
             return None
         group = [first, *rest]
@@ -650,8 +663,9 @@ class Engine:
             seq.last_at = now
         params = seq.request.params
         finish = None
-        is_stop_token = token in self.stop_ids or token in params.stop_token_ids
-        if is_stop_token and not params.ignore_eos and len(seq.tokens) > params.min_tokens:
+        # as in vLLM, ignore_eos ignores the model's end tokens only; stop_token_ids the client named still stop
+        is_stop_token = (token in self.stop_ids and not params.ignore_eos) or token in params.stop_token_ids
+        if is_stop_token and len(seq.tokens) > params.min_tokens:
             finish = "stop"
             delta = seq.detok.finish()
         else:

@@ -149,7 +149,10 @@ def sample_next(seq: Sequence, logits, stop_ids: set[int], refusal=None) -> tupl
         xgr.apply_token_bitmask_inplace(logits.unsqueeze(0), seq.bitmask)
     if len(seq.tokens) < params.min_tokens:
         blocked = [t for t in (stop_ids | set(params.stop_token_ids)) if t < logits.shape[-1]]
+        kept = logits[blocked].clone()
         logits[blocked] = float("-inf")
+        if not torch.isfinite(logits).any():
+            logits[blocked] = kept  # the grammar allows only a stop token now: the output ends (JSON complete)
     if params.temperature <= 1e-5:
         token = int(torch.argmax(logits))
     else:

@@ -12,12 +12,12 @@ import asyncio
 import json
 import logging
 import time
-from collections import defaultdict
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator
 
 from sovllm.errors import AdapterError, InputError
-from sovllm.models.adapter import check_servable, inspect_adapter, validate_name
+from sovllm.models.adapter import NAME_RE, check_servable, inspect_adapter, validate_name
 from sovllm.serve.engine import Engine, EngineDeadError, Request, next_request_id
 from sovllm.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from sovllm.serve.sampling import SamplingParams
@@ -43,7 +43,7 @@ class Service:
         self.healthy = False
         self.created = int(time.time())
         self.grammars = GrammarCache(tokenizer, engine.vocab_size, sorted(engine.stop_ids))
-        self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._locks: dict[str, list] = {}  # adapter name → [lock, users], while held or awaited
         self.max_queue = max_queue  # waiting requests beyond this get 503 + Retry-After (0: unbounded)
         self.metrics = metrics
         self.refusal_calibration = refusal_calibration  # apply adapters' calibrated refusal bias
@@ -92,10 +92,17 @@ class Service:
             raise APIError(f"lora_name {name!r} is reserved", 400, "BadRequestError", "lora_name")
         if name in self.adapters:
             raise APIError(f"The lora adapter '{name}' has already been loaded.", 400, "BadRequestError", "lora_name")
-        adapter_path = Path(path).expanduser()
-        if from_api:
-            self._check_root(adapter_path)
-        if not adapter_path.is_dir():
+        try:
+            adapter_path = Path(path).expanduser()
+            if from_api:
+                self._check_root(adapter_path)
+            found = adapter_path.is_dir()
+        except (OSError, ValueError, RuntimeError) as exc:  # NUL byte, symlink loop, name too long, ~nobody
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise APIError(f"lora_path {_clip(path)!r} cannot be used as a folder ({_clip(reason)}); send the path "
+                           "of an adapter directory under the adapter roots", 400, "BadRequestError",
+                           "lora_path") from None
+        if not found:
             raise APIError(f"No adapter found at {adapter_path}", 404, "NotFoundError", "lora_path")
         try:
             info = inspect_adapter(adapter_path)
@@ -117,13 +124,31 @@ class Service:
         self.adapters[name] = {"path": str(adapter_path.resolve()), "rank": info.rank, "created": int(time.time()),
                                "base_id": info.base_id, "refusal": refusal}
 
+    @asynccontextmanager
+    async def _name_lock(self, name: str):
+        """The per-name lock for adapter `name`; dropped again when nobody holds or waits for it, so
+        names a client makes up never accumulate."""
+        entry = self._locks.setdefault(name, [asyncio.Lock(), 0])  # [lock, holders and waiters]
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if not entry[1]:
+                del self._locks[name]
+
     async def load_adapter(self, name: str, path: str) -> str:
-        async with self._locks[name]:
+        if not (isinstance(name, str) and NAME_RE.match(name)):
+            self.load_adapter_now(name, path, from_api=True)  # raises the 400 (and counts it) without a lock
+        async with self._name_lock(name):
             await asyncio.to_thread(self.load_adapter_now, name, path, from_api=True)
         return f"Success: LoRA adapter '{name}' added successfully."
 
     async def unload_adapter(self, name: str) -> str:
-        async with self._locks[name]:
+        if name not in self.adapters:  # unknown names take no lock (a client may send any string)
+            raise APIError(f"The lora adapter '{_clip(name)}' cannot be found.", 404, "NotFoundError", "lora_name")
+        async with self._name_lock(name):
             if name not in self.adapters:
                 raise APIError(f"The lora adapter '{name}' cannot be found.", 404, "NotFoundError", "lora_name")
             try:
@@ -171,7 +196,7 @@ class Service:
             if name in watched or name in self.adapters or failed.get(name) == sig:
                 continue
             try:
-                async with self._locks[name]:
+                async with self._name_lock(name):
                     await asyncio.to_thread(self.load_adapter_now, name, str(sub), from_api=True)
                 watched[name] = str(sub)
                 failed.pop(name, None)
@@ -232,8 +257,8 @@ class Service:
                 event = await events.get()
                 if event.get("error"):
                     status = event.get("status", 500)
-                    raise APIError(event["error"], status,
-                                   "ServiceUnavailableError" if status == 503 else "InternalServerError")
+                    kind = {503: "ServiceUnavailableError", 404: "NotFoundError"}.get(status, "InternalServerError")
+                    raise APIError(event["error"], status, kind, "model" if status == 404 else None)
                 if event["finish_reason"]:
                     remaining -= 1
                 yield event
@@ -458,6 +483,12 @@ class Service:
                                         max_tokens=4, temperature=0)
             await self.chat(req)
         self.healthy = True
+
+
+def _clip(text, limit: int = 200) -> str:
+    """Client input quoted in an error message, cut to `limit` characters."""
+    text = str(text)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _usage(prompt: int, completion: int) -> dict:

@@ -20,6 +20,10 @@ _ANY_OBJECT = {"type": "object"}
 # (JSON depth, counting the schema's own objects) compiles in well under a second here
 MAX_SCHEMA_DEPTH = 64
 MAX_SCHEMA_BYTES = 64 * 1024
+# compile time also grows with the square of an object's optional properties (1,500 took 16 s with a
+# 400-token vocabulary) and of enum strings that share a prefix (two of 10,000 characters took 16 s)
+MAX_PROPERTIES = 512
+MAX_ENUM_STRING = 2048
 # xgrammar (0.2.x) writes strings with minLength/maxLength with this character class, which lets
 # raw control characters through, and JSON forbids them; its unbounded strings exclude them.
 _LENGTH_BOUNDED_CHAR = r'[^\"\\\r\n]'
@@ -78,6 +82,9 @@ class GrammarCache:
         if depth > MAX_SCHEMA_DEPTH:
             raise APIError(f"response_format: the JSON schema is nested {depth} levels deep; at most "
                            f"{MAX_SCHEMA_DEPTH} are compiled", param="response_format")
+        problem = _too_costly(schema)
+        if problem:
+            raise APIError(f"response_format: the JSON schema {problem}", param="response_format")
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
@@ -116,3 +123,26 @@ def _depth(value) -> int:
             deepest = max(deepest, level)
             stack.extend((v, level + 1) for v in item)
     return deepest
+
+
+def _too_costly(schema) -> str | None:
+    """Why compiling `schema` would take too long (too many properties in one object, an overlong enum
+    string), or None."""
+    stack = [schema]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            properties = item.get("properties")
+            if isinstance(properties, dict) and len(properties) > MAX_PROPERTIES:
+                return (f"has an object with {len(properties):,} properties; at most {MAX_PROPERTIES} per object "
+                        "are compiled (nest them)")
+            enum = item.get("enum")
+            if isinstance(enum, list):
+                longest = max((len(v) for v in enum if isinstance(v, str)), default=0)
+                if longest > MAX_ENUM_STRING:
+                    return (f"has an enum string of {longest:,} characters; at most {MAX_ENUM_STRING:,} are "
+                            "compiled")
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
