@@ -287,3 +287,37 @@ def test_async_and_openai_clients_get_the_egress_error(outside):
     assert egress.explain(info.value).host == "127.0.0.2"
     assert egress.explain(RuntimeError("unrelated")) is None
     assert outside.close() == []
+
+
+TORN = '{"time": 1.0, "pid": 1, "kind": "connect", "host": "10.0.'  # a child killed in the middle of a write
+
+
+def test_a_torn_egress_record_is_skipped_with_a_warning_and_no_complete_record_is_lost(tmp_path, monkeypatch,
+                                                                                       caplog):
+    """read_log raised on a fragment; and a record appended right after one used to share its line."""
+    from sovllm import egress_log
+
+    log = tmp_path / "egress.jsonl"
+    monkeypatch.setenv(egress.ENV_LOG, str(log))
+    egress.mark()
+    egress_log.record("connect", "127.0.0.1", 8000, True)
+    with open(log, "a", encoding="utf-8") as fh:
+        fh.write(TORN)
+    with caplog.at_level("WARNING", logger="sovllm.egress"):
+        assert [e["host"] for e in egress.read_log(log)] == ["127.0.0.1"]
+    assert f"{log}: skipped 1 incomplete egress record" in caplog.text
+    egress_log.record("connect", "127.0.0.2", 8001, False)  # the next writer appends after the fragment
+    assert [(e["host"], e["allowed"]) for e in egress.read_log(log)] == [("127.0.0.1", True), ("127.0.0.2", False)]
+
+
+def test_a_stage_whose_child_left_a_torn_egress_record_still_writes_its_manifest(tmp_path):
+    from sovllm.artifacts import run_stage
+
+    def work(ctx):
+        with open(__import__("os").environ[egress.ENV_LOG], "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"time": 1.0, "pid": 1, "kind": "connect", "host": "127.0.0.2", "port": 9,
+                                 "allowed": False}) + "\n" + TORN)
+
+    manifest = run_stage("demo", tmp_path / "stage", work).manifest
+    assert manifest.status == "ok" and manifest.endpoints == {"contacted": [], "blocked": ["127.0.0.2:9"]}
+    assert (tmp_path / "stage" / "manifest.json").is_file()

@@ -8,11 +8,13 @@ so a stage can list the endpoints its child processes contacted too.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
 
 ENV_LOG = "SOVLLM_EGRESS_LOG"
+log = logging.getLogger("sovllm.egress")
 
 _lock = threading.Lock()
 _events: list[dict] = []
@@ -33,7 +35,8 @@ def record(kind: str, host: str, port, allowed: bool, via: str | None = None) ->
     if path:
         try:
             with open(path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(event) + "\n")
+                # a line of its own even after a fragment that a process stopped mid-write left behind
+                fh.write("\n" + json.dumps(event) + "\n")
         except OSError:
             pass  # recording must never break the connection it records
 
@@ -54,12 +57,33 @@ def events() -> list[dict]:
 
 
 def read_log(path) -> list[dict]:
-    """Events that processes wrote to a `SOVLLM_EGRESS_LOG` file (missing file: none)."""
+    """Events that processes wrote to a `SOVLLM_EGRESS_LOG` file (missing file: none).
+
+    A process stopped in the middle of a write leaves part of one record. Every record starts a line
+    of its own (`record`), so such a fragment never holds a complete record: it is skipped, with a
+    warning, instead of failing the stage before it writes its manifest.
+    """
     try:
-        with open(path, encoding="utf-8") as fh:
-            return [json.loads(line) for line in fh if line.strip()]
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            lines = fh.readlines()
     except FileNotFoundError:
         return []
+    found, torn = [], []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            event = None
+        if isinstance(event, dict):
+            found.append(event)
+        else:
+            torn.append(number)
+    if torn:
+        log.warning("%s: skipped %d incomplete egress record(s) (line %s), left by a process stopped while "
+                    "writing; the manifest may miss that attempt", path, len(torn), ", ".join(map(str, torn)))
+    return found
 
 
 def summarise(evts: list[dict]) -> dict:

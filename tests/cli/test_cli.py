@@ -128,3 +128,17 @@ def test_models_list_json(capsys, tmp_path, monkeypatch):
 def test_console_script_is_installed():
     proc = subprocess.run([sys.executable, "-m", "sovllm", "--version"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == f"sovllm {__version__}"
+
+
+def test_synth_sweep_writes_its_report_in_one_piece(fake, tmp_path, capsys):
+    from tests.synth.conftest import good_free
+    from tests.synth.test_synth_process import make_project
+
+    root = make_project(tmp_path, fake(good_free).base_url)
+    code, out, err = cli(["synth", root, "--sweep", "1,2", "--sample", "2"], capsys)
+    assert code == 0, err
+    report = json.loads((root / "out" / "synth" / "sweep.json").read_text())
+    assert [r["concurrency"] for r in report["levels"]] == [1, 2] and report["recommended_concurrency"] in (1, 2)
+    assert all(r["pairs"] == 6 and r["error_rate"] == 0 for r in report["levels"])  # 2 chunks x 3 types
+    assert [p.name for p in (root / "out" / "synth").iterdir()] == ["sweep.json"]  # no temp file left
+    assert f"recommended synth.concurrency: {report['recommended_concurrency']}" in out

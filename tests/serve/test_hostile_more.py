@@ -189,3 +189,49 @@ def test_schemas_that_compile_for_minutes_are_refused_quickly(server, schema, wo
     assert words in error["message"] and error["param"] == "response_format"
     assert time.monotonic() - started < 10
     assert idle(service)
+
+
+@pytest.mark.parametrize("route, body", [("/v1/completions", {"prompt": "Hi"}),
+                                         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})])
+def test_an_unknown_model_name_is_quoted_cut_short_in_the_404(server, route, body):
+    """The 404 quoted the client's model name in full: up to the 4 MiB body limit, echoed back."""
+    client, _, _ = server
+    response = client.post(route, json={"model": "m" * 1_000_000, "max_tokens": 1, **body})
+    error = error_of(response, 404)
+    assert error["param"] == "model"
+    assert error["message"] == f"The model `{'m' * 200}...` does not exist."
+
+
+@pytest.mark.parametrize("route, body", [("/v1/completions", {"prompt": "Hi"}),
+                                         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})])
+def test_stream_options_without_stream_gets_400_naming_it(server, route, body):
+    """As in vLLM: stream_options without `stream: true` is a client mistake (no usage chunk would come)."""
+    client, _, _ = server
+    body = {"model": "tiny", "max_tokens": 1, **body}
+    for stream in ({}, {"stream": False}):
+        error = error_of(client.post(route, json={**body, **stream, "stream_options": {"include_usage": True}}))
+        assert error["param"] == "stream_options" and "stream=True" in error["message"]
+    assert client.post(route, json={**body, "stream_options": None}).status_code == 200
+    with client.stream("POST", route, json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        assert r.status_code == 200
+        assert '"usage": {' in "".join(r.iter_text())
+
+
+@pytest.mark.parametrize("file", ["adapter_config.json", "manifest.json"])
+def test_an_oversized_adapter_config_or_manifest_is_refused_unread(tiny_adapters, tmp_path, file):
+    """inspect_adapter read both files whole, before the config's 1 MB bound in lora_check applied."""
+    from sovllm.errors import AdapterError
+    from sovllm.models.adapter import MAX_MANIFEST_BYTES, inspect_adapter
+    from sovllm.models.lora_check import MAX_CONFIG_BYTES
+
+    limit = MAX_CONFIG_BYTES if file == "adapter_config.json" else MAX_MANIFEST_BYTES
+    path = tmp_path / "adapter"
+    shutil.copytree(tiny_adapters["r2"], path)
+    target = path / file
+    with open(target, "ab") as handle:  # trailing blanks: still valid JSON, exactly at the bound
+        handle.write(b" " * (limit - target.stat().st_size))
+    assert inspect_adapter(path).rank == 2
+    with open(target, "ab") as handle:
+        handle.write(b" ")
+    with pytest.raises(AdapterError, match=rf"{file}: larger than {limit:,} bytes"):
+        inspect_adapter(path)

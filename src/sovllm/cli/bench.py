@@ -38,6 +38,7 @@ def serve(
     import os
 
     from sovllm import egress
+    from sovllm.artifacts import write_atomic
     from sovllm.config import CONFIG_FILE, load_config
     from sovllm.errors import ConfigError
     from sovllm.serve.loadtest import load_prompts, parse_mix, parse_profile, run_load
@@ -57,7 +58,7 @@ def serve(
                   f"({len(messages)} prompts from {path})")
     report = asyncio.run(run_load(base_url, phases=phases, mix=weights, prompts=messages, max_tokens=max_tokens,
                                   temperature=temperature, api_key=key, seed=seed, timeout=timeout))
-    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_atomic(out, json.dumps(report, indent=2) + "\n")
     print_report(report)
     console.print(f"report: {out}")
 

@@ -48,6 +48,7 @@ def synth(
     sample: int = typer.Option(16, "--sample", help="Chunks per level for --sweep."),
 ) -> None:
     """Generate question-answer pairs for every chunk (factual, conceptual, comparison), resumably."""
+    from sovllm.artifacts import write_atomic
     from sovllm.endpoint import open_endpoint
     from sovllm.errors import ConfigError
     from sovllm.progress import bar_factory
@@ -80,9 +81,7 @@ def synth(
                           str(r["prompt_time_s"]), str(r["generation_time_s"]), str(r["wall_s"]))
         console.print(table)
         console.print(f"recommended synth.concurrency: {report['recommended_concurrency']} ({report['reason']})")
-        out = root / cfg.project.output_dir / "synth" / "sweep.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
+        write_atomic(root / cfg.project.output_dir / "synth" / "sweep.json", json.dumps(report, indent=2) + "\n")
         return
     result = stage.run(root, cfg, lambda: open_endpoint(cfg, log=log), quick=quick, force=force,
                        shard=stage.parse_shard(shard), reuse=not no_reuse,

@@ -18,10 +18,13 @@ from pathlib import Path
 
 from sovllm.errors import AdapterError
 from sovllm.models.grounding import Vocabulary, split_user_message
-from sovllm.models.lora_check import check_config
+from sovllm.models.lora_check import MAX_CONFIG_BYTES, check_config, read_bounded
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+# the refusal calibration's df table makes a manifest grow with the training vocabulary: 60 MB of
+# context text gave 5.6 MB; the bound only stops a file that would exhaust memory
+MAX_MANIFEST_BYTES = 16 << 20
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -124,9 +127,10 @@ def inspect_adapter(path: str | Path) -> AdapterInfo:
     config_file = path / ADAPTER_CONFIG
     if not config_file.is_file():
         raise AdapterError(f"{path}: no {ADAPTER_CONFIG}; not a PEFT adapter directory")
+    raw = read_bounded(config_file, MAX_CONFIG_BYTES)
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        config = json.loads(raw.decode("utf-8"))
+    except ValueError as exc:  # UnicodeDecodeError is one
         raise AdapterError(f"{config_file}: unreadable ({exc})") from None
     if not isinstance(config, dict):
         raise AdapterError(f"{config_file}: must hold a JSON object, found {type(config).__name__}")
@@ -161,9 +165,10 @@ def inspect_adapter(path: str | Path) -> AdapterInfo:
     base_id, refusal = None, None
     manifest = path / "manifest.json"
     if manifest.is_file():
+        raw = read_bounded(manifest, MAX_MANIFEST_BYTES, hint="restore the manifest sovllm train wrote, or remove it")
         try:
-            data = json.loads(manifest.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            data = json.loads(raw.decode("utf-8"))
+        except ValueError:
             raise AdapterError(f"{manifest}: unreadable manifest") from None
         if not isinstance(data, dict):
             raise AdapterError(f"{manifest}: must hold a JSON object, found {type(data).__name__}",

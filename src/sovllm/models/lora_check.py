@@ -185,15 +185,22 @@ def load_weights(path: Path, *, config: dict, shapes: dict[str, tuple[int, int]]
     return {name: tensor.float() for name, tensor in tensors.items()}
 
 
+def read_bounded(file: Path, limit: int, hint: str | None = None) -> bytes:
+    """The bytes of `file`; AdapterError naming it when it holds more than `limit` (never reads past that)."""
+    try:
+        with open(file, "rb") as handle:
+            raw = handle.read(limit + 1)
+    except OSError as exc:
+        raise AdapterError(f"{file}: unreadable ({exc.strerror or exc})") from None
+    if len(raw) > limit:
+        raise AdapterError(f"{file}: larger than {limit:,} bytes", hint=hint)
+    return raw
+
+
 def read_adapter(path: Path, shapes: dict[str, tuple[int, int]]) -> tuple[dict, dict]:
     """An adapter directory's checked config and weights (see `check_config`, `load_weights`)."""
     config_file = path / "adapter_config.json"
-    try:
-        raw = config_file.read_bytes()[:MAX_CONFIG_BYTES + 1]
-    except OSError as exc:
-        raise AdapterError(f"{config_file}: unreadable ({exc.strerror or exc})") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise AdapterError(f"{config_file}: larger than {MAX_CONFIG_BYTES:,} bytes")
+    raw = read_bounded(config_file, MAX_CONFIG_BYTES)
     try:
         config = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:

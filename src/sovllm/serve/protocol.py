@@ -1,8 +1,8 @@
 """Wire models of the OpenAI-compatible API (requests), following OpenAI's and vLLM's field names.
 
 Unknown fields are ignored, as vLLM does, except those whose meaning sovllm cannot honour
-(tools, logit_bias, penalties, best_of, echo, suffix): those are refused with a 400 that names
-the field, instead of being silently dropped.
+(tools, logit_bias, penalties, best_of, echo, suffix, stream_options without stream): those are
+refused with a 400 that names the field, instead of being silently dropped.
 """
 
 from __future__ import annotations
@@ -128,6 +128,8 @@ class _Sampling(_Body):
         return value
 
     def refuse_unsupported(self) -> None:
+        if self.stream_options is not None and not self.stream:  # as vLLM; silently ignoring it hides a mistake
+            raise APIError("Stream options can only be defined when `stream=True`.", param="stream_options")
         if self.frequency_penalty or self.presence_penalty:
             raise APIError("frequency_penalty and presence_penalty are not supported by this server",
                            param="frequency_penalty")

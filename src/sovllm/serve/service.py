@@ -65,7 +65,7 @@ class Service:
             return None
         if model in self.adapters:
             return model
-        raise APIError(f"The model `{model}` does not exist.", 404, "NotFoundError", "model")
+        raise APIError(f"The model `{_clip(model)}` does not exist.", 404, "NotFoundError", "model")
 
     def _check_root(self, path: Path) -> None:
         resolved = path.resolve()
