@@ -20,16 +20,16 @@ from sovllm.errors import EgressBlockedError
 
 
 class Listener:
-    """A TCP listener that records every connection it accepts and the first bytes sent."""
+    """A TCP listener on `host` that hands each connection to `_take` (by default: record the first bytes
+    sent); `close()` also takes the connections still queued (a connect that returned is in the queue)."""
+
+    recv_timeout = 10.0  # recv returns at once when the peer sends or closes
 
     def __init__(self, host: str):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, 0))
-        self.sock.listen(8)
+        self.sock = socket.create_server((host, 0))
         self.sock.settimeout(0.2)
-        self.host, self.port = self.sock.getsockname()
-        self.received: list[bytes] = []
+        self.host, self.port = self.sock.getsockname()[:2]
+        self.received: list = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -38,17 +38,20 @@ class Listener:
         while not self._stop.is_set():
             try:
                 conn, _ = self.sock.accept()
-            except (TimeoutError, OSError):
+            except OSError:  # TimeoutError: look at the stop flag again
                 continue
-            with conn:
-                conn.settimeout(10)  # returns at once when the peer sends or closes
-                try:
-                    self.received.append(conn.recv(100))
-                except OSError:
-                    self.received.append(b"")
+            self._take(conn)
 
-    def close(self) -> list[bytes]:
-        """Everything received, including connections still queued (a connect that returned is in the queue)."""
+    def _take(self, conn) -> None:
+        with conn:
+            conn.settimeout(self.recv_timeout)
+            try:
+                self.received.append(conn.recv(100))
+            except OSError:
+                self.received.append(b"")
+
+    def close(self) -> list:
+        """Everything received, including connections still queued."""
         if self.sock.fileno() == -1:
             return self.received
         self._stop.set()
@@ -59,18 +62,15 @@ class Listener:
                 conn, _ = self.sock.accept()
             except OSError:  # BlockingIOError: the queue is empty
                 break
-            with conn:
-                conn.settimeout(5)
-                try:
-                    self.received.append(conn.recv(100))
-                except OSError:
-                    self.received.append(b"")
+            conn.setblocking(True)
+            self._take(conn)
         self.sock.close()
         return self.received
 
 
 @pytest.fixture
 def outside():
+    """A stand-in outside host on 127.0.0.2 (shared by the egress test modules)."""
     listener = Listener("127.0.0.2")
     yield listener
     listener.close()

@@ -15,7 +15,7 @@ import pytest
 from sovllm import egress
 from sovllm.egress import EgressUnguardableError
 from sovllm.egress_spawn import skips_site
-from tests.test_egress import Listener
+from tests.test_egress import outside  # noqa: F401 - the fixture
 
 # Reports its policy and whether it reached the outside stand-in, into the file named by argv[2].
 CHILD = textwrap.dedent("""
@@ -29,13 +29,6 @@ CHILD = textwrap.dedent("""
     with open(sys.argv[2], "w") as fh:
         json.dump(out, fh)
 """)
-
-
-@pytest.fixture
-def outside():
-    listener = Listener("127.0.0.2")
-    yield listener
-    listener.close()
 
 
 @pytest.fixture

@@ -19,36 +19,28 @@ import pytest
 from sovllm import egress
 from sovllm.endpoint import ChatClient, Endpoint
 from sovllm.errors import BackendError, EgressBlockedError
-from tests.test_egress import Listener
+from tests.test_egress import Listener, outside  # noqa: F401 - the fixture
 
 
-class StandInProxy:
+class StandInProxy(Listener):
     """An HTTP proxy stand-in on 127.0.0.3: records each request line, answers `reply`, closes."""
+
+    recv_timeout = 30.0
 
     def __init__(self, reply: bytes = b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
                                       b"Content-Length: 36\r\nConnection: close\r\n\r\n"
                                       b'{"error": {"message": "stand-in"}} \n'):
-        self.reply = reply
-        self.sock = socket.create_server(("127.0.0.3", 0))
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
+        self.reply = reply  # before the listener's thread starts
+        super().__init__("127.0.0.3")
         self.url = f"http://127.0.0.3:{self.port}"
-        self.requests: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
 
-    def _serve(self):
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:  # TimeoutError: look at the stop flag again
-                continue
-            self._handle(conn)
+    @property
+    def requests(self) -> list[str]:
+        return self.received
 
-    def _handle(self, conn):
+    def _take(self, conn) -> None:
         with conn:
-            conn.settimeout(30)
+            conn.settimeout(self.recv_timeout)
             data = b""
             while b"\r\n\r\n" not in data:
                 chunk = conn.recv(65536)
@@ -63,25 +55,8 @@ class StandInProxy:
                 if not chunk:
                     break
                 body += chunk
-            self.requests.append(head.split(b"\r\n", 1)[0].decode("latin-1"))
+            self.received.append(head.split(b"\r\n", 1)[0].decode("latin-1"))
             conn.sendall(self.reply)
-
-    def close(self) -> list[str]:
-        """Every request line, including connections still queued."""
-        if self.sock.fileno() == -1:
-            return self.requests
-        self._stop.set()
-        self._thread.join(60)
-        self.sock.setblocking(False)
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:  # BlockingIOError: the queue is empty
-                break
-            conn.setblocking(True)
-            self._handle(conn)
-        self.sock.close()
-        return self.requests
 
 
 @pytest.fixture
@@ -89,13 +64,6 @@ def proxy():
     stand_in = StandInProxy()
     yield stand_in
     stand_in.close()
-
-
-@pytest.fixture
-def outside():
-    listener = Listener("127.0.0.2")
-    yield listener
-    listener.close()
 
 
 @pytest.fixture

@@ -13,14 +13,7 @@ import pytest
 from sovllm import egress
 from sovllm.egress import EgressUnguardableError
 from sovllm.errors import EgressBlockedError
-from tests.test_egress import Listener
-
-
-@pytest.fixture
-def outside():
-    listener = Listener("127.0.0.2")
-    yield listener
-    listener.close()
+from tests.test_egress import outside  # noqa: F401 - the fixture
 
 
 @pytest.mark.parametrize("host", [bytearray(b"127.0.0.2"), b"127.0.0.2", bytearray(b"::ffff:127.0.0.2")])
