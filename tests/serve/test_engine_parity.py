@@ -126,12 +126,12 @@ def test_batched_decode_attention_matches_generate_over_a_cache_of_garbage(setup
     is NaN would turn every output of its slot into NaN (0 × NaN), so this fails unless the engine keeps
     those values finite.
     """
-    import sovllm.serve.engine as engine_module
+    import sovllm.serve.attention as attention_module
 
     _, prompts, expected, adapters = setup
     batched = []
-    original = engine_module._span_attention
-    monkeypatch.setattr(engine_module, "_span_attention",
+    original = attention_module._span_attention
+    monkeypatch.setattr(attention_module, "_span_attention",
                         lambda batch, *a: batched.append(len(batch.slots)) or original(batch, *a))
     engine = Engine(tiny_model_dir, load_tokenizer(tiny_model_dir), max_num_seqs=24, max_model_len=512)
     engine.keys.fill_(float("nan"))
