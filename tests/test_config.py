@@ -127,3 +127,13 @@ def test_remote_judge_and_tracking_server_are_checked_against_the_allow_list():
     assert cfg.endpoints_outside_allow_list() == {"train.tracking.uri": "http://mlflow.internal:5000"}
     local = load_config(None, ["train.tracking.uri=sqlite:///tmp/m.db"])
     assert local.endpoints() == {}
+
+
+def test_egress_proxy_must_be_a_url_on_an_allowed_host(tmp_path):
+    cfg = load_config(None, ["egress.allow=[proxy.internal]", "egress.proxy=http://proxy.internal:3128"])
+    assert cfg.egress.proxy == "http://proxy.internal:3128"
+    for proxy, fragment in (("http://elsewhere.test:3128", "must be listed in egress.allow"),
+                            ("proxy.internal:3128", "must be a URL")):
+        with pytest.raises(ConfigError) as caught:
+            load_config(None, ["egress.allow=[proxy.internal]", f"egress.proxy={proxy}"])
+        assert fragment in str(caught.value) and "egress" in str(caught.value)

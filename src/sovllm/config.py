@@ -66,6 +66,21 @@ class EgressSection(Section):
     # variables (HTTP_PROXY, ...) are ignored: they could carry requests past the allow-list.
     proxy: str | None = None
 
+    @model_validator(mode="after")
+    def _proxy_allowed(self) -> "EgressSection":
+        if self.proxy is None:
+            return self
+        from urllib.parse import urlsplit
+
+        from sovllm.egress import Policy
+
+        url = urlsplit(self.proxy)
+        if url.scheme not in ("http", "https", "socks5", "socks5h") or not url.hostname:
+            raise ValueError(f"proxy {self.proxy!r} must be a URL such as http://proxy.internal:3128")
+        if not Policy(self.allow).allows(url.hostname):
+            raise ValueError(f"proxy host {url.hostname!r} must be listed in egress.allow")
+        return self
+
     @field_validator("allow")
     @classmethod
     def _valid_entries(cls, entries: list[str]) -> list[str]:

@@ -36,6 +36,9 @@ egress:
   # sovllm connects only to 127.0.0.1, ::1 and localhost. List here the hosts you run yourself
   # (host names, *.wildcard names, IP addresses or CIDR networks), e.g. [vllm.internal, 10.0.0.0/8].
   allow: []
+  # HTTP_PROXY and friends are ignored; a proxy for sovllm's clients goes here (its host must be allowed),
+  # e.g. http://proxy.internal:3128. Every request's real destination is still checked.
+  proxy: null
 
 endpoint:
   # OpenAI-compatible endpoint for generation and judging (vLLM, sovllm serve, ...).
