@@ -42,7 +42,7 @@ from urllib.parse import urlsplit
 
 from sovllm import egress_spawn
 from sovllm.egress_log import ENV_LOG, events, mark, read_log, record as _record, summarise  # noqa: F401 (API)
-from sovllm.errors import EgressBlockedError, SovllmError
+from sovllm.errors import EgressBlockedError, EgressUnguardableError, SovllmError  # noqa: F401 (API)
 
 ENV_ALLOW = "SOVLLM_EGRESS_ALLOW"
 ENV_PROXY = "SOVLLM_EGRESS_PROXY_URL"  # not *_PROXY: that would read as a proxy variable
@@ -72,15 +72,6 @@ _TYPE_FLAGS = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXE
 # Read the C fields directly: a socket subclass may override the Python properties.
 _FAMILY = _socket.socket.family.__get__
 _TYPE = _socket.socket.type.__get__
-
-
-class EgressUnguardableError(EgressBlockedError):
-    """A socket, child process or library the guard cannot watch was refused."""
-
-    def __init__(self, what: str, *, hint: str = ""):
-        self.host, self.port = what, None
-        SovllmError.__init__(self, f"egress blocked: {what} refused: the egress guard could not check where it "
-                                   f"sends data", hint=hint or None)
 
 
 def _host_text(host) -> str | None:

@@ -25,6 +25,8 @@ import re
 import sys
 from typing import Callable
 
+from sovllm.errors import EgressUnguardableError
+
 _required: Callable[[], dict[str, str] | None] = lambda: None
 _real: dict = {}
 _PYTHON_RE = re.compile(r"^python[0-9.]*$")
@@ -112,8 +114,6 @@ def skips_site(executable, argv) -> bool:
 
 def _refuse_unguarded_python(executable, argv) -> None:
     if _required() is not None and skips_site(executable, argv):
-        from sovllm.egress import EgressUnguardableError
-
         raise EgressUnguardableError(f"starting {os.fsdecode(executable)} with -S",
                                      hint="-S skips the start-up hook that installs the guard in the child; "
                                           "start it without -S")
@@ -132,8 +132,6 @@ def audit(event: str, args: tuple) -> None:
         if env is None:
             _restore_environ(required)
         elif any(_lookup(env, key) != value for key, value in required.items()):
-            from sovllm.egress import EgressUnguardableError
-
             raise EgressUnguardableError(f"starting {os.fsdecode(args[0])} without the egress policy",
                                          hint="this call bypassed the guard's wrapper of os.execve/posix_spawn; "
                                               "pass an environment that keeps SOVLLM_EGRESS_ALLOW")

@@ -72,3 +72,12 @@ class EgressBlockedError(SovllmError, PermissionError):
             f"sovllm talks only to 127.0.0.1, ::1, localhost and the hosts in egress.allow",
             hint=f"if {host} is your own endpoint, add '{host}' to egress.allow in sovllm.yaml",
         )
+
+
+class EgressUnguardableError(EgressBlockedError):
+    """A socket, child process or library the guard cannot watch was refused."""
+
+    def __init__(self, what: str, *, hint: str = ""):
+        self.host, self.port = what, None
+        SovllmError.__init__(self, f"egress blocked: {what} refused: the egress guard could not check where it "
+                                   f"sends data", hint=hint or None)

@@ -18,7 +18,8 @@ import re
 from pathlib import Path
 
 from sovllm.ingest.document import LoadedDocument, SectionBuilder
-from sovllm.ingest.loaders import decode_text, read_limited, register_loader
+from sovllm.ingest.registry import register_loader
+from sovllm.ingest.textfile import decode_text, read_limited
 
 _HEADINGS = {f"h{i}": i for i in range(1, 7)}
 _LEAF_BLOCKS = {"p", "dt", "dd", "blockquote", "figcaption", "caption", "address", "summary", "legend"}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from sovllm.ingest import limits
 from sovllm.ingest.document import LoadedDocument, SectionBuilder, SkipDocument
-from sovllm.ingest.loaders import register_loader
+from sovllm.ingest.registry import register_loader
 
 # --- PDF --------------------------------------------------------------------------------------------
 
