@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 SOVLLM := $(VENV)/bin/sovllm
 STAMP  := $(VENV)/.sovllm-installed
 
-.PHONY: install browser demo test test-unit test-integration clean
+.PHONY: install browser demo test test-unit test-integration docs clean
 
 install: $(STAMP)
 
@@ -42,6 +42,10 @@ test-unit: install
 
 test-integration: install browser
 	$(PY) -m pytest -m integration --durations=20
+
+# docs/cli.md is generated from the CLI's own help; tests/cli/test_cli_docs.py fails when it is stale.
+docs: install
+	$(PY) -m sovllm.cli.reference docs/cli.md
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

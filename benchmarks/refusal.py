@@ -1,12 +1,13 @@
 """Does the adapter learn *when* to refuse? A training probe on a project's curated splits.
 
-Trains a LoRA adapter (the project's preset, AdamW, cosine schedule with 5 % warmup, sovllm's
-answer-only loss and length-grouped batches) on a `train.jsonl`, and after every `--probe-every`
-epochs asks the adapter every item of an `eval.jsonl` with gold context, greedily, for the first
-`--tokens` tokens. An item counts as refused when that beginning is the project's refusal
-sentence. Prints refusal accuracy on the unanswerable items and the false-refusal rate on the
-answerable ones — the two refusal targets of `sovllm eval` — without the cost of full answers, so
-training-data and schedule variants can be compared side by side (docs/eval.md has the figures).
+Trains a LoRA adapter on a `train.jsonl` through the same Trainer as `sovllm train`
+(`sovllm.train.steps.lora_model` and `sovllm.train.fit`: the project's LoRA preset, schedule,
+answer-only loss and `train.batching`), and after every `--probe-every` epochs asks the adapter
+every item of an `eval.jsonl` with gold context, greedily, for the first `--tokens` tokens. An
+item counts as refused when that beginning is the project's refusal sentence. Prints refusal
+accuracy on the unanswerable items and the false-refusal rate on the answerable ones — the two
+refusal targets of `sovllm eval` — without the cost of full answers, so training-data and schedule
+variants can be compared side by side (docs/eval.md has the figures).
 
     .venv/bin/python benchmarks/refusal.py examples/acme [--train FILE] [--eval FILE] \
         [--epochs 2] [--lr 1e-3] [--decision-weight 1.0]
@@ -37,8 +38,28 @@ import json
 import math
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+
+class PairedBatches:
+    """`--paired` micro-batches: each question's train items (its own and a foreign context)
+    together, in a new seeded order every epoch (the Trainer calls `set_epoch`)."""
+
+    def __init__(self, groups: list[list[int]], seed: int):
+        self.groups, self.seed, self.epoch = groups, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __iter__(self):
+        order = list(self.groups)
+        random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
+        return iter(order)
 
 
 def main(argv=None) -> int:
@@ -72,29 +93,22 @@ def main(argv=None) -> int:
         parser.error("--share trains trees of several examples: not with --paired or --decision-weight")
 
     import torch
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
+    from transformers import TrainerCallback
 
     from sovllm.config import load_config
     from sovllm.evaluate.metrics import is_refusal
-    from sovllm.evaluate.stats import separation
-    from sovllm.models import registry
-    from sovllm.models.chat import end_of_turn_id
-    from sovllm.models.tokenizer import load_tokenizer
-    from sovllm.train.data import Collator, TreeDataset, encode, share_prefixes
-    from sovllm.train.fit import GroupedSampler, selective_loss
-    from sovllm.train.lora import lora_config
+    from sovllm.stats import separation
+    from sovllm.train.data import Collator, encode, share_prefixes
+    from sovllm.train.fit import make_trainer, run_fit, training_arguments
+    from sovllm.train.steps import load_base, lora_model, setup_torch
     from sovllm.train.stopcheck import greedy_completions
 
     cfg = load_config(args.project / "sovllm.yaml")
     out = args.project / cfg.project.output_dir / "curate"
     train_path, eval_path = args.train or out / "train.jsonl", args.eval or out / "eval.jsonl"
     section = cfg.train
-    torch.set_num_threads(section.threads or torch.get_num_threads())
-    torch.manual_seed(section.seed)
-    base = registry.resolve(cfg.model.base)
-    tokenizer = load_tokenizer(base.path)
-    eot = end_of_turn_id(tokenizer)
+    setup_torch(section)
+    base, tokenizer, eot = load_base(cfg)
     pad = tokenizer.pad_token_id
     read = lambda p: [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]  # noqa: E731
     train_records = read(train_path)
@@ -103,32 +117,26 @@ def main(argv=None) -> int:
     probes = [encode(r, tokenizer, eot, str(eval_path)) for r in items]
     refusal = cfg.prompt.refusal.strip()
 
-    model = AutoModelForCausalLM.from_pretrained(str(base.path), dtype=torch.float32)
-    model.config.use_cache = False
     if args.adapter:
         from peft import PeftModel
+        from transformers import AutoModelForCausalLM
 
+        model = AutoModelForCausalLM.from_pretrained(str(base.path), dtype=torch.float32)
+        model.config.use_cache = False
         model = PeftModel.from_pretrained(model, str(args.adapter), is_trainable=True)
     else:
-        settings = lora_config(section)
-        if args.top_layers:
-            layers = model.config.num_hidden_layers
-            settings.layers_to_transform = list(range(max(0, layers - args.top_layers), layers))
-        model = get_peft_model(model, settings)
+        model = lora_model(base.path, section, top_layers=args.top_layers)
     batch_size, grad_accum = args.batch_size or section.batch_size, args.grad_accum or section.grad_accum
-    units = share_prefixes(train, max_tokens=section.max_length * 4) if args.share else None
-    features = (TreeDataset(units).features if units else
-                [{"input_ids": e.input_ids, "prompt_len": len(e.prompt_ids)} for e in train])
-    answer_tokens = ([t.answer_tokens for t in units] if units else
-                     [len(e.completion_ids) for e in train])
-    per_step = batch_size * grad_accum
-    steps_per_epoch = math.ceil(len(features) / per_step)
-    total = args.max_steps or max(1, math.ceil(args.epochs * len(features) / per_step))
-    warmup = max(1, math.ceil(section.warmup_ratio * total))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr or section.learning_rate, weight_decay=section.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
+    units = share_prefixes(train, max_tokens=section.max_length * 4) if args.share else train
+    paired = None
+    if args.paired:
+        questions: dict[str, list[int]] = {}  # a question's items, one micro-batch
+        for i, record in enumerate(train_records):
+            questions.setdefault(record["meta"]["question"], []).append(i)
+        paired = PairedBatches(list(questions.values()), section.seed)
+    batches_per_epoch = len(paired) if paired else math.ceil(len(units) / batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / grad_accum)
+    total = args.max_steps or max(1, math.ceil(args.epochs * len(units) / (batch_size * grad_accum)))
     collate = Collator(pad)
     prefix = tokenizer(refusal, add_special_tokens=False)["input_ids"][:3]
     unanswerable = [i for i, r in enumerate(items) if r["meta"]["type"] == "unanswerable"]
@@ -153,7 +161,7 @@ def main(argv=None) -> int:
     def support() -> list[float]:
         """Each eval item's lexical support in its context (IDF over the training contexts)."""
         from sovllm.models.grounding import Vocabulary
-        from sovllm.models.grounding import record_turn as turn
+        from sovllm.models.prompt import record_turn as turn
 
         vocabulary = Vocabulary.from_contexts(t[0] for t in map(turn, train_records) if t)
         return [vocabulary.support(*turn(r)) if turn(r) else 1.0 for r in items]
@@ -210,41 +218,30 @@ def main(argv=None) -> int:
         probe(0)
         return 0
 
-    pairs: dict[str, list[int]] = {}  # --paired: a question's items, one micro-batch
-    for i, record in enumerate(train_records):
-        pairs.setdefault(record["meta"]["question"], []).append(i)
-    pairs = list(pairs.values())
     probe_at = {min(total, round(steps_per_epoch * args.probe_every * k)) for k in range(1, 1000)} | {total}
-    sampler = GroupedSampler([len(f["input_ids"]) for f in features], batch_size, section.seed)
-    if units:
+    if args.share:
         print(json.dumps({"trees": len(units), "examples": len(train), "tree_tokens": sum(map(len, units)),
                           "example_tokens": sum(map(len, train))}), flush=True)
-    started, step, results = time.perf_counter(), 0, []
-    model.train()
-    while step < total:
-        sampler.set_epoch(step // steps_per_epoch)
-        order = list(sampler)
-        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-        if args.paired:
-            batches = list(pairs)
-            random.Random(f"{section.seed}:{step}").shuffle(batches)
-        for s in range(0, len(batches), grad_accum):
-            group = batches[s:s + grad_accum]
-            n_items = sum(answer_tokens[i] for batch in group for i in batch)
-            for batch in group:
-                inputs = collate([features[i] for i in batch])
-                selective_loss(model, inputs, n_items, first_weight=args.decision_weight)[0].backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad()
-            step += 1
-            if step in probe_at:
-                results.append(probe(step))
-            if step >= total:
-                break
+    results = []
+
+    class Probes(TrainerCallback):
+        def on_step_end(self, _args, state, control, **kwargs):
+            if state.global_step in probe_at:
+                results.append(probe(state.global_step))
+
+    with tempfile.TemporaryDirectory() as scratch:
+        # fp32 on the CPU whatever the machine has: the probes feed the model CPU tensors
+        settings = training_arguments(Path(scratch), steps=total, batch_size=batch_size, grad_accum=grad_accum,
+                                      learning_rate=args.lr or section.learning_rate,
+                                      warmup_ratio=section.warmup_ratio, weight_decay=section.weight_decay,
+                                      eval_steps=total, seed=section.seed,
+                                      gradient_checkpointing=section.gradient_checkpointing, has_val=False,
+                                      bf16=False, checkpoints=False)
+        trainer = make_trainer(model, tokenizer, units, [], settings, batching=section.batching, callbacks=[Probes()],
+                               pad_id=pad, first_weight=args.decision_weight, batch_sampler=paired)
+        fit = run_fit(trainer)
     print(json.dumps({"train": str(train_path), "eval": str(eval_path), "examples": len(train), "steps": total,
-                      "train_s": round(time.perf_counter() - started - sum(r["probe_s"] for r in results), 1),
+                      "train_s": round(fit.seconds - sum(r["probe_s"] for r in results), 1),
                       "probes": results}))
     return 0
 

@@ -68,16 +68,12 @@ def bundled_server(bundled_model, bundled_adapters):
 
     `acme-b` is not loaded at start, so tests can load and unload it through the API.
     """
-    import time
-
     from sovllm.serve.launch import EmbeddedServer
 
     root = next(iter(bundled_adapters.values())).parent
     server = EmbeddedServer(bundled_model.name, adapters={"acme-a": str(bundled_adapters["acme-a"])},
                             adapter_roots=[str(root)], extra_args=["--max-num-seqs", "16"])
-    started = time.perf_counter()
     server.start()
-    server.startup_seconds = time.perf_counter() - started
     yield server
     server.stop()
 

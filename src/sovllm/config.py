@@ -13,13 +13,21 @@ import hashlib
 import json
 import re
 import typing
-from typing import Literal
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from sovllm.egress import Policy, parse_allow_entry
 from sovllm.errors import ConfigError
 
 CONFIG_FILE = "sovllm.yaml"
@@ -72,7 +80,6 @@ class EgressSection(Section):
             return self
         from urllib.parse import urlsplit
 
-        from sovllm.egress import Policy
 
         url = urlsplit(self.proxy)
         if url.scheme not in ("http", "https", "socks5", "socks5h") or not url.hostname:
@@ -84,8 +91,6 @@ class EgressSection(Section):
     @field_validator("allow")
     @classmethod
     def _valid_entries(cls, entries: list[str]) -> list[str]:
-        from sovllm.egress import parse_allow_entry
-
         for entry in entries:
             parse_allow_entry(entry)  # ValueError names the entry
         return entries
@@ -388,8 +393,6 @@ class Config(Section):
 
     def endpoints_outside_allow_list(self) -> dict[str, str]:
         """Configured endpoints whose host the egress guard would refuse, by config key."""
-        from sovllm.egress import Policy
-
         policy = Policy(self.egress.allow)
         return {k: url for k, url in self.endpoints().items() if not policy.allows(urlsplit(url).hostname or "")}
 

@@ -41,7 +41,8 @@ import threading
 from urllib.parse import urlsplit
 
 from sovllm import egress_spawn
-from sovllm.egress_log import ENV_LOG, events, mark, read_log, record as _record, summarise  # noqa: F401 (API)
+from sovllm.egress_log import ENV_LOG, events, mark, read_log, summarise  # noqa: F401 (API)
+from sovllm.egress_log import record as _record
 from sovllm.errors import EgressBlockedError, EgressUnguardableError, SovllmError  # noqa: F401 (API)
 
 ENV_ALLOW = "SOVLLM_EGRESS_ALLOW"

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from sovllm import egress
+from sovllm.artifacts import append_jsonl, read_jsonl, truncate_partial_line
 from sovllm.config import Config
 from sovllm.errors import BackendError, ConfigError
-
+from sovllm.serve.launch import EmbeddedServer
 
 _sleep = asyncio.sleep  # the backoff wait (tests observe it)
 
@@ -65,7 +66,6 @@ def open_endpoint(cfg: Config, *, log: Callable[[str], None] = lambda _: None,
                 raise ConfigError(f"endpoint.api_key_env names {section.api_key_env}, which is not set")
         yield Endpoint(section.base_url.rstrip("/"), section.model, api_key)
         return
-    from sovllm.serve.launch import EmbeddedServer
 
     log(f"starting the embedded server with {cfg.model.base} …")
     started = time.perf_counter()
@@ -176,7 +176,6 @@ class CompletionCache:
     def __init__(self, path):
         from pathlib import Path
 
-        from sovllm.artifacts import read_jsonl, truncate_partial_line
 
         self.path = Path(path) if path is not None else None  # None: in memory only
         self.entries: dict[str, dict] = {}
@@ -198,7 +197,6 @@ class CompletionCache:
     def put(self, key: str, completion: Completion) -> None:
         from dataclasses import asdict
 
-        from sovllm.artifacts import append_jsonl
 
         entry = {"key": key, **asdict(completion)}
         self.entries[key] = entry

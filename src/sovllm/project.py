@@ -5,7 +5,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from sovllm.config import CONFIG_FILE, DEFAULT_REFUSAL, DEFAULT_SYSTEM_PROMPT, load_config
+from sovllm.config import (
+    CONFIG_FILE,
+    DEFAULT_REFUSAL,
+    DEFAULT_SYSTEM_PROMPT,
+    load_config,
+)
 from sovllm.errors import ConfigError
 
 TEMPLATE = """\

@@ -1,8 +1,8 @@
 """BM25 over chunks: hard negatives in curate, retrieved contexts in evaluation.
 
 Okapi BM25 (k1 = 1.5, b = 0.75) with the same tokenisation as the rest of sovllm's text checks
-(content words, case-folded, English and German stopwords removed). Small corpora only: scores are
-computed exactly over every document for each query.
+(`sovllm.text.content_words`: case-folded, English and German stopwords removed). Small corpora
+only: scores are computed exactly over every document for each query.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from sovllm.synth.validate import content_words
+from sovllm.text import content_words
 
 
 class BM25:

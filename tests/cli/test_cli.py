@@ -57,6 +57,7 @@ def project(tmp_path, tiny_model_dir, capsys):
     return tmp_path / "proj"
 
 
+@pytest.mark.integration  # the whole pipeline, twice
 def test_run_quick_writes_manifests_and_skips_when_up_to_date(project, tiny_model_dir, capsys):
     # the random tiny model writes no valid pairs; curate accepts that only when told to
     code, out, err = cli(["run", project, "--quick"], capsys)

@@ -130,6 +130,7 @@ def test_split_is_stable_when_a_document_is_added():
     assert assign(docs, SplitSection(seed=1))["documents"] != before  # the seed matters
 
 
+@pytest.mark.integration  # curate in several Python processes
 def test_outputs_are_identical_across_processes_and_hash_seeds(tmp_path):
     chunks = make_chunks()
     files = []

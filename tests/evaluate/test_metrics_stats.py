@@ -1,11 +1,11 @@
-"""Reference metrics, broken-answer checks, paired bootstrap and agreement statistics, against hand-worked values."""
+"""Reference metrics, broken-answer checks and the judge's agreement figures, against hand-worked values
+(the statistics helpers themselves are tested in tests/test_stats.py)."""
 
 from __future__ import annotations
 
 import pytest
 
 from sovllm.evaluate.metrics import broken_kinds, is_refusal, repetition_loop, rouge_l, score, token_f1
-from sovllm.evaluate.stats import cohen_kappa, paired_bootstrap, percent_agreement, separation
 from sovllm.evaluate.judge import agreement
 
 REFUSAL = "The provided context does not contain enough information to answer this question."
@@ -62,19 +62,6 @@ def test_repetition_needs_three_occurrences_of_a_4gram():
     assert repetition_loop("a b c d a b c d a b c d")
 
 
-def test_cohen_kappa_hand_worked():
-    # 50 items: both yes 20, both no 15, x yes / y no 5, x no / y yes 10
-    x = ["y"] * 20 + ["n"] * 15 + ["y"] * 5 + ["n"] * 10
-    y = ["y"] * 20 + ["n"] * 15 + ["n"] * 5 + ["y"] * 10
-    # p_o = 35/50 = 0.7; x: 25 y / 25 n; y: 30 y / 20 n; p_e = (25*30 + 25*20)/2500 = 0.5 → kappa 0.4
-    assert percent_agreement(x, y) == pytest.approx(0.7)
-    assert cohen_kappa(x, y) == pytest.approx(0.4)
-    assert cohen_kappa(["a", "a"], ["a", "a"]) is None  # chance agreement 1: undefined
-    assert cohen_kappa([], []) is None
-    with pytest.raises(ValueError):
-        cohen_kappa(["a"], [])
-
-
 def test_agreement_with_and_without_ties_hand_worked():
     gold = ["1", "1", "2", "2", "tie", "tie", "1", "2"]
     judge = ["1", "2", "2", "tie", "tie", "1", "1", None]  # the last verdict failed
@@ -89,42 +76,3 @@ def test_agreement_with_and_without_ties_hand_worked():
     assert a["percent_agreement_without_ties"] == pytest.approx(0.75)
     assert a["kappa_without_ties"] == pytest.approx((0.75 - (3 * 2 + 1 * 2) / 16) / (1 - 0.5), abs=1e-4)
     assert a["reliable"] is False  # kappa ≈ 0.34 < 0.4
-
-
-def test_paired_bootstrap_finds_a_real_difference_and_not_a_fake_one():
-    a = [0.2, 0.4, 0.3, 0.5, 0.1, 0.6, 0.3, 0.2] * 5
-    better = [v + 0.2 for v in a]
-    result = paired_bootstrap(a, better, resamples=10_000, seed=1)
-    assert result.verdict == "better" and result.diff == pytest.approx(0.2)
-    noise = [v + (0.05 if i % 2 else -0.05) for i, v in enumerate(a)]  # mean difference 0
-    assert paired_bootstrap(a, noise, resamples=10_000, seed=1).verdict == "no difference"
-    assert paired_bootstrap(better, a, resamples=2_000, seed=1).verdict == "worse"
-
-
-def test_paired_bootstrap_is_seeded_and_pairs_items():
-    a = [0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0]
-    b = [1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0]
-    assert paired_bootstrap(a, b, seed=3) == paired_bootstrap(a, b, seed=3)
-    x, y = [i * 0.137 % 1 for i in range(30)], [i * 0.291 % 1 for i in range(30)]
-    assert paired_bootstrap(x, y, resamples=500, seed=3).low != paired_bootstrap(x, y, resamples=500, seed=4).low
-    # pairing matters: every item improves by +0.1 while items vary wildly; unpaired noise would hide it
-    base = [0.0, 0.9, 0.1, 0.8, 0.2, 0.7, 0.3, 0.6]
-    assert paired_bootstrap(base, [v + 0.1 for v in base], resamples=2_000).verdict == "better"
-    with pytest.raises(ValueError):
-        paired_bootstrap([1.0], [1.0, 2.0])
-    assert paired_bootstrap([], []).verdict == "no data"
-
-
-def test_separation_hand_worked():
-    # positives 0.9, 0.4, 0.2 vs negatives 0.8, 0.3, 0.1, 0.05: pairs won 4 + 3 + 2 = 9 of 12
-    s = separation([0.9, 0.4, 0.2], [0.8, 0.3, 0.1, 0.05], max_fpr=0.25)
-    assert s.auc == pytest.approx(9 / 12)
-    # one negative (0.8) may pass: threshold 0.3, recall 2 of 3 (0.9, 0.4)
-    assert s.recall == pytest.approx(2 / 3)
-    # no negative may pass: threshold 0.8, only 0.9 above it
-    assert separation([0.9, 0.4, 0.2], [0.8, 0.3, 0.1, 0.05], max_fpr=0.0).recall == pytest.approx(1 / 3)
-    # ties count half, and a score that carries no information gives 0.5
-    assert separation([1.0, 1.0], [1.0, 1.0]).auc == 0.5
-    assert separation([1.0, 1.0], [1.0, 1.0]).recall == 0.0
-    with pytest.raises(ValueError):
-        separation([], [0.1])

@@ -11,6 +11,9 @@ from sovllm.evaluate import stage
 from sovllm.train.tracking import Tracker, default_uri
 from tests.evaluate.conftest import eval_project, load_answers, script
 
+# Whole eval stages against a real MLflow registry: tens of seconds each.
+pytestmark = pytest.mark.integration
+
 
 def register(root, version_alias: str) -> str:
     """Log a (dummy) adapter folder in a new run and register it with `version_alias`."""

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+
+import pytest
 
 from sovllm.evaluate.report import render_report
 from sovllm.evaluate.summary import check_targets, most_different, summarise
@@ -48,6 +51,7 @@ def test_report_is_self_contained_and_escaped():
     assert "acme -1.50" in html  # the refusal bias the server applied is stated
 
 
+@pytest.mark.integration  # real headless Chromium
 def test_report_renders_in_chromium(browser, tmp_path):
     path = tmp_path / "report.html"
     path.write_text(render_report(summary()))
@@ -68,3 +72,17 @@ def test_report_renders_in_chromium(browser, tmp_path):
     assert page.locator("table.broken").inner_text().count("hit max tokens") == 1
     page.close()
     json.dumps(summary())  # the summary the page renders is plain JSON
+
+
+def test_hostile_text_anywhere_in_the_summary_stays_text():
+    hostile = '<script>alert(1)</script>"><img src=x>'
+    s = summary()
+    s["most_different"]["acme"][0]["id"] = hostile
+    s["judge"]["judge"]["model"] = hostile
+    s["judge"]["failures"] = {hostile: 1}
+    s["promotion"] = {"reason": hostile}
+    html = render_report(s)
+    assert "<script>" not in html and "<img" not in html
+    # the item id, the judge model, the failure kind and the promotion reason: each shown once, as text
+    assert len(re.findall(r"&lt;script&gt;alert\(1\)&lt;/script&gt;&(?:#34|quot);&gt;&lt;img src=x&gt;", html)) == 4
+    assert 'data-id="&lt;script&gt;' in html  # the quote cannot close the attribute either

@@ -30,6 +30,7 @@ def model_requests(endpoint) -> list[dict]:
     return [b for b in endpoint.requests if not b.get("response_format")]
 
 
+@pytest.mark.integration  # whole eval stages with judge checks: seconds each
 def test_eval_scores_compares_and_reports(project):
     root, endpoint = project
     labels = root / "labels"
@@ -69,6 +70,7 @@ def test_eval_scores_compares_and_reports(project):
     assert summary["most_different"]["tuned"][0]["diff"] > 0
 
 
+@pytest.mark.integration  # two whole eval stages
 def test_rerun_uses_the_answer_cache_but_not_for_unfingerprinted_models(project):
     root, endpoint = project
     run(root, "eval.judge.enabled=false")
@@ -78,6 +80,7 @@ def test_rerun_uses_the_answer_cache_but_not_for_unfingerprinted_models(project)
     assert len(model_requests(endpoint)) == 2 * first
 
 
+@pytest.mark.integration  # an interrupted and a resumed eval stage
 def test_cache_resumes_an_interrupted_run(project, monkeypatch):
     from sovllm.evaluate import predict
     from sovllm.evaluate.predict import Model
@@ -107,6 +110,7 @@ def test_cache_resumes_an_interrupted_run(project, monkeypatch):
     assert len(model_requests(endpoint)) == len(rows)  # nothing asked twice, nothing lost
 
 
+@pytest.mark.integration  # a whole eval stage
 def test_judge_failures_are_counted_not_guessed(tmp_path, fake):
     from tests.evaluate.conftest import eval_project, load_answers, script
 
@@ -136,6 +140,7 @@ def test_bad_eval_record_names_file_and_line(project):
         run(root)
 
 
+@pytest.mark.integration  # the gold labels are checked after the answers are in: a whole eval stage
 def test_bad_gold_label_is_refused(project):
     root, _ = project
     (root / "labels").mkdir()

@@ -211,11 +211,10 @@ def test_a_file_over_the_time_budget_is_skipped(docs, tokenizer, monkeypatch):
 
     (docs / "stuck.slow").write_text("x")
     monkeypatch.setattr("sovllm.ingest.limits.TIME_BUDGET_S", 0.5)
-    started = time.monotonic()
     with extra_loader(".slow", slow):
         skipped = reasons(ingest(docs, tokenizer))
+    # without the budget the parser would finish after 10 s and its document would be kept
     assert skipped == {"stuck.slow": "took longer than 0.5 s to load and chunk (the per-file time budget)"}
-    assert time.monotonic() - started < 8
 
 
 def test_the_time_budget_gives_back_an_outer_alarm():
@@ -230,7 +229,9 @@ def test_the_time_budget_gives_back_an_outer_alarm():
         assert signal.getitimer(signal.ITIMER_REAL)[0] > 25  # the outer alarm is pending again
         signal.setitimer(signal.ITIMER_REAL, 0.05)
         with time_budget(5):  # an earlier outer alarm is left alone and fires as it would have
-            time.sleep(0.2)
+            deadline = time.monotonic() + 10
+            while not fired and time.monotonic() < deadline:
+                time.sleep(0.01)
         assert fired
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
@@ -308,10 +309,10 @@ def html_time(path) -> float:
     from sovllm.ingest.loaders_html import load_html
 
     times = []
-    for _ in range(2):
-        started = time.perf_counter()
+    for _ in range(2):  # CPU seconds of this thread: other processes on the machine do not skew the ratio
+        started = time.thread_time()
         load_html(path)
-        times.append(time.perf_counter() - started)
+        times.append(time.thread_time() - started)
     return min(times)
 
 

@@ -1,6 +1,8 @@
-"""The base-model registry without the real model: names, local directories, missing packages."""
+"""The base-model registry without the real model: names, local directories, missing packages, the prepare lock."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 
@@ -45,3 +47,23 @@ def test_missing_bundled_package_says_how_to_install(home, monkeypatch):
         registry.prepare("smollm2-135m-instruct")
     row = registry.list_models()[0]
     assert row["installed"] is False and row["prepared"] is False
+
+
+def test_a_second_prepare_waits_for_the_first(home, monkeypatch):
+    """While one `prepare` holds the model's lock, another (here in a thread) does not start converting."""
+    monkeypatch.setattr(registry, "bundled_gguf", lambda model: None)
+    outcome: list[str] = []
+
+    def second():
+        try:
+            registry.prepare("smollm2-135m-instruct")
+        except ModelError as exc:
+            outcome.append(str(exc))
+
+    with registry._locked("smollm2-135m-instruct"):
+        waiter = threading.Thread(target=second, daemon=True)
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive() and outcome == []  # blocked on the lock, not failed or finished
+    waiter.join(30)
+    assert not waiter.is_alive() and "not installed" in outcome[0]

@@ -84,6 +84,7 @@ def test_min_tokens_and_stop_strings(api):
     assert held["usage"]["completion_tokens"] >= 5  # the stop token is masked until min_tokens
 
 
+@pytest.mark.integration  # schema-constrained sampling on the tiny model: seconds per request
 def test_json_schema_output_validates(api):
     client, _ = api
     for seed in range(3):
@@ -99,6 +100,7 @@ def test_json_schema_output_validates(api):
         assert isinstance(json.loads(body["choices"][0]["message"]["content"]), dict)
 
 
+@pytest.mark.integration  # 14 schema-constrained requests per case
 @pytest.mark.parametrize("max_tokens", [64, 96])
 def test_judge_verdicts_always_close_within_their_max_tokens(api, max_tokens):
     """The judges bound their reasoning by max_tokens: even a random model's verdict ends with `stop`."""
@@ -217,9 +219,9 @@ def test_adapter_refusals(api, tiny_adapters, tmp_path):
 def test_a_calibrated_adapter_biases_requests_by_their_questions_support(api, tiny_adapters):
     """The manifest's refusal calibration applies per request: bias - weight x lexical support, and only to
     user turns in the training format (context, then question); other requests get the raw adapter."""
-    from sovllm.curate.records import user_message
     from sovllm.models.adapter import RefusalCalibration
     from sovllm.models.grounding import Vocabulary
+    from sovllm.models.prompt import user_message
 
     client, service = api
     tokens = service.tokenizer(" zebra quokka", add_special_tokens=False)["input_ids"][:2]

@@ -17,6 +17,9 @@ from sovllm.models.tokenizer import load_tokenizer
 from sovllm.serve.engine import Engine
 from tests.serve.conftest import submit
 
+# The shared fixture runs generate() 64 times for reference tokens: a minute of CPU before any test.
+pytestmark = pytest.mark.integration
+
 NEW_TOKENS = 64
 TIE = 1e-4
 TEXT = ("The incident runbook says: page the on-call engineer, then open a ticket within 15 minutes. "

@@ -123,6 +123,7 @@ def test_api_keys_from_file_flag_and_environment(tmp_path):
         read_api_keys(tmp_path / "missing", None, None)
 
 
+@pytest.mark.integration  # two 480-token requests one after the other keep the queue full: seconds
 def test_full_queue_answers_503_with_retry_after_and_keeps_serving(tiny_model_dir):
     client, service = start(tiny_model_dir, max_num_seqs=1, max_queue=1)
     long = {"max_tokens": 480, "ignore_eos": True}

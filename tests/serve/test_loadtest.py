@@ -37,6 +37,7 @@ def test_profile_and_mix_parsing():
     assert quantiles([])["p50"] is None
 
 
+@pytest.mark.integration  # a real `sovllm serve` process and a `sovllm bench` process
 def test_bench_drives_base_and_adapters_and_counts_agree_with_the_server(tiny_model_dir, tiny_adapters, tmp_path):
     prompts = tmp_path / "eval.jsonl"
     prompts.write_text("".join(json.dumps({"messages": [{"role": "system", "content": "Be brief."},

@@ -8,8 +8,9 @@ import jsonschema
 import pytest
 
 from sovllm.synth.prompt import PromptSet
-from sovllm.synth.validate import (answer_candidates, check_output, check_question, content_words, grounding_ratio,
-                                   max_tokens_for, question_schema, rank_answers, schema_for)
+from sovllm.synth.validate import (answer_candidates, check_output, check_question, grounding_ratio, max_tokens_for,
+                                   question_schema, rank_answers, schema_for)
+from sovllm.text import content_words
 from tests.synth.conftest import CHUNKS
 
 

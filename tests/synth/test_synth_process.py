@@ -32,6 +32,7 @@ def synth(root, **kwargs):
                             stderr=subprocess.PIPE, text=True, **kwargs)
 
 
+@pytest.mark.integration  # a real `sovllm synth` process against a slowed endpoint, killed and rerun
 def test_kill_9_then_resume_loses_and_duplicates_nothing(fake, tmp_path):
     endpoint = fake(good_free, delay=0.5)
     root = make_project(tmp_path, endpoint.base_url)

@@ -8,7 +8,8 @@ import pytest
 
 from sovllm.errors import AdapterError
 from sovllm.models.adapter import RefusalCalibration, inspect_adapter
-from sovllm.models.grounding import Vocabulary, split_user_message
+from sovllm.models.grounding import Vocabulary
+from sovllm.models.prompt import split_user_message
 from sovllm.train.calibrate import choose_bias, choose_weight, margins, rates
 
 
@@ -68,7 +69,7 @@ def test_lexical_support_weighs_the_questions_words_by_their_rarity_in_the_train
 
 
 def test_the_training_user_turn_is_read_back_and_other_turns_get_no_bias():
-    from sovllm.curate.records import user_message
+    from sovllm.models.prompt import user_message
 
     turn = user_message([{"text": "Passwords rotate every 90 days.", "heading_path": ["IT policy"]}],
                         " How often do passwords rotate? ")

@@ -126,6 +126,71 @@ def test_fit_changes_adapter_weights_only(tiny_model_dir, tmp_path, preset):
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
 
 
+
+def _examples(tiny_model_dir, n: int):
+    from sovllm.models.chat import end_of_turn_id
+    from sovllm.models.tokenizer import load_tokenizer
+    from sovllm.train.data import encode
+    from tests.train.test_data import record
+
+    tok = load_tokenizer(tiny_model_dir)
+    return tok, [encode(record(i, answer=f"It is {i * 7}, says part {i}."), tok, end_of_turn_id(tok)) for i in range(n)]
+
+
+def test_a_batch_sampler_chooses_the_micro_batches_and_no_checkpoint_is_written(tiny_model_dir, tmp_path):
+    """What `benchmarks/refusal.py --paired` relies on to train its own micro-batches on this Trainer."""
+    from sovllm.train.fit import make_trainer, run_fit, training_arguments
+
+    tok, examples = _examples(tiny_model_dir, 5)
+
+    class Fixed:
+        def __init__(self):
+            self.batches, self.epochs = [[0, 1, 2], [3], [4]], []
+
+        def set_epoch(self, epoch):
+            self.epochs.append(epoch)
+
+        def __len__(self):
+            return len(self.batches)
+
+        def __iter__(self):
+            return iter(self.batches)
+
+    sampler = Fixed()
+    args = training_arguments(tmp_path, steps=6, batch_size=2, grad_accum=1, learning_rate=1e-2, warmup_ratio=0,
+                              weight_decay=0, eval_steps=3, seed=0, gradient_checkpointing=False, has_val=False,
+                              checkpoints=False)
+    fit = run_fit(make_trainer(_tiny_peft(tiny_model_dir), tok, examples, [], args, batching="grouped", callbacks=[],
+                               pad_id=tok.pad_token_id, batch_sampler=sampler))
+    lengths = [len(e.input_ids) for e in examples]
+    assert fit.steps == 6 and sorted(set(sampler.epochs)) == [0, 1]  # told each epoch (transformers tells it twice)
+    assert fit.loss_tokens == 2 * sum(len(e.completion_ids) for e in examples)
+    assert fit.padded_tokens == 2 * (3 * max(lengths[:3]) + lengths[3] + lengths[4])  # exactly those batches
+    assert not list(tmp_path.glob("checkpoint-*"))
+
+
+def test_the_trainer_applies_the_first_token_weight(tiny_model_dir, tmp_path):
+    import torch
+
+    from sovllm.train.data import Collator, ExampleDataset
+    from sovllm.train.fit import make_trainer, run_fit, selective_loss, training_arguments
+
+    tok, examples = _examples(tiny_model_dir, 4)
+    batch = Collator(tok.pad_token_id)([ExampleDataset(examples)[i] for i in range(4)])
+    first_losses, direct = [], []
+    for weight in (1.0, 5.0):
+        model = _tiny_peft(tiny_model_dir)
+        with torch.no_grad():
+            direct.append(selective_loss(model, batch, first_weight=weight)[0].item())
+        args = training_arguments(tmp_path / str(weight), steps=1, batch_size=4, grad_accum=1, learning_rate=1e-2,
+                                  warmup_ratio=0, weight_decay=0, eval_steps=1, seed=0, gradient_checkpointing=False,
+                                  has_val=False, checkpoints=False)
+        fit = run_fit(make_trainer(model, tok, examples, [], args, batching="grouped", callbacks=[],
+                                   pad_id=tok.pad_token_id, first_weight=weight))
+        first_losses.append(next(h["loss"] for h in fit.history if "loss" in h))
+    assert direct[1] > direct[0]
+    assert first_losses[1] / first_losses[0] == pytest.approx(direct[1] / direct[0], rel=1e-3)
+
 def test_grouped_sampler_covers_every_example_once_with_homogeneous_batches():
     import random
 

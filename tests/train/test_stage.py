@@ -14,10 +14,12 @@ import pytest
 from sovllm.config import load_config
 from sovllm.errors import ModelError
 from sovllm.models.adapter import check_servable, inspect_adapter
+from sovllm.train import save as saving
 from sovllm.train import stage
 from tests.train.conftest import TRAIN_FAST
 
 
+@pytest.mark.integration  # a full train stage: training, stop check, calibration, MLflow
 def test_train_writes_a_servable_adapter_and_tracks_it_in_mlflow(train_project, monkeypatch):
     from mlflow import MlflowClient
 
@@ -62,6 +64,7 @@ def test_train_writes_a_servable_adapter_and_tracks_it_in_mlflow(train_project, 
     assert again.skipped
 
 
+@pytest.mark.integration  # a full train stage up to the stop check
 def test_failed_stop_check_fails_the_run_and_registers_nothing(train_project):
     from mlflow import MlflowClient
 
@@ -82,6 +85,16 @@ def test_non_vllm_options_are_refused_before_training(train_project):
     assert not (train_project / "out" / "train").exists()
 
 
+def _complete(checkpoint) -> bool:
+    """Every file a resume needs is there and the Trainer's state (written last) parses."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return all((checkpoint / name).is_file() for name in saving.CHECKPOINT_FILES)
+
+
+@pytest.mark.integration  # a real `sovllm train` process, twice
 def test_resume_after_kill_9(train_project):
     """Kill a real training process after its first checkpoint; the re-run resumes there and finishes."""
     args = [*TRAIN_FAST, "train.max_steps=30", "train.eval_steps=3", "train.early_stopping_patience=0"]
@@ -89,10 +102,9 @@ def test_resume_after_kill_9(train_project):
     checkpoints = train_project / "out" / "train" / "checkpoints"
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
+    while time.monotonic() < deadline and not any(_complete(c) for c in checkpoints.glob("checkpoint-*")):
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.2)
-    time.sleep(0.5)  # let the checkpoint finish writing
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     saved = sorted(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*"))
@@ -108,7 +120,7 @@ def test_resume_after_kill_9(train_project):
 
 
 def test_an_incomplete_checkpoint_is_skipped_and_removed(tmp_path):
-    from sovllm.train.stage import CHECKPOINT_FILES, latest_checkpoint
+    from sovllm.train.save import CHECKPOINT_FILES, latest_checkpoint
 
     for step, files in ((3, CHECKPOINT_FILES), (6, CHECKPOINT_FILES[:2])):  # killed while writing step 6
         folder = tmp_path / f"checkpoint-{step}"
@@ -121,7 +133,7 @@ def test_an_incomplete_checkpoint_is_skipped_and_removed(tmp_path):
 
 
 def test_unknown_folders_among_checkpoints_are_ignored(tmp_path):
-    from sovllm.train.stage import CHECKPOINT_FILES, latest_checkpoint
+    from sovllm.train.save import CHECKPOINT_FILES, latest_checkpoint
 
     for name in ("checkpoint-3", "checkpoint-foo", "checkpoint-9.partial"):
         (tmp_path / name).mkdir()
@@ -164,7 +176,7 @@ def adapter_manifest(tag: str) -> dict:
 
 
 def save(adapter, tag: str, fail: bool = False) -> None:
-    stage._save_adapter(Saver(tag, ADAPTER_FILES, fail), Saver(tag, ("tokenizer.json",)), adapter,
+    saving.save_adapter(Saver(tag, ADAPTER_FILES, fail), Saver(tag, ("tokenizer.json",)), adapter,
                         adapter_manifest(tag))
 
 
@@ -247,7 +259,7 @@ def test_a_crash_at_any_step_of_an_adapter_save_is_recovered_by_the_next_run(tmp
                 crashed = False
             except KeyboardInterrupt:
                 crashed = True
-        stage.recover_adapter(adapter)  # the next run's first act
+        saving.recover_adapter(adapter)  # the next run's first act
         assert held(adapter) in ({"old", "new"} if crashed else {"new"}), (step, sorted(os.listdir(root)))
         assert sorted(os.listdir(root)) == ["adapter"], step
         if not crashed:

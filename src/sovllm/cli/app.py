@@ -41,7 +41,19 @@ def root(
 
 
 def _register() -> None:
-    from sovllm.cli import bench, curate, doctor, egress_cmd, evaluate, ingest, models, project, serve, synth, train
+    from sovllm.cli import (
+        bench,
+        curate,
+        doctor,
+        egress_cmd,
+        evaluate,
+        ingest,
+        models,
+        project,
+        serve,
+        synth,
+        train,
+    )
 
     project.register(app)
     ingest.register(app)

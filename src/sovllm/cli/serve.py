@@ -49,7 +49,8 @@ def serve(
 
     from sovllm import egress
     from sovllm.config import CONFIG_FILE, load_config
-    from sovllm.serve.server import parse_adapter_specs, read_api_keys, serve as run_server
+    from sovllm.serve.server import parse_adapter_specs, read_api_keys
+    from sovllm.serve.server import serve as run_server
 
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

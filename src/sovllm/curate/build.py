@@ -11,8 +11,13 @@ import random
 from collections import Counter
 
 from sovllm.config import Config
-from sovllm.curate.negatives import (build_negatives, foreign_questions, pick_distractors, wanted,
-                                     with_distractors)
+from sovllm.curate.negatives import (
+    build_negatives,
+    foreign_questions,
+    pick_distractors,
+    wanted,
+    with_distractors,
+)
 from sovllm.curate.records import make_record
 from sovllm.curate.split import SPLITS, check_leak_free
 

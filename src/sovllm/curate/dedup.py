@@ -1,8 +1,9 @@
 """Deduplication of questions: exact (after normalising) and near duplicates (MinHash-LSH).
 
 Near duplicates are found with datasketch's MinHash-LSH over a question's content words and their
-bigrams, so "What is the backup retention period?" and "What is the retention period of backups?"
-meet while questions that merely share a template ("What is …?") do not. Candidates from the LSH
+bigrams (`sovllm.text.shingles`), so "What is the backup retention period?" and "What is the
+retention period of backups?" meet while questions that merely share a template ("What is …?") do
+not. Candidates from the LSH
 index are confirmed with the MinHash similarity estimate; clusters are the connected components.
 Within and across chunks alike, a cluster keeps its best pair (`rank`) and the others are dropped
 with `dup_of` pointing at the keeper.
@@ -14,19 +15,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 from sovllm.config import DedupSection
-from sovllm.synth.validate import content_words, norm_question
+from sovllm.text import norm_question, shingles
 
 
 @dataclass
 class Duplicate:
     kind: str  # "duplicate" (exact) or "near_duplicate"
     keeper: str
-
-
-def shingles(question: str) -> set[str]:
-    """Content words (plural -s folded) and their bigrams."""
-    words = [w[:-1] if len(w) > 4 and w.endswith("s") and not w.endswith("ss") else w for w in content_words(question)]
-    return set(words) | {f"{a} {b}" for a, b in zip(words, words[1:])}
 
 
 def _components(ids: list[str], edges: list[tuple[str, str]]) -> list[list[str]]:

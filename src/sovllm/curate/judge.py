@@ -17,7 +17,7 @@ from typing import Callable
 import jsonschema
 
 from sovllm.endpoint import ChatClient, CompletionCache, Endpoint
-from sovllm.errors import BackendError
+from sovllm.errors import BackendError, ConfigError
 
 
 def reasoning_limit(chars: int, max_tokens: int | None, skeleton: dict) -> int:
@@ -82,7 +82,6 @@ def register_rubric(rubric: Rubric) -> Rubric:
 
 
 def get_rubric(name: str) -> Rubric:
-    from sovllm.errors import ConfigError
 
     if name not in RUBRICS:
         raise ConfigError(f"curate.judge.rubric: unknown rubric '{name}'", hint=f"known: {', '.join(sorted(RUBRICS))}")

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sovllm.retrieval import BM25
-from sovllm.synth.validate import content_words
+from sovllm.text import coverage
 
 CANDIDATES = 8  # best-scoring contexts tried per question before giving up on it
 
@@ -45,8 +45,7 @@ class NegativeStats:
 
 def overlap(question: str, context: str) -> float:
     """Share of the question's distinct content words that occur in the context."""
-    words = set(content_words(question))
-    return len(words & set(content_words(context))) / len(words) if words else 1.0
+    return coverage(question, context, empty=1.0)
 
 
 def wanted(answerable: int, share: float) -> int:

@@ -11,7 +11,7 @@ import re
 
 from sovllm.config import CurateSection
 from sovllm.ingest.language import classify_short
-from sovllm.synth.validate import content_words, norm_question
+from sovllm.text import content_words, norm_question
 
 # questions that could be asked of any document
 _GENERIC_QUESTION = re.compile(

@@ -24,7 +24,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from sovllm.artifacts import StageContext, StageResult, read_jsonl, run_stage, write_atomic, write_jsonl
+from sovllm.artifacts import (
+    StageContext,
+    StageResult,
+    read_jsonl,
+    run_stage,
+    write_atomic,
+    write_jsonl,
+)
 from sovllm.config import Config
 from sovllm.curate.build import build_splits
 from sovllm.curate.dedup import find_duplicates

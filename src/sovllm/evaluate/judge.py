@@ -20,10 +20,17 @@ from pathlib import Path
 
 import jsonschema
 
-from sovllm.curate.judge import Judge, JudgeStats, Rubric, reasoning_limit, register_rubric
+from sovllm.artifacts import read_jsonl
+from sovllm.curate.judge import (
+    Judge,
+    JudgeStats,
+    Rubric,
+    reasoning_limit,
+    register_rubric,
+)
 from sovllm.endpoint import ChatClient, CompletionCache, Endpoint
 from sovllm.errors import BackendError, InputError
-from sovllm.evaluate.stats import cohen_kappa, percent_agreement
+from sovllm.stats import cohen_kappa, percent_agreement
 
 ANSWER_ABC = register_rubric(Rubric(
     name="answer-abc",
@@ -151,8 +158,6 @@ def padded(answer: str, question: str) -> str:
 
 def load_gold(path: Path) -> list[dict]:
     """Hand-labelled pairwise items: {id, context, question, reference, answer_1, answer_2, label, reason}."""
-    from sovllm.artifacts import read_jsonl
-
     if not path.is_file():
         return []
     items = []

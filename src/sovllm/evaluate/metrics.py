@@ -1,12 +1,12 @@
 """Reference metrics for one answer: token F1, ROUGE-L, refusal, stop, and broken-answer checks.
 
-Text is compared as case-folded word tokens (`\\w+`, so German umlauts and digits count as
-words) without stop-word removal, the way SQuAD-style token F1 is usually computed. A refusal is
-an answer that contains the project's refusal sentence or overlaps it with token F1 ≥ 0.7 (a
-model that drops the final full stop or adds "Sorry," still refuses). Broken answers are counted
-by kind: empty, whitespace only, hit max_tokens, runs into a new turn (`<|im_start|>` or a line
-starting with "Question:"), a repetition loop (one 4-gram three or more times) and wrong
-language (confident language identification on six or more words).
+Text is compared as case-folded word tokens (`sovllm.text.tokens`: `\\w+`, so German umlauts
+and digits count as words) without stop-word removal, the way SQuAD-style token F1 is usually
+computed. A refusal is an answer that contains the project's refusal sentence or overlaps it with
+token F1 ≥ 0.7 (a model that drops the final full stop or adds "Sorry," still refuses). Broken
+answers are counted by kind: empty, whitespace only, hit max_tokens, runs into a new turn
+(`<|im_start|>` or a line starting with "Question:"), a repetition loop (one 4-gram three or more
+times) and wrong language (confident language identification on six or more words).
 """
 
 from __future__ import annotations
@@ -15,15 +15,11 @@ import re
 from collections import Counter
 
 from sovllm.curate.rules import wrong_language
+from sovllm.text import tokens
 
-_TOKEN = re.compile(r"\w+", re.UNICODE)
 _NEW_TURN = re.compile(r"<\|im_start\|>|<\|im_end\|>|(^|\n)\s*(question|frage|user|assistant)\s*:", re.IGNORECASE)
 BROKEN_KINDS = ("empty", "whitespace_only", "hit_max_tokens", "new_turn", "repetition_loop", "wrong_language")
 REFUSAL_F1 = 0.7
-
-
-def tokens(text: str) -> list[str]:
-    return _TOKEN.findall(text.casefold())
 
 
 def token_f1(prediction: str, reference: str) -> float:

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
-from sovllm.curate.records import user_message
 from sovllm.endpoint import ChatClient, CompletionCache, Endpoint
 from sovllm.errors import BackendError
 from sovllm.evaluate.metrics import score
+from sovllm.models.prompt import user_message
 from sovllm.retrieval import BM25
 
 

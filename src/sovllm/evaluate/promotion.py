@@ -18,6 +18,8 @@ from typing import Callable
 
 from sovllm.config import Config
 from sovllm.errors import ConfigError
+from sovllm.models.adapter import adapter_name
+from sovllm.train.tracking import Tracker, default_uri, relocate_project_store
 
 
 @dataclass
@@ -30,7 +32,6 @@ class Champion:
 def _registry(root: Path, cfg: Config, log: Callable[[str], None] | None = None):
     """The project's tracking store, as the config names it now. The project's own store, copied or
     moved with the project, is first pointed at the project's artifacts folder."""
-    from sovllm.train.tracking import default_uri, relocate_project_store
 
     out = root / cfg.project.output_dir
     uri = cfg.train.tracking.uri or default_uri(out)
@@ -92,7 +93,6 @@ def decide(root: Path, cfg: Config, summary: dict, champion: Champion | None, ro
            log: Callable[[str], None]) -> dict:
     """Move the champion alias to the candidate when it is better by the paired test; say why (not)."""
     from sovllm.evaluate.summary import compare
-    from sovllm.evaluate.stage import adapter_name
 
     _, uri, name = _registry(root, cfg)
     cand = candidate(root, cfg)
@@ -126,10 +126,6 @@ def log_to_mlflow(root: Path, cfg: Config, eval_dir: Path, summary: dict, log: C
     info = json.loads(manifest.read_text())
     run_id = info.get("mlflow_run_id")
     if not run_id:
-        return None
-    try:
-        from sovllm.train.tracking import Tracker
-    except ImportError:  # pragma: no cover - mlflow is in the train extra
         return None
     # the store the config names now, not the absolute URI recorded at training time: a copied or
     # moved project must not write into the original project's store

@@ -15,28 +15,40 @@ import hashlib
 import json
 import random
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from sovllm.artifacts import Manifest, StageContext, StageResult, read_jsonl, run_stage, sha256_path, write_atomic, write_jsonl
+from sovllm.artifacts import (
+    Manifest,
+    StageContext,
+    StageResult,
+    read_jsonl,
+    run_stage,
+    sha256_path,
+    write_atomic,
+    write_jsonl,
+)
 from sovllm.config import Config
-from sovllm.curate.records import system_prompt
+from sovllm.endpoint import CompletionCache, open_endpoint
 from sovllm.errors import ConfigError, InputError
 from sovllm.evaluate import judge as judging
-from sovllm.endpoint import CompletionCache
+from sovllm.evaluate import promotion
 from sovllm.evaluate.predict import Item, Model, predict, retrieved_items
-from sovllm.evaluate.summary import check_targets, most_different, summarise, token_totals
-from sovllm.train.stopcheck import percentile
+from sovllm.evaluate.summary import (
+    check_targets,
+    most_different,
+    summarise,
+    token_totals,
+)
+from sovllm.models.adapter import adapter_name, inspect_adapter
+from sovllm.models.prompt import split_user_message, system_prompt
+from sovllm.models.tokenizer import load_tokenizer
+from sovllm.stats import percentile
 
 BASE = "base"
 # --quick is a smoke run of every check, sized to keep `sovllm run --quick` within its 5 minutes: at most
 # this many retrieved-context items, judged items per model, repeats, verbosity probes and gold items.
 QUICK_CAPS = {"retrieved": 4, "judge_items": 2, "repeat": 1, "verbosity": 1, "gold": 6}
-
-
-def adapter_name(cfg: Config) -> str:
-    return cfg.train.adapter_name or cfg.project.name
 
 
 def load_items(path: Path) -> list[Item]:
@@ -76,8 +88,6 @@ def fingerprint_file(path: Path) -> str:
 
 def refusal_summary(path) -> dict:
     """The adapter's refusal calibration as summary.json states it: bias and support weight (None without one)."""
-    from sovllm.models.adapter import inspect_adapter
-
     refusal = inspect_adapter(path).refusal
     if refusal is None:
         return {"refusal_bias": None, "refusal_support_weight": None}
@@ -86,8 +96,6 @@ def refusal_summary(path) -> dict:
 
 def adapter_fingerprint(path: Path, base_id: str | None) -> str:
     """Weights, base and the refusal bias the embedded server applies: what decides an adapter's answers."""
-    from sovllm.models.adapter import inspect_adapter
-
     fp = f"adapter:{fingerprint_file(path / 'adapter_model.safetensors')}:{base_id}"
     refusal = inspect_adapter(path).refusal
     if refusal is None:
@@ -104,7 +112,6 @@ def answer_budget(items: list[Item], cfg: Config) -> int:
     if cfg.eval.max_tokens:
         return cfg.eval.max_tokens
     from sovllm.models import registry
-    from sovllm.models.tokenizer import load_tokenizer
 
     try:
         tokenizer = load_tokenizer(registry.resolve(cfg.model.base).path)
@@ -158,8 +165,6 @@ def resolve_models(cfg: Config, endpoint, adapters: dict[str, str], base_id: str
 
 def context_of(item: Item) -> str:
     """The chunk text(s) of the user turn, for the judge."""
-    from sovllm.models.grounding import split_user_message
-
     content = item.messages[1]["content"]
     parts = split_user_message(content)
     return parts[0] if parts else content
@@ -174,8 +179,6 @@ def run(root: Path, cfg: Config, endpoint_factory: Callable | None = None, *, qu
     configured endpoint or the embedded server). In a pipeline run (`in_pipeline`) an empty eval
     split is a warning, not an error.
     """
-    from sovllm.endpoint import open_endpoint
-    from sovllm.evaluate import promotion
 
     out = root / cfg.project.output_dir
     eval_path = out / "curate" / "eval.jsonl"

@@ -12,8 +12,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 
 from sovllm.evaluate.metrics import BROKEN_KINDS
-from sovllm.evaluate.stats import paired_bootstrap
-from sovllm.train.stopcheck import percentile
+from sovllm.stats import paired_bootstrap, percentile
 
 # metric → (which items, per-item value)
 PAIRED = {

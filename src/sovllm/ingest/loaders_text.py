@@ -10,7 +10,12 @@ import re
 from pathlib import Path
 
 from sovllm.ingest.document import LoadedDocument, SectionBuilder
-from sovllm.ingest.markdown import atx_heading, clean_line, is_table_rule, setext_underline
+from sovllm.ingest.markdown import (
+    atx_heading,
+    clean_line,
+    is_table_rule,
+    setext_underline,
+)
 from sovllm.ingest.metadata import yaml_mapping
 from sovllm.ingest.registry import register_loader
 from sovllm.ingest.textfile import read_text

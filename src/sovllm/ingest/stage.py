@@ -17,7 +17,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
-from sovllm.artifacts import StageContext, StageResult, run_stage, sha256_file, write_atomic, write_jsonl
+from sovllm.artifacts import (
+    StageContext,
+    StageResult,
+    run_stage,
+    sha256_file,
+    write_atomic,
+    write_jsonl,
+)
 from sovllm.config import Config
 from sovllm.errors import InputError
 from sovllm.ingest import limits
@@ -27,6 +34,7 @@ from sovllm.ingest.document import SkipDocument
 from sovllm.ingest.language import detect_language
 from sovllm.ingest.loaders import LOADERS, loader_for
 from sovllm.ingest.metadata import json_safe, sidecar_metadata
+from sovllm.models.tokenizer import load_tokenizer
 
 
 def doc_id_for(relative_path: str) -> str:
@@ -179,7 +187,6 @@ def run(root: Path, cfg: Config, *, quick: bool = False, force: bool = False,
         warn: Callable[[str], None] = print, progress_factory: Callable | None = None) -> StageResult:
     """Run (or skip, when up to date) the ingest stage of the project at `root`."""
     from sovllm.models import registry
-    from sovllm.models.tokenizer import load_tokenizer
 
     folder = root / cfg.project.documents
     out_dir = root / cfg.project.output_dir / "ingest"

@@ -15,10 +15,15 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sovllm.errors import AdapterError
-from sovllm.models.grounding import Vocabulary, split_user_message
+from sovllm.models.grounding import Vocabulary
 from sovllm.models.lora_check import MAX_CONFIG_BYTES, check_config, read_bounded
+from sovllm.models.prompt import split_user_message
+
+if TYPE_CHECKING:
+    from sovllm.config import Config
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -46,7 +51,7 @@ class RefusalCalibration:
 
     Per request the bias is `bias - support_weight * support`, where support is the question's
     lexical support in its context (`sovllm.models.grounding`); it applies to requests whose last
-    user turn has the training format (context, then question) and to no others."""
+    user turn has the training prompt format (`sovllm.models.prompt`) and to no others."""
 
     token_ids: list[int]
     bias: float
@@ -110,6 +115,12 @@ def validate_name(name: str) -> str:
         raise AdapterError(f"invalid adapter name {name!r}",
                            hint="use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
     return name
+
+
+def adapter_name(cfg: Config) -> str:
+    """The name a project's adapter is trained, served and evaluated under (`train.adapter_name`, by
+    default the project name); AdapterError when it is not a valid adapter name."""
+    return validate_name(cfg.train.adapter_name or cfg.project.name)
 
 
 def _tensor_names(weights: Path) -> list[str]:

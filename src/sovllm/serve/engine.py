@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from sovllm.errors import AdapterError, BackendError, InputError
+from sovllm.models.lora_check import lora_config, read_adapter
 from sovllm.serve.attention import ATTENTION, Batch, SlotSpan, register_attention
 from sovllm.serve.sampling import Detokenizer, SamplingParams, Sequence, sample_next
 
@@ -237,7 +238,6 @@ class Engine:
         LoRA layers and copy the checked weights in (docs/serve.md gives the measured pause)."""
         from pathlib import Path
 
-        from sovllm.models.lora_check import read_adapter
 
         config, state = read_adapter(Path(path), self.linear_shapes)
         self.call(lambda: self._load_adapter(name, config, state, refusal))
@@ -268,7 +268,6 @@ class Engine:
     def _load_adapter(self, name: str, config: dict, state: dict, refusal=None) -> None:
         from peft import PeftModel, set_peft_model_state_dict
 
-        from sovllm.models.lora_check import lora_config
 
         if name in self.adapters:
             self._unload_adapter(name)

@@ -19,7 +19,8 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from sovllm.errors import ConfigError, InputError
+from sovllm import egress
+from sovllm.errors import BackendError, ConfigError, InputError
 
 _PHASE = re.compile(r"^(?P<name>[\w-]+):(?P<value>\d+(?:\.\d+)?)(?P<unit>s|m)@(?P<rate>\d+(?:\.\d+)?)rps$")
 
@@ -161,8 +162,6 @@ async def run_load(base_url: str, *, phases: list[Phase], mix: dict[str, float],
     """Drive the server through `phases`; returns the report (per phase and overall)."""
     import openai
 
-    from sovllm import egress
-    from sovllm.errors import BackendError
 
     client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "sovllm", max_retries=0, timeout=timeout,
                                 http_client=openai.DefaultAsyncHttpxClient(**egress.http_client_options(asynchronous=True)))

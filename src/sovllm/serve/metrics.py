@@ -24,8 +24,17 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from sovllm.models.adapter import NAME_RE
 
 disable_created_metrics()  # no `*_created` series: the exposition matches what vLLM dashboards expect
 
@@ -113,7 +122,6 @@ class Metrics:
     def load_failed(self, adapter: str) -> None:
         """A failed load. The name comes from a client: only a valid adapter name becomes a label value,
         and at most `MAX_FAILURE_LABELS` distinct ones; any other counts under `__other__`."""
-        from sovllm.models.adapter import NAME_RE
 
         label = OTHER
         if isinstance(adapter, str) and NAME_RE.match(adapter) and adapter != OTHER:

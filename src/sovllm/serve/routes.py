@@ -10,12 +10,22 @@ from typing import Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import (
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sovllm import __version__
-from sovllm.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, LoadLoRARequest,
-                                   UnloadLoRARequest)
+from sovllm.serve.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    LoadLoRARequest,
+    UnloadLoRARequest,
+)
 from sovllm.serve.service import Service, sse
 
 log = logging.getLogger("sovllm.serve")

@@ -19,14 +19,17 @@ import time
 from pathlib import Path
 
 from sovllm.artifacts import write_atomic
+from sovllm.errors import AdapterError, BackendError, ConfigError
+from sovllm.models.tokenizer import load_tokenizer
+from sovllm.serve.engine import Engine
+from sovllm.serve.protocol import APIError
+from sovllm.serve.service import Service
 
 log = logging.getLogger("sovllm.serve")
 
 
 def parse_adapter_specs(specs: list[str]) -> list[tuple[str, str]]:
     """`name=path` pairs from repeated --adapter options."""
-    from sovllm.errors import ConfigError
-
     pairs = []
     for spec in specs:
         name, sep, path = spec.partition("=")
@@ -38,8 +41,6 @@ def parse_adapter_specs(specs: list[str]) -> list[tuple[str, str]]:
 
 def read_api_keys(path: Path | None, literal: str | None, env: str | None, warn=print) -> list[str]:
     """API keys from --api-key-file (one per line), --api-key (warns) and SOVLLM_API_KEY; [] = no auth."""
-    from sovllm.errors import ConfigError
-
     keys = []
     if path is not None:
         try:
@@ -63,14 +64,8 @@ def build(model: str, *, served_name: str | None = None, adapters: list[tuple[st
           refusal_calibration: bool = True):
     """The app and its service, with the engine started and start-up adapters loaded."""
     from sovllm.models import registry
-    from sovllm.models.tokenizer import load_tokenizer
-    from sovllm.serve.engine import Engine
-    from sovllm.serve.protocol import APIError
-    from sovllm.serve.routes import create_app
-    from sovllm.serve.service import Service
-    from sovllm.errors import AdapterError
-
     from sovllm.serve.metrics import Metrics
+    from sovllm.serve.routes import create_app
 
     info = registry.prepare(model)
     tokenizer = load_tokenizer(info.path)
@@ -129,8 +124,6 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, ready_file: 
     try:
         sock.bind((host, port))
     except OSError as exc:
-        from sovllm.errors import BackendError
-
         raise BackendError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
                            hint="choose another --port, or --port 0 for any free one") from None
     bound_port = sock.getsockname()[1]

@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from sovllm.errors import AdapterError, InputError
-from sovllm.models.adapter import NAME_RE, check_servable, inspect_adapter, validate_name
+from sovllm.models.adapter import (
+    NAME_RE,
+    check_servable,
+    inspect_adapter,
+    validate_name,
+)
+from sovllm.models.chat import render_chat
 from sovllm.serve.engine import Engine, EngineDeadError, Request, next_request_id
 from sovllm.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from sovllm.serve.sampling import SamplingParams
@@ -280,8 +286,7 @@ class Service:
     def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=req.add_generation_prompt)
+            text = render_chat(self.tokenizer, messages, add_generation_prompt=req.add_generation_prompt)
         except Exception as exc:  # noqa: BLE001 - template errors are the caller's input problem
             raise APIError(f"messages cannot be rendered with the model's chat template: {exc}", param="messages")
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -20,11 +20,11 @@ import asyncio
 import hashlib
 import json
 import random
-
-import jsonschema
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+import jsonschema
 
 from sovllm.artifacts import append_jsonl, read_jsonl, truncate_partial_line
 from sovllm.config import SynthSection
@@ -32,8 +32,15 @@ from sovllm.endpoint import ChatClient, Endpoint
 from sovllm.errors import BackendError
 from sovllm.synth.prompt import PromptSet
 from sovllm.synth.structure import structure_pairs
-from sovllm.synth.validate import (check_output, check_question, max_tokens_for, norm_question, question_schema,
-                                   rank_answers, schema_for)
+from sovllm.synth.validate import (
+    check_output,
+    check_question,
+    max_tokens_for,
+    question_schema,
+    rank_answers,
+    schema_for,
+)
+from sovllm.text import norm_question
 
 
 @dataclass

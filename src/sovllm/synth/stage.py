@@ -18,12 +18,26 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable
 
-from sovllm.artifacts import (StageContext, StageResult, load_manifest, read_jsonl, run_stage, write_atomic,
-                              write_jsonl)
+from sovllm.artifacts import (
+    StageContext,
+    StageResult,
+    load_manifest,
+    read_jsonl,
+    run_stage,
+    write_atomic,
+    write_jsonl,
+)
 from sovllm.config import Config
 from sovllm.endpoint import Endpoint
 from sovllm.errors import ConfigError, InputError
-from sovllm.synth.generate import RunStats, Settings, assemble, chunk_key, generate, load_cache
+from sovllm.synth.generate import (
+    RunStats,
+    Settings,
+    assemble,
+    chunk_key,
+    generate,
+    load_cache,
+)
 from sovllm.synth.prompt import PromptSet
 from sovllm.synth.structure import structure_pairs
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import re
 
-from sovllm.synth.validate import LABEL as _LABEL, LIST_MARK as _LIST_MARK, split_sentences
+from sovllm.synth.validate import LABEL as _LABEL
+from sovllm.synth.validate import LIST_MARK as _LIST_MARK
+from sovllm.synth.validate import split_sentences
 
 _NUMBERING = re.compile(r"^(?:\d+(?:\.\d+)*\.?|[A-Z]\.)\s+")
 # a paragraph that introduces what follows ("all of these", "die folgenden") is no answer on its own

@@ -16,36 +16,12 @@ import re
 
 import jsonschema
 
-_WORD = re.compile(r"[^\W_]+", re.UNICODE)
-STOPWORDS = frozenset("""
-a an and are as at be been being but by can could did do does for from had has have how if in into is it its
-may might must not of on or our shall should so such than that the their them then there these they this those
-to was were what when where which who whom why will with would you your also any all each more most other some
-only very just about after before between both during over under again further once same own too here
-der die das den dem des ein eine einer eines einem einen und oder aber im in ist sind war waren wird werden
-wurde wurden hat haben hatte hatten auf aus bei mit nach von vor zu zum zur für über unter durch gegen ohne um
-als auch wie wenn dass ob nicht noch nur schon sehr so sich sie er es wir ihr ihre ihren ihrem ihres sein seine
-kann können muss müssen soll sollen darf dürfen diese dieser dieses diesem diesen jede jeder jedes jedem jeden
-was wer wo wann warum welche welcher welches welchem welchen man hier dort dann denn doch bis seit beim vom ins
-""".split())
-
-
-def content_words(text: str) -> list[str]:
-    """Lower-cased words that carry content: numbers, and words of 3+ letters that are not stopwords."""
-    words = []
-    for word in _WORD.findall(text.casefold()):
-        if word.isdigit() or (len(word) >= 3 and word not in STOPWORDS):
-            words.append(word)
-    return words
+from sovllm.text import content_words, coverage, norm_question
 
 
 def grounding_ratio(answer: str, context: str) -> float:
     """Share of the answer's distinct content words that occur in the context (0 for none)."""
-    answer_words = set(content_words(answer))
-    if not answer_words:
-        return 0.0
-    context_words = set(content_words(context))
-    return len(answer_words & context_words) / len(answer_words)
+    return coverage(answer, context, empty=0.0)
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'„“(]?[A-ZÄÖÜ0-9])")
@@ -162,7 +138,7 @@ def check_question(question: str, answer: str, seen: set[str]) -> str | None:
     `rambling`: repeats itself or runs past 110 characters; `copy`: repeats the answer instead of
     asking for it.
     """
-    key = _norm_question(question)
+    key = norm_question(question)
     if not key or key in seen:
         return "duplicate"
     if _GENERIC.search(question):
@@ -198,15 +174,6 @@ def max_tokens_for(types: list[str], question_max: int, answer_max: int, answers
     return 16 + sum(question_max + longest + 24 for _ in types)
 
 
-def _norm_question(question: str) -> str:
-    return " ".join(_WORD.findall(question.casefold()))
-
-
-def norm_question(question: str) -> str:
-    """Normalised form used to detect duplicate questions."""
-    return _norm_question(question)
-
-
 def check_output(text: str, finish_reason: str | None, chunk_text: str, types: list[str], schema: dict,
                  threshold: float, seen_questions: set[str],
                  used_answers: set[str] | None = None) -> tuple[dict[str, dict], dict[str, str]]:
@@ -226,7 +193,7 @@ def check_output(text: str, finish_reason: str | None, chunk_text: str, types: l
     valid, failed = {}, {}
     for type_ in types:
         question, answer = data[type_]["question"].strip(), data[type_]["answer"].strip()
-        key = _norm_question(question)
+        key = norm_question(question)
         if not key or key in seen_questions or (used_answers is not None and answer in used_answers):
             failed[type_] = "duplicate"
         elif grounding_ratio(answer, chunk_text) < threshold:

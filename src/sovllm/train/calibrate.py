@@ -28,8 +28,12 @@ whose user turn has the training format; other servers (vLLM) ignore it.
 
 from __future__ import annotations
 
+from sovllm.curate.negatives import overlap
 from sovllm.models.adapter import RefusalCalibration
 from sovllm.models.grounding import Vocabulary
+from sovllm.models.prompt import record_turn, user_turn
+from sovllm.stats import roc_auc
+from sovllm.train.data import IGNORE, Collator, Example, share_prefixes
 
 STEPS = 2  # tokens of the refusal sentence the bias applies to
 WEIGHTS = tuple(0.5 * i for i in range(41))  # support weights tried on val: 0, 0.5, ..., 20
@@ -49,7 +53,6 @@ def margins(model, prompts: list[list[int]], token_ids: list[int], *, pad_id: in
     computed as one shared-prefix tree (`data.Tree`), the context once."""
     import torch
 
-    from sovllm.train.data import IGNORE, Collator, Example, share_prefixes
 
     keys = share_keys or [None] * len(prompts)
     probes = [Example(str(i), list(p), list(token_ids), key) for i, (p, key) in enumerate(zip(prompts, keys))]
@@ -78,21 +81,18 @@ def foreign_val_records(records: list[dict], refusal: str, max_overlap: float) -
     question asked about a context of another val document, the one it shares the most content words
     with among those sharing at most `max_overlap` of them (a hard negative that is still not
     answerable); none when val has a single document. Records in the train/val.jsonl format."""
-    from sovllm.curate.negatives import overlap
-    from sovllm.models.grounding import CONTEXT_HEAD, QUESTION_HEAD
-    from sovllm.models.grounding import record_turn as turn
 
     def meta(record):
         return record.get("meta") or {}
 
     contexts: dict[str, str] = {}  # context text -> its document
     for record in records:
-        parts = turn(record)
+        parts = record_turn(record)
         if parts and meta(record).get("type") != "unanswerable":
             contexts.setdefault(parts[0], str(meta(record).get("doc_id")))
     out = []
     for record in records:
-        parts = turn(record)
+        parts = record_turn(record)
         if not parts or meta(record).get("type") == "unanswerable":
             continue
         question, doc = parts[1], str(meta(record).get("doc_id"))
@@ -103,7 +103,7 @@ def foreign_val_records(records: list[dict], refusal: str, max_overlap: float) -
         _, text = max(allowed, key=lambda s: s[0])  # first of the most overlapping (dict order: stable)
         system = [m for m in record["messages"] if m.get("role") == "system"]
         out.append({"id": f"{record.get('id')}-calibration-foreign",
-                    "messages": system + [{"role": "user", "content": CONTEXT_HEAD + text + QUESTION_HEAD + question},
+                    "messages": system + [{"role": "user", "content": user_turn(text, question)},
                                           {"role": "assistant", "content": refusal.strip()}],
                     "meta": {**meta(record), "type": "unanswerable", "question": question}})
     return out
@@ -140,13 +140,11 @@ def choose_weight(margins_u: list[float], margins_a: list[float], support_u: lis
     """The support weight w (from WEIGHTS) for the score margin - w * support that refuses the most
     unanswerable val items within the false-refusal allowance; ties go to the better ROC AUC, then
     to the smaller weight."""
-    from sovllm.evaluate.stats import separation
-
     best, chosen = None, 0.0
     for w in WEIGHTS:
         u = [m - w * s for m, s in zip(margins_u, support_u)]
         a = [m - w * s for m, s in zip(margins_a, support_a)]
-        key = (rates(u, a, choose_bias(u, a, max_false_refusals))["refused_unanswerable"], separation(u, a).auc)
+        key = (rates(u, a, choose_bias(u, a, max_false_refusals))["refused_unanswerable"], roc_auc(u, a))
         if best is None or key > best:
             best, chosen = key, w
     return chosen

@@ -17,6 +17,7 @@ from typing import Callable
 
 from sovllm.errors import InputError
 from sovllm.models.chat import end_of_turn_id, render
+from sovllm.models.prompt import last_user_turn, prompt_before_question
 
 IGNORE = -100
 
@@ -56,9 +57,9 @@ def encode(record: dict, tokenizer, eot_id: int, where: str = "train.jsonl") -> 
     prompt = render(tokenizer, prompt_messages, system, add_generation_prompt=True)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [eot_id]
-    question = ((record.get("meta") or {}).get("question") or "").strip()
-    cut = prompt.rfind(question) if question else -1
-    return Example(str(record.get("id")), prompt_ids, completion_ids, prompt[:cut] if cut > 0 else None)
+    question = (record.get("meta") or {}).get("question")
+    share_key = prompt_before_question(prompt, last_user_turn(prompt_messages), question)
+    return Example(str(record.get("id")), prompt_ids, completion_ids, share_key)
 
 
 class Collator:

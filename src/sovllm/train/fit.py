@@ -22,7 +22,15 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from sovllm.train.data import IGNORE, Collator, Example, ExampleDataset, Tree, TreeDataset
+
+from sovllm.train.data import (
+    IGNORE,
+    Collator,
+    Example,
+    ExampleDataset,
+    Tree,
+    TreeDataset,
+)
 
 
 @dataclass
@@ -104,16 +112,21 @@ def selective_loss(model, inputs: dict, num_items: int | None = None, first_weig
 
 
 def make_trainer(model, tokenizer, train: list[Example] | list[Tree], val: list[Example] | list[Tree], args, *,
-                 batching: str, callbacks: list, pad_id: int):
+                 batching: str, callbacks: list, pad_id: int, first_weight: float = 1.0, batch_sampler=None):
     """A transformers Trainer with sovllm's loss, collator and batching; `train` and `val` hold examples
-    or shared-prefix trees (`data.share_prefixes`)."""
+    or shared-prefix trees (`data.share_prefixes`).
+
+    `first_weight` and `batch_sampler` exist for `benchmarks/refusal.py`, which compares training
+    variants on this same Trainer: `first_weight` as in `selective_loss`; `batch_sampler` yields
+    each micro-batch as a list of indices into `train` (with `__len__` and `set_epoch`) and
+    replaces `batching`."""
     from transformers import Trainer
 
     counters = {"loss_tokens": 0, "padded": 0, "real": 0}
 
     class LossTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss, count = selective_loss(model, inputs, num_items_in_batch)
+            loss, count = selective_loss(model, inputs, num_items_in_batch, first_weight=first_weight)
             if model.training:
                 counters["loss_tokens"] += count
                 counters["padded"] += inputs["input_ids"].numel()
@@ -132,6 +145,14 @@ def make_trainer(model, tokenizer, train: list[Example] | list[Tree], val: list[
             if batching != "grouped":
                 return super()._get_train_sampler(train_dataset)
             return GroupedSampler([len(u) for u in train], self.args.per_device_train_batch_size, self.args.seed)
+
+        def get_train_dataloader(self):
+            if batch_sampler is None:
+                return super().get_train_dataloader()
+            from torch.utils.data import DataLoader
+
+            return self.accelerator.prepare(DataLoader(self.train_dataset, batch_sampler=batch_sampler,
+                                                       collate_fn=self.data_collator))
 
     args.train_sampling_strategy = "random"
     trainer = LossTrainer(model=model, args=args, train_dataset=_dataset(train),
@@ -165,7 +186,10 @@ def progress_callback(bar):
 
 def training_arguments(out_dir: Path, *, steps: int, batch_size: int, grad_accum: int, learning_rate: float,
                        warmup_ratio: float, weight_decay: float, eval_steps: int, seed: int,
-                       gradient_checkpointing: bool, has_val: bool, bf16: bool = False):
+                       gradient_checkpointing: bool, has_val: bool, bf16: bool = False, checkpoints: bool = True):
+    """The Trainer's settings for sovllm training: cosine schedule with warmup, a log entry every
+    step, val loss (when there is val data) and a checkpoint every `eval_steps`, the best one restored
+    at the end. `checkpoints=False` writes none and restores nothing (a benchmark that never resumes)."""
     from transformers import TrainingArguments
 
     evaluate = has_val
@@ -174,8 +198,9 @@ def training_arguments(out_dir: Path, *, steps: int, batch_size: int, grad_accum
         per_device_eval_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
         learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=math.ceil(warmup_ratio * steps),
         weight_decay=weight_decay, logging_steps=1, eval_strategy="steps" if evaluate else "no",
-        eval_steps=eval_steps if evaluate else None, save_strategy="steps", save_steps=eval_steps,
-        save_total_limit=2, load_best_model_at_end=evaluate, metric_for_best_model="eval_loss" if evaluate else None,
+        eval_steps=eval_steps if evaluate else None, save_strategy="steps" if checkpoints else "no",
+        save_steps=eval_steps, save_total_limit=2, load_best_model_at_end=evaluate and checkpoints,
+        metric_for_best_model="eval_loss" if evaluate else None,
         greater_is_better=False, prediction_loss_only=True, remove_unused_columns=False, label_names=["labels"],
         report_to="none", seed=seed, data_seed=seed, activation_checkpointing=gradient_checkpointing,
         use_cpu=not bf16, bf16=bf16, dataloader_num_workers=0, disable_tqdm=True, save_only_model=False,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from sovllm.stats import percentile
 from sovllm.train.data import Example
 
 
@@ -29,15 +30,6 @@ class StopCheck:
     def as_dict(self) -> dict:
         return {"prompts": self.prompts, "max_new_tokens": self.max_new_tokens, "base_rate": round(self.base_rate, 4),
                 "adapter_rate": round(self.adapter_rate, 4), "min_rate": self.min_rate, "passed": self.passed}
-
-
-def percentile(values: list[int], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return 0.0
-    k = (len(ordered) - 1) * q
-    lo, hi = math.floor(k), math.ceil(k)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
 def greedy_completions(model, examples: list[Example], *, eot_id: int, pad_id: int, max_new_tokens: int,
