@@ -7,7 +7,7 @@ every item of an `eval.jsonl` with gold context, greedily, for the first `--toke
 item counts as refused when that beginning is the project's refusal sentence. Prints refusal
 accuracy on the unanswerable items and the false-refusal rate on the answerable ones — the two
 refusal targets of `sovllm eval` — without the cost of full answers, so training-data and schedule
-variants can be compared side by side (docs/eval.md has the figures).
+variants can be compared side by side (docs/experiments/ has the figures).
 
     .venv/bin/python benchmarks/refusal.py examples/acme [--train FILE] [--eval FILE] \
         [--epochs 2] [--lr 1e-3] [--decision-weight 1.0]

@@ -1,7 +1,7 @@
 """Lexical support: how much of a question's wording occurs in the context it is asked about.
 
 A small model separates answerable from unanswerable questions only partly by its own refusal
-margin (docs/eval.md, "Lexical support"). A question asked about a context that never mentions its
+margin (docs/experiments/2026-12-05-refusal-calibration.md). A question asked about a context that never mentions its
 key words ("What is a Tenant Admin?" about an incident runbook) is the typical unanswerable case,
 and that is cheap to measure: the share of the question's words that occur in the context, each word
 weighted by its inverse document frequency in the training contexts (a word in every chunk -

@@ -2,7 +2,7 @@
 
 A greedy answer starts with the refusal sentence when its first token wins the first step and its
 second token wins the second. An adapter's refusals depend on the context (the separation of its
-refusal score, docs/eval.md), but its greedy decision can sit too far towards refusing: the refusal
+refusal score, docs/experiments/2026-12-01-refusal-separation.md), but its greedy decision can sit too far towards refusing: the refusal
 is one memorised sentence, while the probability of an answer's first token is spread over many.
 One number moves it: a bias added to the logits of the refusal sentence's first two tokens while the
 answer so far is that sentence's beginning. With bias b an item is refused exactly when
