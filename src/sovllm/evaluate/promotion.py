@@ -32,7 +32,6 @@ class Champion:
 def _registry(root: Path, cfg: Config, log: Callable[[str], None] | None = None):
     """The project's tracking store, as the config names it now. The project's own store, copied or
     moved with the project, is first pointed at the project's artifacts folder."""
-
     out = root / cfg.project.output_dir
     uri = cfg.train.tracking.uri or default_uri(out)
     name = cfg.train.tracking.registered_model or f"{cfg.project.name}-adapter"

@@ -179,7 +179,6 @@ def run(root: Path, cfg: Config, endpoint_factory: Callable | None = None, *, qu
     configured endpoint or the embedded server). In a pipeline run (`in_pipeline`) an empty eval
     split is a warning, not an error.
     """
-
     out = root / cfg.project.output_dir
     eval_path = out / "curate" / "eval.jsonl"
     if in_pipeline and eval_path.is_file() and not eval_path.read_text().strip():

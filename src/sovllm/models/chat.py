@@ -82,7 +82,6 @@ def end_of_turn_id(tokenizer) -> int:
     This is the token the model must learn to emit: training puts it in the loss, the stop check
     counts it. ModelError when the template closes assistant turns with plain text.
     """
-
     text = tokenizer.apply_chat_template(
         with_system([{"role": "user", "content": _PROBE_USER}, {"role": "assistant", "content": _PROBE_ANSWER}],
                     None, system_role=False), tokenize=False)

@@ -122,7 +122,6 @@ class Metrics:
     def load_failed(self, adapter: str) -> None:
         """A failed load. The name comes from a client: only a valid adapter name becomes a label value,
         and at most `MAX_FAILURE_LABELS` distinct ones; any other counts under `__other__`."""
-
         label = OTHER
         if isinstance(adapter, str) and NAME_RE.match(adapter) and adapter != OTHER:
             if adapter in self._failure_labels or len(self._failure_labels) < MAX_FAILURE_LABELS:

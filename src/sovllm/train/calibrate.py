@@ -81,7 +81,6 @@ def foreign_val_records(records: list[dict], refusal: str, max_overlap: float) -
     question asked about a context of another val document, the one it shares the most content words
     with among those sharing at most `max_overlap` of them (a hard negative that is still not
     answerable); none when val has a single document. Records in the train/val.jsonl format."""
-
     def meta(record):
         return record.get("meta") or {}
 

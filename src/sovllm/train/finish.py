@@ -98,7 +98,6 @@ def adapter_manifest(name: str, base, lora: dict, data: Datasets, result, stop, 
 
 def save_checked_adapter(model, tokenizer, adapter_dir: Path, manifest: dict) -> None:
     """Save the adapter folder, then prove vLLM can load it (unless the user allowed options it cannot)."""
-
     save_adapter(model, tokenizer, adapter_dir, manifest)
     lora = manifest["lora"]
     if not (lora["use_dora"] or lora["modules_to_save"] or lora["bias"] != "none"):
@@ -127,7 +126,6 @@ def track_results(tracker, root: Path, cfg: Config, result, stop, refusal, adapt
 def fill_stage_manifest(ctx: StageContext, root: Path, cfg: Config, data: Datasets, result, manifest: dict, *,
                         adapter_dir: Path, version: str | None) -> None:
     """The train stage's own manifest: model, counts, timings and where the adapter and its run are."""
-
     tracking, uri = cfg.train.tracking, manifest["tracking_uri"]
     ctx.model.update({"base": manifest["base_model"], "base_id": manifest["base_id"], "adapter": str(adapter_dir)})
     ctx.counts.update({"train_examples": len(data.train), "val_examples": len(data.val), "steps": result.steps,

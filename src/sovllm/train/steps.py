@@ -104,7 +104,6 @@ def build_datasets(cfg: Config, records: dict, tokenizer, eot: int, *, quick: bo
                    log: Callable[[str], None]) -> Datasets:
     """Encode the train and val records and audit them (InputError before any training when the
     end-of-turn token would not be learned); under --quick, a small seeded sample."""
-
     section = cfg.train
     (train_path, train_records), (val_path, val_records) = records["train"], records["val"]
     train = [encode(r, tokenizer, eot, f"{train_path}") for r in train_records]
@@ -169,7 +168,6 @@ def start_tracking(root: Path, cfg: Config, name: str, continue_run: str | None,
                    log: Callable[[str], None]):
     """Start the MLflow run (or continue `continue_run`) and note it beside the checkpoints, so a
     resumed training logs into the same run; returns (tracker, tracking URI, run id)."""
-
     tracking = cfg.train.tracking
     uri = tracking.uri or default_uri(root / cfg.project.output_dir)
     tracker = Tracker(uri, tracking.experiment or cfg.project.name, root / cfg.project.output_dir, log=log)
