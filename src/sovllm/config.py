@@ -116,6 +116,8 @@ class IngestSection(Section):
     chunk_overlap: int = Field(64, ge=0)
     languages: list[str] = Field(default_factory=lambda: ["en", "de", "fr", "es", "it", "nl", "pt", "pl"])
     quick_documents: int = Field(4, ge=1, description="documents ingested under --quick")
+    min_tokens: int = Field(500, ge=0, description="ingest refuses a corpus with fewer tokens: too little text for "
+                                                   "train, val and eval pairs (four short pages have ~1,800)")
 
     @field_validator("languages")
     @classmethod
@@ -150,13 +152,20 @@ class SynthSection(Section):
         "auto", description="extractive: answers are sentences of the chunk; auto = extractive on the embedded server")
     prompt_dir: str | None = Field(None, description="project folder with qa.en.j2 / qa.de.j2 to override the prompts")
     quick_chunks: int = Field(12, ge=1, description="chunks sent to synth under --quick")
-    structure: list[Literal["faq", "overview"]] = Field(
-        default_factory=lambda: ["faq", "overview"],
-        description="pairs read off the documents without a model: FAQ questions with their answers, and one "
-                    "overview question per section heading; [] = off")
+    structure: list[Literal["faq", "overview", "field", "table"]] = Field(
+        default_factory=lambda: ["faq", "overview", "field", "table"],
+        description="pairs read off the documents without a model: FAQ questions with their answers, an overview "
+                    "question per section heading, 'Label: value' lines and table rows with templated questions; "
+                    "[] = off")
     model_pairs: Literal["auto", "all", "fill"] = Field(
-        "auto", description="all: ask the model for every chunk; fill: only for chunks without structure pairs; "
-                            "auto = fill in extractive mode (the small embedded model), all otherwise")
+        "all", description="all: ask the model for every chunk; fill: only for chunks without structure pairs; "
+                           "auto = all (kept for older configs)")
+    pairs_per_chunk: int = Field(
+        4, ge=1, le=16,
+        description="extractive mode: questions asked per chunk, each for a different statement (spread over the "
+                    "types and the chunk's sections); chosen on examples/klinik (~450-token chunks), where 4 "
+                    "model pairs plus the structure pairs gave >= 3 kept pairs per chunk (docs/synth.md); "
+                    "free mode asks one pair per type")
 
     @field_validator("types")
     @classmethod
@@ -210,6 +219,11 @@ class SplitSection(Section):
     val: float = Field(0.1, ge=0.0, le=1.0)
     eval: float = Field(0.3, ge=0.0, le=1.0)
     seed: int = 0
+    unit: Literal["auto", "document", "section"] = Field(
+        "auto", description="what is split: whole documents (no eval context shares a document with training), or "
+                            "sections (a document's chunks under one heading path); auto = document with at least "
+                            "min_documents documents, section below")
+    min_documents: int = Field(10, ge=3, description="auto: split by document from this many documents on")
 
     @model_validator(mode="after")
     def _sum_to_one(self) -> "SplitSection":
@@ -236,15 +250,21 @@ class CurateSection(Section):
                                description="a negative is discarded when its question shares more content words "
                                            "with the new context")
     negatives_per_context: float = Field(
-        0.0, ge=0.0, le=16.0, description="train only: every training context also carries this many questions of other "
-                                    "documents, answered with the refusal sentence, and a chunk's questions share one "
-                                    "context (training then computes it once); a fraction is drawn per context (0.5: every "
-                                    "other one gets one); 0 = unanswerable.train as a share")
+        1.0, ge=0.0, le=16.0, description="train only: every training context also carries this many unanswerable "
+                                    "questions (on_topic of them its own questions with the answer removed, the rest "
+                                    "questions of other documents), answered with the refusal sentence; a chunk's "
+                                    "questions share one context (training computes it once); a fraction is drawn per "
+                                    "context; 0 = unanswerable.train as a share")
+    on_topic: float = Field(0.5, ge=0.0, le=1.0, description="share of the unanswerable items that are on-topic: a "
+                                                             "pair's question on its own chunk with the answer-bearing "
+                                                             "sentences removed; the rest are questions of other "
+                                                             "documents")
     distractors: float = Field(0.3, ge=0.0, le=1.0, description="share of training examples with distractor chunks")
     max_distractors: int = Field(2, ge=1, le=4)
     max_context_tokens: int = Field(800, ge=64, description="distractors are added only while all contexts of an "
                                                             "example stay within this many tokens")
-    min_kept: int = Field(20, ge=0, description="fail when fewer answerable pairs survive")
+    min_kept: int = Field(10, ge=0, description="fail when fewer answerable pairs survive (four short documents "
+                                                "give 20-40)")
     seed: int = 0
 
     @field_validator("rules")
@@ -301,13 +321,15 @@ class TrainSection(Section):
     bias: Literal["none", "all", "lora_only"] = "none"
     allow_non_vllm_adapter: bool = Field(False, description="permit DoRA, modules_to_save or bias (vLLM cannot serve)")
     qlora: bool = Field(False, description="4-bit NF4 base weights; CUDA only")
-    epochs: float = Field(1.5, gt=0, description="passes over train.jsonl; more passes teach refusals better")
+    epochs: float = Field(2.5, gt=0, description="passes over train.jsonl; more passes teach refusals better "
+                                                 "(2.5 chosen on examples/acme)")
     max_steps: int = Field(0, ge=0, description="optimizer steps; 0 = derived from epochs")
-    learning_rate: float = Field(1e-3, gt=0)
-    batch_size: int = Field(2, ge=1, description="micro-batch; 2 × 1024 tokens peak at ~4.7 GB on a CPU "
-                                                  "(4 × 1024: ~8.4 GB)")
-    grad_accum: int = Field(2, ge=1, description="micro-batches per optimizer step (2 × 2 = 4 examples a step); "
-                                                   "on a small corpus more, smaller steps learn more per epoch")
+    learning_rate: float = Field(3e-3, gt=0, description="chosen for the 135M bundled model on examples/acme; "
+                                                         "larger base models usually want less")
+    batch_size: int = Field(1, ge=1, description="micro-batch (with share_prefix: shared-context trees); 2 × 1024 "
+                                                  "tokens peak at ~4.7 GB on a CPU (4 × 1024: ~8.4 GB)")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step; on a small corpus more, "
+                                                   "smaller steps learn more per epoch")
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     max_length: int = Field(1024, ge=32, description="tokens; longer examples are dropped or fail (too_long)")
@@ -317,7 +339,7 @@ class TrainSection(Section):
     share_prefix: bool = Field(True, description="examples whose prompts share a context train as one shared-prefix "
                                                  "tree (the context once, each question after it); batch_size then "
                                                  "counts trees")
-    eval_steps: int = Field(20, ge=1, description="val loss every N optimizer steps and at the last one")
+    eval_steps: int = Field(50, ge=1, description="val loss every N optimizer steps and at the last one")
     early_stopping_patience: int = Field(3, ge=0, description="evaluations without improvement; 0 = off")
     gradient_checkpointing: bool = False
     threads: int = Field(0, ge=0, description="torch threads; 0 = all cores")
@@ -332,6 +354,9 @@ class TrainSection(Section):
     refusal_val_foreign: bool = Field(True, description="the calibration also asks each answerable val question about "
                                                         "another val document's context (as curate builds unanswerable "
                                                         "items): more unanswerable items to choose on")
+    refusal_val_on_topic: bool = Field(True, description="the calibration also asks each answerable val question "
+                                                         "about its own context with the answer removed (as curate "
+                                                         "builds on-topic items)")
     refusal_support: bool = Field(True, description="the calibrated bias also falls with the question's lexical "
                                                     "support in its context (IDF-weighted share of its words found "
                                                     "there); its weight is chosen on val")

@@ -57,6 +57,7 @@ ingest:
   chunk_overlap: 64         # tokens repeated from the previous chunk of the same section
   languages: [en, de, fr, es, it, nl, pt, pl]   # languages the detector may choose from
   quick_documents: 4        # documents ingested by 'sovllm run --quick'
+  min_tokens: 500           # a smaller corpus is refused: too little text for train, val and eval
 
 synth:
   types: [factual, conceptual, comparison]   # one question of each type per chunk
@@ -101,17 +102,22 @@ curate:
     model: null
     api_key_env: null
   splits:
-    # a document's split is a function of (doc_id, seed): adding documents never moves old ones
+    # a group's split is a function of (group, seed): adding documents never moves old ones
     train: 0.6
     val: 0.1
     eval: 0.3
     seed: 0
+    unit: auto              # document, section (a chunk), or auto: document from min_documents documents on
+    min_documents: 10       # below, split by section: eval may see documents whose other sections were trained
   unanswerable: {{train: 0.2, val: 0.2, eval: 0.3333333333333333}}   # share of refusal items per split
   max_overlap: 0.5          # a negative whose question shares more content words with its context is discarded
+  # train: every context also carries this many unanswerable questions, answered with the refusal
+  negatives_per_context: 1.0
+  on_topic: 0.5             # share of unanswerable items asked about their own chunk with the answer removed
   distractors: 0.3          # share of training examples with 1..max_distractors chunks of other documents
   max_distractors: 2
   max_context_tokens: 800   # distractors only while all contexts of an example fit (training keeps it whole)
-  min_kept: 20              # fail when fewer answerable pairs survive (--quick: 1)
+  min_kept: 10              # fail when fewer answerable pairs survive (--quick: 1)
   seed: 0
 
 train:
@@ -128,17 +134,17 @@ train:
   bias: none
   allow_non_vllm_adapter: false
   qlora: false              # 4-bit NF4 base weights: CUDA only
-  epochs: 1.5               # passes over train.jsonl
+  epochs: 2.5               # passes over train.jsonl (chosen on examples/acme)
   max_steps: 0              # optimizer steps; 0 = derived from epochs
-  learning_rate: 0.001      # cosine schedule with warmup
-  batch_size: 2             # micro-batch; 2 × 1024 tokens peak at ~4.7 GB on a CPU (4 × 1024: ~8.4 GB)
-  grad_accum: 2             # micro-batches per optimizer step (2 × 2 = 4 examples a step)
+  learning_rate: 0.003      # cosine schedule with warmup (for the 135M model; larger models want less)
+  batch_size: 1             # micro-batch: shared-context trees (a context with its questions)
+  grad_accum: 1             # micro-batches per optimizer step
   warmup_ratio: 0.05
   weight_decay: 0.0
   max_length: 1024          # tokens; longer examples are dropped (too_long: drop) or fail the run
   too_long: drop
   batching: grouped         # grouped: length-grouped batches; padded: shuffled, padded to the longest
-  eval_steps: 20            # val loss every N optimizer steps and at the last (checkpoints there too)
+  eval_steps: 50            # val loss every N optimizer steps and at the last (checkpoints there too)
   early_stopping_patience: 3   # evaluations without improvement; 0 = off
   gradient_checkpointing: false
   threads: 0                # torch threads; 0 = all cores

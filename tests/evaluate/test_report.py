@@ -17,7 +17,7 @@ def rows_for(model: str, good: bool) -> list[dict]:
         answerable = i % 3 != 0
         correct = good or i % 4 == 0
         rows.append({"id": f"q{i}", "model": model, "context": "gold", "type": "factual" if answerable else "unanswerable",
-                     "answerable": answerable, "question": f"Question {i} <b>?", "reference": f"Reference {i}",
+                     "answerable": answerable, "negative": None if answerable else ("on_topic" if i % 2 else "foreign"), "question": f"Question {i} <b>?", "reference": f"Reference {i}",
                      "answer": f"Answer {i} by {model} <script>alert(1)</script>",
                      "f1": 1.0 if correct else 0.1, "rouge_l": 1.0 if correct else 0.1,
                      "refused": (not answerable) and correct, "refusal_correct": correct, "stopped": good or i % 2 == 0,
@@ -86,3 +86,33 @@ def test_hostile_text_anywhere_in_the_summary_stays_text():
     # the item id, the judge model, the failure kind and the promotion reason: each shown once, as text
     assert len(re.findall(r"&lt;script&gt;alert\(1\)&lt;/script&gt;&(?:#34|quot);&gt;&lt;img src=x&gt;", html)) == 4
     assert 'data-id="&lt;script&gt;' in html  # the quote cannot close the attribute either
+
+
+def test_report_shows_each_kind_of_unanswerable_item_as_its_own_row_with_its_count():
+    html = render_report(summary())
+    # items 0, 3, 6, 9 are unanswerable: 3 and 9 on-topic, 0 and 6 foreign
+    assert "refusal accuracy, all unanswerable (n = 4)" in html
+    assert "refusal accuracy, on-topic unanswerable (n = 2)" in html
+    assert "refusal accuracy, foreign unanswerable (n = 2)" in html
+    assert 'data-metric="refusal_accuracy_on_topic"' in html and 'data-metric="refusal_accuracy_foreign"' in html
+    assert "refusal_accuracy_on_topic&gt;=0.70" in html  # the on-topic target is listed with the others
+
+
+def test_report_states_the_leakage_of_a_split_by_section_before_the_headline():
+    s = summary()
+    s["split"] = {"unit": "section", "leakage": "split by section (few documents): neighbours were trained on"}
+    html = render_report(s)
+    assert 'id="leakage"' in html and "neighbours were trained on." in html
+    assert html.index('id="leakage"') < html.index('class="headline"')
+    s["split"] = {"unit": "document", "leakage": None}
+    assert 'id="leakage"' not in render_report(s)
+
+
+def test_report_says_when_the_on_topic_target_was_not_checked():
+    rows = [r for r in rows_for("base", False) + rows_for("acme", True) if r["negative"] != "on_topic"]
+    s = summary()
+    s.update(summarise(rows, ["base", "acme"], resamples=200, seed=0))
+    s["targets"] = check_targets(s)
+    html = render_report(s)
+    assert "not checked: no on-topic items" in html
+    assert "refusal accuracy, on-topic unanswerable (n = 0)" in html

@@ -31,17 +31,23 @@ def print_funnel(funnel: dict, title: str = "curate") -> None:
                       f"failed verdicts {failures}")
         if judge.get("why_report_only"):
             console.print(f"[dim]report-only because {judge['why_report_only']}[/dim]")
-    console.print("splits (grouped by document):")
+    unit = funnel.get("split_unit", "document")
+    console.print(f"splits (grouped by {unit}):")
     splits = Table()
-    for column in ("split", "documents", "chunks", "answerable", "unanswerable", "with distractors", "by type",
+    for column in ("split", "documents", "chunks", "answerable", "unanswerable", "on-topic / foreign", "with distractors",
+                   "by type",
                    "by language"):
         splits.add_column(column, justify="right" if column not in ("split", "by type", "by language") else "left")
     for name, row in funnel["splits"].items():
         splits.add_row(name, str(row["documents"]), str(row["chunks"]), str(row["answerable"]),
-                       f"{row['unanswerable']}/{row['unanswerable_wanted']}", str(row["with_distractors"]),
+                       f"{row['unanswerable']}/{row['unanswerable_wanted']}",
+                       f"{row.get('unanswerable_on_topic', 0)} / {row.get('unanswerable_foreign', row['unanswerable'])}",
+                       str(row["with_distractors"]),
                        ", ".join(f"{k} {v}" for k, v in row["by_type"].items()),
                        ", ".join(f"{k} {v}" for k, v in row["by_lang"].items()))
     console.print(splits)
+    if funnel.get("leakage"):
+        console.print(f"[yellow]note: {funnel['leakage']}[/yellow]")
 
 
 def curate(

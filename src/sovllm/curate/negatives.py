@@ -1,6 +1,13 @@
 """Unanswerable items and distractor contexts, built inside one split without any LLM call.
 
-Unanswerable: a chunk of the split paired with a kept question that was generated for a chunk of a
+Two kinds of unanswerable item (`meta.negative` in the records):
+
+- `on_topic`: a pair's own question asked about its own chunk with the answer-bearing sentence(s)
+  removed (`remove_answer`), kept only when the answer's own words and numbers are then really
+  absent. Same document, same entities, the asked fact is simply not there: the hard case a user
+  meets ("Which coffee brand?" next to the canteen's opening hours), and one no word-overlap rule
+  can separate, since the question's words are all still in the context.
+- `foreign`: a chunk of the split paired with a kept question that was generated for a chunk of a
 *different* document of the same split, answered with the refusal sentence. Among the chunks a
 question could be paired with, the most BM25-similar one is preferred (a hard negative: same
 vocabulary, different facts), but a candidate whose question shares more than `max_overlap` of its
@@ -22,8 +29,11 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import re
+
 from sovllm.retrieval import BM25
-from sovllm.text import coverage
+from sovllm.synth.validate import LIST_MARK, split_sentences
+from sovllm.text import content_words, coverage
 
 CANDIDATES = 8  # best-scoring contexts tried per question before giving up on it
 
@@ -116,6 +126,93 @@ def foreign_questions(contexts: list[dict], pairs: list[dict], chunk_by_id: dict
     scored.sort(key=lambda s: s[:4])
     best = [s[4] for s in scored[:2 * n]]
     return rng.sample(best, min(n, len(best)))
+
+
+_NUMBER = re.compile(r"\d+(?:[.,:/]\d+)*")
+MIN_LEFT_WORDS = 25  # an ablated context must still be a passage, not a heading and a line
+
+
+def _answer_spans(text: str, answer: str) -> list[str] | None:
+    """The pieces of `text` that state `answer`: its sentences verbatim, else the sentence of the text
+    that shares most of an answer sentence's content words (at least 60 %); None if one is not found."""
+    sentences = [s for s in split_sentences(" ".join(answer.split())) if s.strip()] or [answer.strip()]
+    text_sentences = [s for line in text.splitlines() for s in split_sentences(LIST_MARK.sub("", line.strip()))]
+    spans = []
+    for sentence in sentences:
+        if sentence in text:
+            spans.append(sentence)
+            continue
+        scored = [(coverage(sentence, candidate, empty=0.0), candidate) for candidate in text_sentences]
+        best = max(scored, default=(0.0, ""))
+        if best[0] < 0.6:
+            return None
+        spans.append(best[1])
+    return spans
+
+
+def remove_answer(text: str, answer: str) -> str | None:
+    """`text` without the sentences that state `answer` (lines left empty or a bare list marker
+    dropped); None when they cannot be found or too little text would remain."""
+    spans = _answer_spans(text, answer)
+    if not spans:
+        return None
+    out = text
+    for span in spans:
+        out = out.replace(span, "", 1)
+    lines = []
+    for before, after in zip(text.splitlines(), out.splitlines()):
+        cleaned = after if after == before else re.sub(r"[ \t]{2,}", " ", after).strip()
+        if before.strip() and not re.search(r"\w", LIST_MARK.sub("", cleaned + " ")):
+            continue  # the line was the answer
+        lines.append(cleaned)
+    left = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+    return left if len(left.split()) >= MIN_LEFT_WORDS else None
+
+
+def answer_absent(context: str, question: str, answer: str, max_overlap: float) -> bool:
+    """Whether `context` no longer states `answer`. An answer with numbers the question does not repeat
+    (amounts, times, extensions: the facts themselves) is absent when none of them occurs; one without
+    is absent when at most `max_overlap` of its content words that the question does not use occur.
+    An answer that only restates its question cannot be checked and counts as present."""
+    asked = set(content_words(question))
+    numbers = {n for n in _NUMBER.findall(answer) if n not in _NUMBER.findall(question)}
+    if numbers:
+        return not any(re.search(rf"(?<![\d.,:/]){re.escape(n)}(?![\d]|[.,:/]\d)", context) for n in numbers)
+    words = {w for w in content_words(answer) if w not in asked and not w.isdigit()}
+    if len(words) < 2:
+        return False
+    return len(words & set(content_words(context))) / len(words) <= max_overlap
+
+
+def on_topic_context(text: str, question: str, answer: str, max_overlap: float) -> str | None:
+    """`text` with `answer` removed, if the answer is then really absent (else None)."""
+    left = remove_answer(text, answer)
+    if left is None or not answer_absent(left, question, answer, max_overlap):
+        return None
+    return left
+
+
+def build_on_topic(pairs: list[dict], chunk_by_id: dict[str, dict], n: int, *, max_overlap: float,
+                   rng: random.Random, exclude: set[str] = frozenset()) -> list[tuple[dict, dict]]:
+    """Up to `n` (pair, ablated chunk) on-topic negatives, at most one per chunk while others remain,
+    pairs in `exclude` (ids) left out. The ablated chunk is the chunk dict with the answer removed."""
+    if n <= 0:
+        return []
+    order = [p for p in pairs if p["id"] not in exclude]
+    rng.shuffle(order)
+    out, used_chunks = [], set()
+    for second_round in (False, True):
+        for pair in order:
+            if len(out) >= n:
+                return out
+            if (pair["chunk_id"] in used_chunks) != second_round or any(p is pair for p, _ in out):
+                continue
+            chunk = chunk_by_id[pair["chunk_id"]]
+            left = on_topic_context(chunk["text"], pair["question"], pair["answer"], max_overlap)
+            if left is not None:
+                out.append((pair, {**chunk, "text": left}))
+                used_chunks.add(chunk["id"])
+    return out
 
 
 def pick_distractors(chunks: list[dict], exclude_docs: set[str], k: int, rng: random.Random,

@@ -13,9 +13,10 @@ from sovllm.models.prompt import system_prompt, user_message
 
 
 def make_record(record_id: str, *, prompt: PromptSection, contexts: list[dict], question: str, answer: str,
-                chunk: dict, type_: str, pair_id: str | None = None, lang: str | None = None) -> dict:
-    """One line of train/val/eval.jsonl."""
-    return {
+                chunk: dict, type_: str, pair_id: str | None = None, lang: str | None = None,
+                negative: str | None = None) -> dict:
+    """One line of train/val/eval.jsonl; an unanswerable one names its `negative` kind (on_topic, foreign)."""
+    record = {
         "id": record_id,
         "messages": [{"role": "system", "content": system_prompt(prompt)},
                      {"role": "user", "content": user_message(contexts, question)},
@@ -23,3 +24,6 @@ def make_record(record_id: str, *, prompt: PromptSection, contexts: list[dict], 
         "meta": {"chunk_id": chunk["id"], "doc_id": chunk["doc_id"], "type": type_, "question": question.strip(),
                  "context_ids": [c["id"] for c in contexts], "lang": lang or chunk.get("lang"), "pair_id": pair_id},
     }
+    if negative:
+        record["meta"]["negative"] = negative
+    return record

@@ -110,7 +110,7 @@ def untrained_languages(split_stats: dict) -> list[str]:
                    if lang not in trained and lang != "und"}
         for lang, n in sorted(missing.items()):
             lines.append(f"warning: {n} {split} items are in '{lang}', but no training example is (no kept "
-                         f"pair of a '{lang}' document is in train); pick another curate.splits.seed "
+                         f"pair of a '{lang}' document is in train); add '{lang}' documents or try another curate.splits.seed "
                          f"(splits.json lists each document's split and kept pairs)")
     return lines
 
@@ -123,7 +123,8 @@ def funnel_table(curated: list[dict], judge_info: dict, split_stats: dict) -> di
         "judge": judge_info,
         "flags_seen": dict(Counter(f for p in curated for f in p["flags"]).most_common()),
         "unanswerable": {s: {k: split_stats[s][k] for k in ("unanswerable_wanted", "negatives_discarded_overlap",
-                                                            "negatives_without_other_document", "unanswerable")}
+                                                            "negatives_without_other_document", "unanswerable",
+                                                            "unanswerable_on_topic", "unanswerable_foreign")}
                          for s in split_stats},
         "splits": split_stats,
     }
@@ -158,13 +159,14 @@ def run(root: Path, cfg: Config, endpoint_factory: Callable, *, quick: bool = Fa
             pair["flags"].append(dup.kind)
         judge_info = _judge(curated, chunk_by_id, cfg, endpoint_factory, quick, progress_factory, log, ctx)
         kept = [p for p in curated if p["kept"]]
-        documents = {c["doc_id"]: c["source"]["path"] for c in chunks}
-        splits = assign(documents, section.splits)
-        doc_split = {d: v["split"] for d, v in splits["documents"].items()}
-        records, split_stats = build_splits(kept, chunks, doc_split, cfg)
+        kept_per_chunk = Counter(p["chunk_id"] for p in kept)
+        splits = assign(chunks, section.splits, kept_per_chunk)
+        chunk_split = splits["chunks"]
+        records, split_stats = build_splits(kept, chunks, chunk_split, cfg)
         for pair in curated:
-            pair["split"] = doc_split[chunk_by_id[pair["chunk_id"]]["doc_id"]]
-        funnel = funnel_table(curated, judge_info, split_stats)
+            pair["split"] = chunk_split[pair["chunk_id"]]
+        funnel = {**funnel_table(curated, judge_info, split_stats), "split_unit": splits["unit"],
+                  "leakage": splits.get("leakage")}
         write_jsonl(ctx.out_dir / "curated.jsonl", curated)
         for split in SPLITS:
             write_jsonl(ctx.out_dir / f"{split}.jsonl", records[split])
@@ -189,7 +191,8 @@ def run(root: Path, cfg: Config, endpoint_factory: Callable, *, quick: bool = Fa
                                   f"filter in curate.* or generate more pairs")
         for split in ("val", "eval"):
             if not records[split]:
-                log(f"warning: the {split} split is empty (no document hashed into it); adjust curate.splits")
+                log(f"warning: the {split} split is empty (no group with kept pairs could be given to it); "
+                    f"add documents")
         for line in untrained_languages(split_stats):
             log(line)
 

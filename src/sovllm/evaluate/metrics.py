@@ -20,6 +20,9 @@ from sovllm.text import tokens
 _NEW_TURN = re.compile(r"<\|im_start\|>|<\|im_end\|>|(^|\n)\s*(question|frage|user|assistant)\s*:", re.IGNORECASE)
 BROKEN_KINDS = ("empty", "whitespace_only", "hit_max_tokens", "new_turn", "repetition_loop", "wrong_language")
 REFUSAL_F1 = 0.7
+# the kinds of unanswerable item curate builds (meta.negative): the pair's own question on its chunk with
+# the answer removed, and a question of another document
+NEGATIVE_KINDS = ("on_topic", "foreign")
 
 
 def token_f1(prediction: str, reference: str) -> float:

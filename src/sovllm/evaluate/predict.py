@@ -5,6 +5,9 @@ Items come from `eval.jsonl` unchanged (the system prompt and user turn the mode
 BM25 index over the eval split's chunks returns for the question — only for answerable items,
 because an unanswerable item's question was written from another chunk of the same split, which
 retrieval would rightly find. Generation is greedy with one `max_tokens` for every model.
+Unanswerable items keep their kind (`meta.negative`): `on_topic` (the item's own question about
+its own chunk with the answer-bearing sentences removed) or `foreign` (a question of another
+document; records written before the distinction existed count as foreign).
 
 Answers are cached in `out/eval/cache.jsonl` (`endpoint.CompletionCache`) by (model weights
 fingerprint, messages, parameters): an interrupted evaluation resumes where it stopped, and
@@ -19,7 +22,7 @@ from typing import Callable
 
 from sovllm.endpoint import ChatClient, CompletionCache, Endpoint
 from sovllm.errors import BackendError
-from sovllm.evaluate.metrics import score
+from sovllm.evaluate.metrics import NEGATIVE_KINDS, score
 from sovllm.models.prompt import user_message
 from sovllm.retrieval import BM25
 
@@ -46,13 +49,18 @@ class Item:
     chunk_id: str
     context_ids: list[str]
     mode: str = "gold"
+    negative: str | None = None  # unanswerable items: "on_topic" or "foreign"
 
     @classmethod
     def from_record(cls, record: dict) -> "Item":
         meta = record["meta"]
+        answerable = meta["type"] != "unanswerable"
+        negative = None if answerable else meta.get("negative") or "foreign"
+        if negative not in (None, *NEGATIVE_KINDS):
+            raise ValueError(f"meta.negative is {negative!r}, expected one of {', '.join(NEGATIVE_KINDS)}")
         return cls(record["id"], record["messages"][:2], record["messages"][2]["content"],
-                   meta["type"] != "unanswerable", meta["type"], meta.get("lang"), meta["question"],
-                   [meta["chunk_id"]], meta["chunk_id"], list(meta.get("context_ids") or []))
+                   answerable, meta["type"], meta.get("lang"), meta["question"],
+                   [meta["chunk_id"]], meta["chunk_id"], list(meta.get("context_ids") or []), negative=negative)
 
 
 def retrieved_items(items: list[Item], chunks: list[dict], k: int) -> list[Item]:
@@ -114,7 +122,7 @@ def predict(endpoint: Endpoint, models: list[Model], items: list[Item], *, max_t
         metrics = score(answer["answer"], answer["finish_reason"], reference=item.reference,
                         answerable=item.answerable, refusal=refusal, lang=item.lang, languages=languages)
         row = {"id": item.id, "model": model.label, "served_as": model.served, "context": item.mode,
-               "type": item.type, "answerable": item.answerable, "lang": item.lang, "question": item.question,
+               "type": item.type, "answerable": item.answerable, "negative": item.negative, "lang": item.lang, "question": item.question,
                "reference": item.reference, "context_ids": item.context_ids, **{k: v for k, v in answer.items()},
                **metrics}
         if item.mode == "retrieved":

@@ -135,7 +135,8 @@ def log_to_mlflow(root: Path, cfg: Config, eval_dir: Path, summary: dict, log: C
         metrics = {}
         for mode in summary["modes"]:
             for model, row in summary["table"][mode].items():
-                for key in ("f1", "rouge_l", "refusal_accuracy", "false_refusal_rate", "stop_rate", "hit_at_k",
+                for key in ("f1", "rouge_l", "refusal_accuracy", "refusal_accuracy_on_topic",
+                            "refusal_accuracy_foreign", "false_refusal_rate", "stop_rate", "hit_at_k",
                             "answer_tokens_mean", "broken_items"):
                     if row.get(key) is not None:
                         metrics[f"test/{mode}/{model}/{key}"] = row[key]

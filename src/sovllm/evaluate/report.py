@@ -1,7 +1,8 @@
 """`report.html`: one self-contained page (inline CSS, no script, no external resource) of an evaluation.
 
-Sections: the headline table per context mode with each candidate's paired-bootstrap interval
-against the reference model, the quality targets, per-type breakdown, broken-answer counts,
+Sections: the split unit's leakage risk when curate split by section, the headline table per
+context mode with each candidate's paired-bootstrap interval against the reference model (refusal
+accuracy on all unanswerable items and on each kind, with its item count), the quality targets, per-type breakdown, broken-answer counts,
 retrieval hit@k, the judge's consistency and agreement figures (marked unreliable below the kappa
 threshold), and the ten items where the models differ most, side by side. The markup lives in
 `templates/report.html.j2`; this module only arranges the summary's figures for it.
@@ -17,8 +18,13 @@ from sovllm.artifacts import write_atomic
 from sovllm.evaluate.metrics import BROKEN_KINDS
 
 METRICS = (("f1", "token F1 (answerable)"), ("rouge_l", "ROUGE-L (answerable)"),
-           ("refusal_accuracy", "refusal accuracy (unanswerable)"),
+           ("refusal_accuracy", "refusal accuracy, all unanswerable"),
+           ("refusal_accuracy_on_topic", "refusal accuracy, on-topic unanswerable"),
+           ("refusal_accuracy_foreign", "refusal accuracy, foreign unanswerable"),
            ("false_refusal_rate", "false-refusal rate (answerable)"), ("stop_rate", "stop rate"))
+# the rows whose title carries their item count: the two kinds are rarely the same size
+COUNTED = {"refusal_accuracy": "unanswerable", "refusal_accuracy_on_topic": "unanswerable_on_topic",
+           "refusal_accuracy_foreign": "unanswerable_foreign"}
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -31,6 +37,13 @@ def _fmt(value, digits: int = 3) -> str:
 _PAGES = jinja2.Environment(loader=jinja2.PackageLoader("sovllm.evaluate", "templates"), autoescape=True,
                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 _PAGES.filters["fmt"] = _fmt
+
+
+def _metric_rows(summary: dict, mode: str, reference: str) -> list[tuple[str, str]]:
+    """(key, title) of a mode's paired rows; refusal rows name their item count."""
+    row = summary["table"][mode][reference]
+    return [(key, f"{title} (n = {row.get(COUNTED[key], 0)})" if key in COUNTED else title)
+            for key, title in METRICS if key in row]
 
 
 def _extra_rows(summary: dict, mode: str, reference: str) -> list[tuple[str, str]]:
@@ -72,7 +85,8 @@ def render_report(summary: dict) -> str:
     types = {mode: sorted({t for m in models for t in summary["table"][f"{mode}_by_type"][m]})
              for mode in summary["modes"]}
     return _PAGES.get_template("report.html.j2").render(
-        s=summary, models=models, metrics=METRICS, types=types,
+        s=summary, models=models, types=types, split=summary.get("split") or {},
+        metrics={mode: _metric_rows(summary, mode, models[0]) for mode in summary["modes"]},
         extra_rows={mode: _extra_rows(summary, mode, models[0]) for mode in summary["modes"]},
         biased=[m for m in summary["models"] if isinstance(m, dict) and m.get("refusal_bias") is not None],
         verdict_css={"better": "better", "worse": "worse"}, broken_kinds=BROKEN_KINDS, judge=judge,

@@ -61,6 +61,9 @@ def load_items(path: Path) -> list[Item]:
         except (KeyError, IndexError, TypeError) as exc:
             raise InputError(f"{path}:{n}: not an eval record (missing {exc})",
                              hint="eval.jsonl must come from 'sovllm curate' (messages + meta)") from None
+        except ValueError as exc:
+            raise InputError(f"{path}:{n}: not an eval record ({exc})",
+                             hint="eval.jsonl must come from 'sovllm curate' (messages + meta)") from None
     if not items:
         raise InputError(f"{path}: the eval split is empty", hint="adjust curate.splits so documents hash into eval")
     return items
@@ -122,11 +125,26 @@ def answer_budget(items: list[Item], cfg: Config) -> int:
 
 
 def eval_chunks(root: Path, cfg: Config) -> list[dict]:
-    """The chunks of the documents in the eval split (the retrieval index)."""
+    """The chunks of the eval split (the retrieval index)."""
     out = root / cfg.project.output_dir
     splits = json.loads((out / "curate" / "splits.json").read_text())
-    docs = {d for d, v in splits["documents"].items() if v["split"] == "eval"}
-    return [c for c in read_jsonl(out / "ingest" / "chunks.jsonl") if c["doc_id"] in docs]
+    chunks = read_jsonl(out / "ingest" / "chunks.jsonl")
+    if "chunks" in splits:  # split by section, a document's chunks can lie in several splits
+        return [c for c in chunks if splits["chunks"].get(c["id"]) == "eval"]
+    docs = {d for d, v in splits["documents"].items() if v["split"] == "eval"}  # splits.json before units
+    return [c for c in chunks if c["doc_id"] in docs]
+
+
+def split_info(root: Path, cfg: Config) -> dict:
+    """How curate grouped the splits: `unit` (document | section) and, for sections, the `leakage` sentence."""
+    path = root / cfg.project.output_dir / "curate" / "splits.json"
+    splits = json.loads(path.read_text()) if path.is_file() else {}
+    unit = splits.get("unit", "document")  # splits.json written before units grouped by document
+    if unit != "section":
+        return {"unit": unit, "leakage": None}
+    leakage = splits.get("leakage") or ("split by section: an eval question's document may have other sections "
+                                        "in train, so eval figures may be optimistic")
+    return {"unit": unit, "leakage": leakage.rstrip(". ")}
 
 
 def plan_adapters(root: Path, cfg: Config, champion: Path | None) -> dict[str, str]:
@@ -192,6 +210,8 @@ def run(root: Path, cfg: Config, endpoint_factory: Callable | None = None, *, qu
     inputs = [eval_path] + [Path(p) / "adapter_model.safetensors" for p in adapters.values()]
     inputs += [Path(p) / "manifest.json" for p in adapters.values() if (Path(p) / "manifest.json").is_file()]
     inputs += [gold_path] if section.judge.enabled and gold_path.is_file() else []
+    splits_path = out / "curate" / "splits.json"
+    inputs += [splits_path] if splits_path.is_file() else []  # the report states the split unit and its risk
     config = {"eval": section.model_dump(mode="json"), "prompt": cfg.prompt.model_dump(), "model": cfg.model.base,
               "endpoint": cfg.endpoint.model_dump(), "judge": cfg.curate.judge.model_dump(mode="json"),
               "quick": quick, "promote": promote, "adapters": sorted(adapters)}
@@ -233,6 +253,7 @@ def run(root: Path, cfg: Config, endpoint_factory: Callable | None = None, *, qu
             labels = [m.label for m in models]
             summary = summarise(rows, labels, resamples=section.resamples, seed=section.seed)
             summary["targets"] = check_targets(summary)
+            summary["split"] = split_info(root, cfg)
             summary["max_tokens"] = max_tokens
             summary["system_prompt"] = system_prompt(cfg.prompt)
             summary["retrieval_k"] = section.retrieval_k
@@ -269,8 +290,11 @@ def headline(summary: dict) -> dict:
     mode = summary["modes"][0]
     table = summary["table"][mode]
     out = {"context": mode, "versus": summary["reference_model"]}
+    if (summary.get("split") or {}).get("leakage"):
+        out["leakage"] = summary["split"]["leakage"]
     for model, row in table.items():
-        out[model] = {k: row[k] for k in ("f1", "rouge_l", "refusal_accuracy", "false_refusal_rate", "stop_rate")}
+        out[model] = {k: row.get(k) for k in ("f1", "rouge_l", "refusal_accuracy", "refusal_accuracy_on_topic",
+                                              "refusal_accuracy_foreign", "false_refusal_rate", "stop_rate")}
         if model != summary["reference_model"]:
             out[model]["f1_diff"] = summary["comparisons"][mode][model]["f1"]
     return out

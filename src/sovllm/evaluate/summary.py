@@ -1,8 +1,9 @@
 """Aggregate scored predictions into the summary: per model and context mode, per type, comparisons.
 
 Headline metrics (all reference-based): token F1 and ROUGE-L on answerable items, refusal accuracy
-on unanswerable items, false-refusal rate on answerable items, stop rate on all, plus answer
-length, latency and broken-answer counts. Each model after the first is compared with the first
+on unanswerable items (all of them, and separately on the on-topic and the foreign ones),
+false-refusal rate on answerable items, stop rate on all, plus answer length, latency and
+broken-answer counts. Each model after the first is compared with the first
 (the reference, normally the base model) by a paired bootstrap on the per-item values; the quality
 targets are checked from these figures only.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
-from sovllm.evaluate.metrics import BROKEN_KINDS
+from sovllm.evaluate.metrics import BROKEN_KINDS, NEGATIVE_KINDS
 from sovllm.stats import paired_bootstrap, percentile
 
 # metric → (which items, per-item value)
@@ -19,17 +20,34 @@ PAIRED = {
     "f1": ("answerable", lambda r: r["f1"]),
     "rouge_l": ("answerable", lambda r: r["rouge_l"]),
     "refusal_accuracy": ("unanswerable", lambda r: float(r["refused"])),
+    "refusal_accuracy_on_topic": ("on_topic", lambda r: float(r["refused"])),
+    "refusal_accuracy_foreign": ("foreign", lambda r: float(r["refused"])),
     "false_refusal_rate": ("answerable", lambda r: float(r["refused"])),
     "stop_rate": ("all", lambda r: float(r["stopped"])),
 }
 LOWER_IS_BETTER = {"false_refusal_rate"}
-TARGETS = {"stop_rate": 0.95, "refusal_accuracy": 0.70, "false_refusal_rate": 0.10}
+TARGETS = {"stop_rate": 0.95, "refusal_accuracy": 0.70, "refusal_accuracy_on_topic": 0.70,
+           "false_refusal_rate": 0.10}
+
+
+def negative_kind(row: dict) -> str | None:
+    """'on_topic' or 'foreign' for an unanswerable row, None for an answerable one. Rows written
+    before curate told the kinds apart (no `negative`) held only foreign questions."""
+    if row["answerable"]:
+        return None
+    return row.get("negative") or "foreign"
+
+
+def _selected(row: dict, which: str) -> bool:
+    if which == "all":
+        return True
+    if which in NEGATIVE_KINDS:
+        return negative_kind(row) == which
+    return row["answerable"] == (which == "answerable")
 
 
 def _select(rows: list[dict], which: str) -> list[dict]:
-    if which == "all":
-        return rows
-    return [r for r in rows if r["answerable"] == (which == "answerable")]
+    return [r for r in rows if _selected(r, which)]
 
 
 def _mean(values) -> float | None:
@@ -41,6 +59,7 @@ def aggregate(rows: list[dict]) -> dict:
     """Every headline metric of one model in one context mode."""
     answerable = _select(rows, "answerable")
     out = {"items": len(rows), "answerable": len(answerable), "unanswerable": len(rows) - len(answerable)}
+    out.update({f"unanswerable_{kind}": len(_select(rows, kind)) for kind in NEGATIVE_KINDS})
     for name, (which, value) in PAIRED.items():
         out[name] = _mean(value(r) for r in _select(rows, which))
     lengths = [r["completion_tokens"] for r in rows]
@@ -75,7 +94,7 @@ def compare(reference: list[dict], candidate: list[dict], *, resamples: int, see
     pairs = [(ref[c["id"]], c) for c in candidate if c["id"] in ref]
     out = {}
     for name, (which, value) in PAIRED.items():
-        chosen = [(a, b) for a, b in pairs if which == "all" or a["answerable"] == (which == "answerable")]
+        chosen = [(a, b) for a, b in pairs if _selected(a, which)]
         result = paired_bootstrap([value(a) for a, _ in chosen], [value(b) for _, b in chosen],
                                   resamples=resamples, seed=seed).as_dict()
         if name in LOWER_IS_BETTER:  # a lower false-refusal rate is the improvement
@@ -117,7 +136,14 @@ def check_targets(summary: dict) -> dict:
                                         and row["false_refusal_rate"] <= TARGETS["false_refusal_rate"],
             "f1_better_paired": comparison["f1"]["verdict"] == "better",
         }
-        out[model] = {"checks": checks, "met": all(checks.values())}
+        # the on-topic target is checked only where curate built on-topic items (older splits have none)
+        on_topic = f"refusal_accuracy_on_topic>={TARGETS['refusal_accuracy_on_topic']:.2f}"
+        not_checked = {}
+        if row.get("unanswerable_on_topic"):
+            checks[on_topic] = row["refusal_accuracy_on_topic"] >= TARGETS["refusal_accuracy_on_topic"]
+        else:
+            not_checked[on_topic] = "no on-topic items"
+        out[model] = {"checks": checks, "met": all(checks.values()), "not_checked": not_checked}
     return out
 
 
@@ -131,6 +157,7 @@ def most_different(rows: list[dict], a: str, b: str, n: int = 10) -> list[dict]:
     common = [i for i in left if i in right]
     common.sort(key=lambda i: (-abs(value(right[i]) - value(left[i])), i))
     return [{"id": i, "question": left[i]["question"], "reference": left[i]["reference"], "type": left[i]["type"],
+             "negative": negative_kind(left[i]),
              a: left[i]["answer"], b: right[i]["answer"], "diff": round(value(right[i]) - value(left[i]), 4)}
             for i in common[:n]]
 
@@ -139,4 +166,5 @@ def token_totals(rows: list[dict]) -> dict:
     return {"prompt": sum(r["prompt_tokens"] for r in rows), "generated": sum(r["completion_tokens"] for r in rows)}
 
 
-__all__ = ["aggregate", "by_type", "check_targets", "compare", "most_different", "summarise", "Counter"]
+__all__ = ["aggregate", "by_type", "check_targets", "compare", "most_different", "negative_kind", "summarise",
+           "Counter"]

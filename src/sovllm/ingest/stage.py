@@ -26,6 +26,7 @@ from sovllm.artifacts import (
     write_jsonl,
 )
 from sovllm.config import Config
+from sovllm.ingest.groups import MIN_UNITS, count_units
 from sovllm.errors import InputError
 from sovllm.ingest import limits
 from sovllm.ingest.chunk import chunk_document
@@ -170,6 +171,20 @@ def _load_and_chunk(path: Path, folder: Path, loader, tokenizer, cfg: Config, ti
     return loaded, metadata, notes, chunks
 
 
+def check_size(records: list[dict], tokens: int, cfg: Config, folder: Path) -> None:
+    """Refuse a corpus too small to give train, val and eval parts, before minutes of synth and training."""
+    unit, groups = count_units(records, cfg.curate.splits)
+    documents = len({r["doc_id"] for r in records})
+    if groups < MIN_UNITS:
+        raise InputError(f"{folder}: too small to split: {documents} document(s) with {groups} {unit}(s); sovllm needs "
+                         f"at least {MIN_UNITS} (one each for train, val and eval)",
+                         hint="add documents, or give the ones you have headings (each section can be a split unit)")
+    if tokens < cfg.ingest.min_tokens:
+        raise InputError(f"{folder}: too small: {tokens} tokens of text in {documents} document(s); sovllm needs at "
+                         f"least ingest.min_tokens ({cfg.ingest.min_tokens}) to build train, val and eval pairs",
+                         hint="add documents (four short pages are about 1,800 tokens)")
+
+
 def histogram(lengths: list[int], size: int) -> dict[str, int]:
     """Token-length histogram with edges at 1/8, 1/4, 1/2, 3/4 and 1× the chunk size."""
     edges = sorted({0, size // 8, size // 4, size // 2, 3 * size // 4, size})
@@ -208,6 +223,8 @@ def run(root: Path, cfg: Config, *, quick: bool = False, force: bool = False,
                 progress.close()
         lengths = [r["n_tokens"] for r in result["records"]]
         tokens = sum(lengths)
+        if not quick:
+            check_size(result["records"], tokens, cfg, folder)
         write_jsonl(ctx.out_dir / "chunks.jsonl", result["records"])
         stats = {
             "documents": len(result["documents"]),

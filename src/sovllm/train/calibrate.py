@@ -28,7 +28,7 @@ whose user turn has the training format; other servers (vLLM) ignore it.
 
 from __future__ import annotations
 
-from sovllm.curate.negatives import overlap
+from sovllm.curate.negatives import on_topic_context, overlap
 from sovllm.models.adapter import RefusalCalibration
 from sovllm.models.grounding import Vocabulary
 from sovllm.models.prompt import record_turn, user_turn
@@ -76,35 +76,57 @@ def margins(model, prompts: list[list[int]], token_ids: list[int], *, pad_id: in
     return out
 
 
+def _meta(record: dict) -> dict:
+    return record.get("meta") or {}
+
+
+def _refused(record: dict, context: str, question: str, refusal: str, suffix: str, kind: str) -> dict:
+    """`record`'s question asked about `context`, answered with the refusal sentence."""
+    system = [m for m in record["messages"] if m.get("role") == "system"]
+    return {"id": f"{record.get('id')}-calibration-{suffix}",
+            "messages": system + [{"role": "user", "content": user_turn(context, question)},
+                                  {"role": "assistant", "content": refusal.strip()}],
+            "meta": {**_meta(record), "type": "unanswerable", "negative": kind, "question": question}}
+
+
 def foreign_val_records(records: list[dict], refusal: str, max_overlap: float) -> list[dict]:
     """More unanswerable items for the calibration, built as curate builds them: each answerable val
     question asked about a context of another val document, the one it shares the most content words
     with among those sharing at most `max_overlap` of them (a hard negative that is still not
     answerable); none when val has a single document. Records in the train/val.jsonl format."""
-    def meta(record):
-        return record.get("meta") or {}
-
     contexts: dict[str, str] = {}  # context text -> its document
     for record in records:
         parts = record_turn(record)
-        if parts and meta(record).get("type") != "unanswerable":
-            contexts.setdefault(parts[0], str(meta(record).get("doc_id")))
+        if parts and _meta(record).get("type") != "unanswerable":
+            contexts.setdefault(parts[0], str(_meta(record).get("doc_id")))
     out = []
     for record in records:
         parts = record_turn(record)
-        if not parts or meta(record).get("type") == "unanswerable":
+        if not parts or _meta(record).get("type") == "unanswerable":
             continue
-        question, doc = parts[1], str(meta(record).get("doc_id"))
+        question, doc = parts[1], str(_meta(record).get("doc_id"))
         scored = [(overlap(question, text), text) for text, other in contexts.items() if other != doc]
         allowed = [(shared, text) for shared, text in scored if shared <= max_overlap]
         if not allowed:
             continue
         _, text = max(allowed, key=lambda s: s[0])  # first of the most overlapping (dict order: stable)
-        system = [m for m in record["messages"] if m.get("role") == "system"]
-        out.append({"id": f"{record.get('id')}-calibration-foreign",
-                    "messages": system + [{"role": "user", "content": user_turn(text, question)},
-                                          {"role": "assistant", "content": refusal.strip()}],
-                    "meta": {**meta(record), "type": "unanswerable", "question": question}})
+        out.append(_refused(record, text, question, refusal, "foreign", "foreign"))
+    return out
+
+
+def on_topic_val_records(records: list[dict], refusal: str, max_overlap: float) -> list[dict]:
+    """On-topic unanswerable items for the calibration, built as curate builds them: each answerable
+    val question asked about its own context with the answer-bearing sentences removed, where the
+    answer is then really absent (`curate.negatives.on_topic_context`)."""
+    out = []
+    for record in records:
+        parts = record_turn(record)
+        if not parts or _meta(record).get("type") == "unanswerable":
+            continue
+        answer = next((m.get("content") for m in reversed(record["messages"]) if m.get("role") == "assistant"), "")
+        left = on_topic_context(parts[0], parts[1], answer or "", max_overlap)
+        if left is not None:
+            out.append(_refused(record, left, parts[1], refusal, "on-topic", "on_topic"))
     return out
 
 

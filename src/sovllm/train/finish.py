@@ -40,26 +40,29 @@ def calibrate_refusal(model, tokenizer, cfg: Config, val: list, val_records: lis
     (`train.refusal_calibration`) or when val cannot support it."""
     if not cfg.train.refusal_calibration:
         return None
-    from sovllm.train.calibrate import calibrate, foreign_val_records, refusal_token_ids
+    from sovllm.train.calibrate import calibrate, foreign_val_records, on_topic_val_records, refusal_token_ids
 
     kinds = {str(r.get("id")): (r.get("meta") or {}).get("type") == "unanswerable" for r in val_records}
     flags = [kinds.get(e.id, False) for e in val]
-    if not any(flags) or all(flags):
-        log(f"refusal calibration skipped: val has {sum(flags)} unanswerable and {len(flags) - sum(flags)} answerable "
-            "items, it needs both")
-        return None
     tokens = refusal_token_ids(tokenizer, cfg.prompt.refusal)
     records = {str(r.get("id")): r for r in val_records}
     examples = list(val)
-    if cfg.train.refusal_val_foreign:
-
-        eot = end_of_turn_id(tokenizer)
-        for record in foreign_val_records(val_records, cfg.prompt.refusal, cfg.curate.max_overlap):
+    eot = end_of_turn_id(tokenizer)
+    built = {"foreign": foreign_val_records if cfg.train.refusal_val_foreign else None,
+             "on_topic": on_topic_val_records if cfg.train.refusal_val_on_topic else None}
+    added: dict[str, int] = {}
+    for kind, builder in built.items():
+        for record in builder(val_records, cfg.prompt.refusal, cfg.curate.max_overlap) if builder else []:
             example = encode(record, tokenizer, eot, "val.jsonl (calibration)")
             if len(example.prompt_ids) < cfg.train.max_length:
                 records[example.id] = record
                 examples.append(example)
                 flags.append(True)
+                added[kind] = added.get(kind, 0) + 1
+    if not any(flags) or all(flags):
+        log(f"refusal calibration skipped: val has {sum(flags)} unanswerable and {len(flags) - sum(flags)} answerable "
+            "items, it needs both")
+        return None
     vocabulary, support = None, None
     if cfg.train.refusal_support:
         vocabulary = Vocabulary.from_contexts(p[0] for p in map(record_turn, train_records) if p)
@@ -67,14 +70,16 @@ def calibrate_refusal(model, tokenizer, cfg: Config, val: list, val_records: lis
                    for e in examples]
     result = calibrate(model, examples, flags, tokens, pad_id=tokenizer.pad_token_id,
                        max_false_refusals=cfg.train.refusal_max_false, support=support, vocabulary=vocabulary)
-    foreign = len(examples) - len(val)
-    result.val["foreign_questions"] = foreign
+    result.val["foreign_questions"] = added.get("foreign", 0)
+    result.val["on_topic_questions"] = added.get("on_topic", 0)
     before, after = result.val["before"], result.val["after"]
     n_u, n_a = result.val["unanswerable"], result.val["answerable"]
     weight = f" - {result.support_weight:g} x lexical support" if result.support_weight else ""
-    added = f" (of them {foreign} val questions asked about another val document's context)" if foreign else ""
+    made = [f"{n} val questions asked about another val document's context" if kind == "foreign" else
+            f"{n} about their own context with the answer removed" for kind, n in added.items() if n]
+    note = f" (of them {' and '.join(made)})" if made else ""
     log(f"refusal calibration on val: bias {result.bias:+.2f}{weight} on the refusal's first {len(tokens)} tokens; refused "
-        f"{before['refused_unanswerable']}/{n_u} unanswerable{added} and {before['refused_answerable']}/{n_a} answerable "
+        f"{before['refused_unanswerable']}/{n_u} unanswerable{note} and {before['refused_answerable']}/{n_a} answerable "
         f"before, {after['refused_unanswerable']}/{n_u} and {after['refused_answerable']}/{n_a} after "
         f"(train.refusal_max_false {cfg.train.refusal_max_false:g})")
     return result
