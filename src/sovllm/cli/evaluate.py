@@ -20,6 +20,8 @@ def print_summary(summary: dict, out_dir, title: str = "eval") -> None:
     labels = [m["label"] for m in summary["models"]]
     ref = summary["reference_model"]
     console.print(f"{title}: {', '.join(labels)}; differences vs {ref} with 95% paired-bootstrap intervals")
+    if (summary.get("split") or {}).get("leakage"):
+        console.print(f"[yellow]note: {summary['split']['leakage']}[/yellow]")
     for mode in summary["modes"]:
         table = Table(title=f"{mode} context")
         table.add_column("metric")
@@ -29,10 +31,15 @@ def print_summary(summary: dict, out_dir, title: str = "eval") -> None:
             table.add_column(f"{m} − {ref}", justify="right")
         rows = summary["table"][mode]
         for key, name in (("f1", "token F1 (answerable)"), ("rouge_l", "ROUGE-L (answerable)"),
-                          ("refusal_accuracy", "refusal accuracy"), ("false_refusal_rate", "false-refusal rate"),
-                          ("stop_rate", "stop rate")):
+                          ("refusal_accuracy", "refusal accuracy"),
+                          ("refusal_accuracy_on_topic", "  on-topic unanswerable"),
+                          ("refusal_accuracy_foreign", "  other-document unanswerable"),
+                          ("false_refusal_rate", "false-refusal rate"), ("stop_rate", "stop rate")):
+            if key not in rows[labels[0]]:
+                continue
             cells = ["–" if rows[m][key] is None else f"{rows[m][key]:.3f}" for m in labels]
-            cells += [_ci(summary["comparisons"][mode][m][key]) for m in labels[1:]]
+            comparisons = [summary["comparisons"][mode][m].get(key) for m in labels[1:]]
+            cells += [_ci(c) if c and c.get("verdict") != "no data" else "no data" for c in comparisons]
             table.add_row(name, *cells)
         if "hit_at_k" in rows[labels[0]]:
             table.add_row(f"hit@{summary['retrieval_k']}", *[f"{rows[m]['hit_at_k']:.3f}" for m in labels],
@@ -90,6 +97,10 @@ def headline_lines(evaluation: dict) -> list[str]:
     def pct(value) -> str:
         return "–" if value is None else f"{value:.1%}"
 
+    def on_topic(row) -> str:
+        value = row.get("refusal_accuracy_on_topic")
+        return "" if value is None else f" (on-topic {pct(value)})"
+
     lines = []
     for model, row in headline.items():
         if not isinstance(row, dict) or "f1_diff" not in row:
@@ -97,7 +108,8 @@ def headline_lines(evaluation: dict) -> list[str]:
         c = row["f1_diff"]
         lines.append(f"headline ({headline['context']} context): {model} token F1 {row['f1']:.3f}, {c['diff']:+.3f} vs "
                      f"{versus} [95% CI {c['low']:+.3f}, {c['high']:+.3f}] → {c['verdict']}; refusal accuracy "
-                     f"{pct(row['refusal_accuracy'])} with {pct(row['false_refusal_rate'])} false refusals ({versus} "
+                     f"{pct(row['refusal_accuracy'])}{on_topic(row)} with {pct(row['false_refusal_rate'])} false "
+                     f"refusals ({versus} "
                      f"{pct(reference.get('refusal_accuracy'))} / {pct(reference.get('false_refusal_rate'))}); stop "
                      f"rate {pct(row['stop_rate'])} ({versus} {pct(reference.get('stop_rate'))})")
         if evaluation.get("targets", {}).get(model):
