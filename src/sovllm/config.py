@@ -163,9 +163,12 @@ class SynthSection(Section):
     pairs_per_chunk: int = Field(
         4, ge=1, le=16,
         description="extractive mode: questions asked per chunk, each for a different statement (spread over the "
-                    "types and the chunk's sections); chosen on examples/klinik (~450-token chunks), where 4 "
-                    "model pairs plus the structure pairs gave >= 3 kept pairs per chunk (docs/synth.md); "
-                    "free mode asks one pair per type")
+                    "types and the chunk's sections); free mode asks one pair per type. 4: after their structure "
+                    "pairs, 75 of examples/acme's 86 English chunks (~375 tokens) still have 4 distinct statements "
+                    "(64 have 5), and acme's synth stays at 210 s of its 6-minute budget (docs/synth.md)")
+    model_languages: list[str] | None = Field(
+        None, description="languages of the chunks the model writes questions for; null = every language, except "
+                          "with the bundled SmolLM2-135M: [en] (its German questions are word salad, docs/synth.md)")
 
     @field_validator("types")
     @classmethod

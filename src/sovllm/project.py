@@ -60,7 +60,7 @@ ingest:
   min_tokens: 500           # a smaller corpus is refused: too little text for train, val and eval
 
 synth:
-  types: [factual, conceptual, comparison]   # one question of each type per chunk
+  types: [factual, conceptual, comparison]   # question types, taking turns over a chunk's statements
   concurrency: 32           # requests in flight against the endpoint ('sovllm synth --sweep' measures)
   temperature: 0.5
   top_p: 0.95
@@ -76,7 +76,9 @@ synth:
   timeout_s: 300
   prompt_dir: null          # folder with qa.en.j2 / qa.de.j2 to override the built-in prompts
   quick_chunks: 12          # chunks used by 'sovllm run --quick'
-  structure: [faq, overview]  # pairs read off the documents, no model: FAQ entries, one overview per heading
+  structure: [faq, overview, field, table]  # pairs read off the documents, no model: FAQ entries, section
+                            # overviews, 'Label: value' lines, table rows
+  pairs_per_chunk: 4        # extractive mode: questions the model is asked per chunk
 
 curate:
   # rule flags that drop a pair (all are recorded; 'sovllm curate review' shows them)

@@ -133,6 +133,8 @@ def test_reuse_is_keyed_by_text_and_settings(fake, tmp_path):
     edited[2]["text"] += " Added sentence."
     _, stats = run(edited, endpoint_of(endpoint), tmp_path)
     assert len(endpoint.requests) == first + 1 and stats.generated == 1
+    run(CHUNKS, endpoint_of(endpoint), tmp_path, pairs_per_chunk=9)  # free mode ignores it: reused
+    assert len(endpoint.requests) == first + 1
     run(CHUNKS, endpoint_of(endpoint), tmp_path, temperature=0.9)  # other sampling: regenerate all
     assert len(endpoint.requests) == first + 1 + len(CHUNKS)
 
@@ -206,3 +208,99 @@ def test_a_corrupt_cache_line_in_the_middle_is_an_error_naming_file_and_line(fak
     with pytest.raises(InputError, match=r"cache.jsonl:2: not valid JSON") as err:
         run(CHUNKS[:3], endpoint_of(endpoint), tmp_path, concurrency=1)
     assert "delete that line (or the whole file)" in str(err.value) and len(endpoint.requests) == asked
+
+
+SECTIONS = {"id": "k-00000", "doc_id": "k", "lang": "en", "heading_path": ["Night Shift Handover"], "n_tokens": 200,
+            "source": {"path": "k.md", "sha256": "0" * 64, "page": None}, "meta": {},
+            "text": "Handover times\nThe evening handover starts at 21:15 in the ward office. The morning handover "
+                    "starts at 6:00 for every ward.\n\nIsolation patients are handed over at the bedside by the nurse. "
+                    "Night nurses write the report while the day team reads it first.\n"
+                    "Who signs\n- Form: NM-P-12 in the yellow folder\nStudent nurses may never sign as nurse in charge "
+                    "because they lack the licence. The deputy on the roster signs when the nurse in charge is absent."}
+
+
+def question_about(body, n):
+    """A usable question for the statement in an extractive prompt (three of its longer words)."""
+    statement = text_of(body).split("\n", 1)[1]
+    words = [w.strip(".,„“\"") for w in statement.split() if len(w) > 4][:3]
+    return 200, json.dumps({"question": "What happens with " + " ".join(words) + "?"})
+
+
+def synth_project(tmp_path, chunks):
+    init_project(tmp_path / "p")
+    root = tmp_path / "p"
+    (root / "out" / "ingest").mkdir(parents=True)
+    (root / "out" / "ingest" / "chunks.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chunks))
+    return root
+
+
+def test_extractive_mode_asks_several_questions_per_chunk_besides_its_structure_pairs(fake, tmp_path):
+    root = synth_project(tmp_path, [SECTIONS])
+    endpoint = fake(question_about)
+
+    @contextmanager
+    def factory():
+        yield endpoint_of(endpoint, embedded=True)
+
+    kinds = "synth.structure=[faq, overview, field, table]"  # `sovllm init` may write an older list
+    cfg = load_config(root, ["synth.pairs_per_chunk=4", kinds])
+    stage.run(root, cfg, factory, log=lambda _: None)
+    pairs = list(read_jsonl(root / "out" / "synth" / "qa.jsonl"))
+    model = [p for p in pairs if p["generator"]["method"] == "model"]
+    overview = next(p for p in pairs if p["generator"]["method"] == "overview")
+    assert len(model) == 4 and len(endpoint.requests) == 4  # asked although the chunk has structure pairs
+    assert [p["id"] for p in model] == ["k-00000-factual", "k-00000-conceptual", "k-00000-comparison",
+                                        "k-00000-factual-2"]
+    assert len({p["id"] for p in pairs}) == len(pairs) and {p["generator"]["method"] for p in pairs} == \
+        {"model", "overview", "field"}
+    asked = [text_of(b) for b in endpoint.requests]
+    # no request for a sentence a structure pair already answers, and no sentence asked twice
+    assert not any(sentence in prompt for prompt in asked for sentence in overview["answer"].split(". "))
+    assert len({p["answer"] for p in model}) == 4
+    assert any("Student nurses" in p["answer"] for p in model)  # the second section is covered too
+    summary = json.loads((root / "out" / "synth" / "summary.json").read_text())
+    assert summary["pairs_by_method"]["model"] == 4 and summary["pairs_per_chunk"] == len(pairs)
+
+    (root / "out" / "synth" / "qa.jsonl").unlink()  # rebuilt from the cache: same ids, no request
+    stage.run(root, cfg, factory, force=True, log=lambda _: None)
+    assert [p["id"] for p in read_jsonl(root / "out" / "synth" / "qa.jsonl")] == [p["id"] for p in pairs]
+    assert len(endpoint.requests) == 4
+    # the structure pairs decide which sentences are asked about: turning them off re-asks the chunk
+    stage.run(root, load_config(root, ["synth.pairs_per_chunk=4", "synth.structure=[]"]), factory,
+              log=lambda _: None)
+    assert len(endpoint.requests) == 8
+
+
+def test_retries_per_question_are_bounded_by_max_attempts(fake, tmp_path):
+    endpoint = fake(lambda body, n: (200, json.dumps({"question": "What is the answer to this question?"})))
+    results, _ = run([SECTIONS], endpoint_of(endpoint, embedded=True), tmp_path, extractive=True, max_attempts=2,
+                     pairs_per_chunk=3, types=["factual", "conceptual", "comparison"])
+    record = next(iter(results.values()))
+    assert record["pairs"] == [] and len(endpoint.requests) <= 3 * 2
+    assert {f["reason"] for f in record["failed"]} == {"generic"}
+
+
+def test_the_bundled_model_is_asked_for_english_chunks_only_by_default(fake, tmp_path):
+    from sovllm.endpoint import Endpoint
+
+    german = {**SECTIONS, "id": "g-00000", "doc_id": "g", "lang": "de",
+              "text": "Die Übergabe beginnt um 21:15 Uhr im Stationszimmer der Station. Danach zählt die Nachtschicht."}
+    root = synth_project(tmp_path, [SECTIONS, german])
+
+    def script(body, n):
+        if "Aussage" in text_of(body):
+            return 200, json.dumps({"question": "Wann beginnt die Übergabe im Stationszimmer?"})
+        return question_about(body, n)
+
+    endpoint = fake(script)
+
+    @contextmanager
+    def factory():
+        yield Endpoint(endpoint.base_url, "smollm2-135m-instruct", None, True)
+
+    logs = []
+    stage.run(root, load_config(root), factory, log=logs.append)
+    assert not any("Aussage" in text_of(b) for b in endpoint.requests) and endpoint.requests
+    assert "asked for 1 of 2 chunks (synth.model_languages: en)" in logs[0]
+    stage.run(root, load_config(root, ["synth.model_languages=[en, de]"]), factory, log=logs.append)
+    assert any("Aussage" in text_of(b) for b in endpoint.requests)

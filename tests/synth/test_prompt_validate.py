@@ -8,8 +8,9 @@ import jsonschema
 import pytest
 
 from sovllm.synth.prompt import PromptSet
-from sovllm.synth.validate import (answer_candidates, check_output, check_question, grounding_ratio, max_tokens_for,
-                                   question_schema, rank_answers, schema_for)
+from sovllm.synth.answers import candidates, rank_answers
+from sovllm.synth.validate import (check_output, check_question, grounding_ratio, max_tokens_for, question_schema,
+                                   schema_for)
 from sovllm.text import content_words
 from tests.synth.conftest import CHUNKS
 
@@ -76,9 +77,10 @@ def test_answer_candidates_and_ranking():
     text = ("Engineering\n| a | b | c |\n- Backups run at 01:30 CET every night in FRA-2.\napproved by: nobody\n"
             "Restores take longer than forty minutes while backups are fast. Staff must reconnect because the gateway drops. "
             "Is this a question here at all?")
-    candidates = answer_candidates(text, 240)
-    assert "Backups run at 01:30 CET every night in FRA-2." in candidates
-    assert not any("|" in c for c in candidates) and "Engineering" not in candidates
+    singles, pairs = candidates(text, 240)
+    found = [c.text for c in singles + pairs]
+    assert "Backups run at 01:30 CET every night in FRA-2." in found
+    assert not any("|" in c for c in found) and "Engineering" not in found
     ranked = rank_answers(text, ["factual", "conceptual", "comparison"], 240)
     assert ranked["factual"][0] == "Backups run at 01:30 CET every night in FRA-2."
     assert ranked["conceptual"][0] == "Staff must reconnect because the gateway drops."

@@ -9,7 +9,7 @@ from sovllm.artifacts import read_jsonl
 from sovllm.config import load_config
 from sovllm.project import init_project
 from sovllm.synth import stage
-from sovllm.synth.structure import faq_pairs, overview_pair, structure_pairs
+from sovllm.synth.structure import faq_pairs, overview_pairs, structure_pairs
 from tests.synth.conftest import endpoint_of, first_sentence
 
 
@@ -53,27 +53,27 @@ def test_faq_answer_respects_the_length_limit():
 def test_overview_question_names_document_and_section_in_its_language():
     en = chunk("6. Patching deadlines\nDeadlines start when the vendor releases the patch. Critical fixes take "
                "at most 72 hours on servers.", path=("IT Security Policy",))
-    assert overview_pair(en, 240) == {
+    assert overview_pairs(en, 240) == [{
         "question": "What does the IT Security Policy say about “Patching deadlines”?",
-        "answer": "Deadlines start when the vendor releases the patch. Critical fixes take at most 72 hours on servers."}
+        "answer": "Deadlines start when the vendor releases the patch. Critical fixes take at most 72 hours on servers."}]
     de = chunk("3.4 Sonderurlaub\nFür bestimmte persönliche Anlässe gewährt Acme bezahlten Sonderurlaub von bis zu "
                "drei Tagen.", lang="de", path=("Personalhandbuch Leipzig", "3. Urlaub"))
-    assert overview_pair(de, 240)["question"] == "Was steht in „Personalhandbuch Leipzig“ zum Thema „Urlaub: Sonderurlaub“?"
+    assert overview_pairs(de, 240)[0]["question"] == "Was steht in „Personalhandbuch Leipzig“ zum Thema „Urlaub: Sonderurlaub“?"
 
 
 def test_one_word_sub_heading_gets_its_parent_only_when_numbering_nests_it():
     text = "{} Anspruch\nVollzeitbeschäftigte erhalten 30 Urlaubstage pro Kalenderjahr bei einer Fünf-Tage-Woche."
     nested = chunk(text.format("3.1"), lang="de", path=("Handbuch", "3. Urlaub"))
     sibling = chunk(text.format("4."), lang="de", path=("Handbuch", "3. Urlaub"))
-    assert "„Urlaub: Anspruch“" in overview_pair(nested, 240)["question"]
-    assert "„Anspruch“" in overview_pair(sibling, 240)["question"]
+    assert "„Urlaub: Anspruch“" in overview_pairs(nested, 240)[0]["question"]
+    assert "„Anspruch“" in overview_pairs(sibling, 240)[0]["question"]
 
 
 def test_no_overview_without_a_heading_that_opens_with_a_statement():
-    assert overview_pair(chunk("Deadlines start when the vendor releases the patch, for every server."), 240) is None
-    assert overview_pair(chunk("Approvals\n- the data owner\n- the DPO and the CISO"), 240) is None
-    assert overview_pair(chunk("IT Security Policy\nThis policy sets the minimum rules for every user of IT.",
-                               path=("IT Security Policy",)), 240) is None  # the title is not a section
+    assert overview_pairs(chunk("Deadlines start when the vendor releases the patch, for every server."), 240) == []
+    assert overview_pairs(chunk("Approvals\n- the data owner\n- the DPO and the CISO"), 240) == []
+    assert overview_pairs(chunk("IT Security Policy\nThis policy sets the minimum rules for every user of IT.",
+                                path=("IT Security Policy",)), 240) == []  # the title is not a section
     kinds = structure_pairs(FAQ, ["faq"], 240)
     assert [p["name"] for p in kinds] == ["faq-1", "faq-2"] and structure_pairs(FAQ, [], 240) == []
 
@@ -111,7 +111,7 @@ def test_synth_adds_structure_pairs_after_model_pairs_unless_the_question_was_as
 def test_unnumbered_heading_under_a_heading_line_and_the_title_of_a_web_page():
     notes = chunk("Ledgerline 7.2\nNew features\nLesefix, Acme's own OCR engine, replaces the licensed engine for "
                   "PDF invoices.", path=("Ledgerline Release Notes",), title="Ledgerline Release Notes – Kompass")
-    assert overview_pair(notes, 240)["question"] == \
+    assert overview_pairs(notes, 240)[0]["question"] == \
         "What does the Ledgerline Release Notes say about “Ledgerline 7.2: New features”?"
 
 
@@ -144,10 +144,11 @@ def test_fill_asks_the_model_only_for_chunks_without_structure_pairs(fake, tmp_p
     assert len(endpoint.requests) == 2
     assert [p["id"] for p in read_jsonl(root / "out" / "synth" / "qa.jsonl")] == \
         ["d-00000-faq-1", "d-00000-faq-2", "e-00000-factual"]
-    # `auto` is fill only in extractive mode (the small embedded model)
+    # the default asks the model for every chunk, with the embedded model too; `auto` is `all`
     from sovllm.synth.generate import Settings
-    auto = load_config(root).synth
-    assert Settings.from_config(auto, embedded=True).fill and not Settings.from_config(auto, embedded=False).fill
+    default, auto = load_config(root).synth, load_config(root, ["synth.model_pairs=auto"]).synth
+    assert default.model_pairs == "all"
+    assert not any(Settings.from_config(s, embedded=e).fill for s in (default, auto) for e in (True, False))
 
 
 def test_no_pair_whose_answer_would_be_the_first_item_of_a_list_or_points_on_to_one():
@@ -156,4 +157,40 @@ def test_no_pair_whose_answer_would_be_the_first_item_of_a_list_or_points_on_to_
     pointing = chunk("First-week checklist\nBy Friday of your first week, you should have ticked off all of these.\n"
                      "- Laptop set up and encrypted", path=("Onboarding Guide",))
     faq = chunk("Who approves?\n- Up to EUR 1,500: your manager and nobody else.\n- Above: the CFO of the company.")
-    assert overview_pair(listed, 240) is None and overview_pair(pointing, 240) is None and faq_pairs(faq, 240) == []
+    assert overview_pairs(listed, 240) == [] and overview_pairs(pointing, 240) == [] and faq_pairs(faq, 240) == []
+
+
+def test_every_section_that_opens_with_a_statement_gets_an_overview():
+    text = ("Badge access\nMedication rooms open only with a staff badge that carries the MED level.\n\n"
+            "Two-person rule\n- Removal: two qualified staff members\n\n"
+            "Monthly audit\nThe hospital pharmacy audits every register on the first Wednesday of each month.")
+    pairs = structure_pairs(chunk(text, path=("Access to Medication Rooms",)), ["overview"], 240)
+    assert [(p["name"], p["question"]) for p in pairs] == [
+        ("overview", "What does the Access to Medication Rooms say about “Badge access”?"),
+        ("overview-2", "What does the Access to Medication Rooms say about “Monthly audit”?")]  # a list: none
+
+
+def test_a_chunk_that_opens_its_section_gets_the_overview_of_its_heading_path():
+    from sovllm.synth.headings import mark_section_openings
+
+    path = ("Personalhandbuch", "1. Arbeitszeit", "1.4 Gleitzeitkonto")
+    first = chunk("Jede Abweichung von der Sollzeit fließt in das Gleitzeitkonto des Monats.", lang="de", path=path,
+                  cid="d-00002")
+    later = chunk("Am 31. Dezember dürfen höchstens 40 Plusstunden übertragen werden.", lang="de", path=path,
+                  cid="d-00003")
+    other_doc = {**chunk("Ein anderes Dokument beginnt hier mit einem ganzen Satz.", lang="de", path=path,
+                         cid="e-00000"), "doc_id": "e"}
+    chunks = [chunk("Einleitung des Handbuchs mit einem ganzen Satz am Anfang.", lang="de", path=path[:2],
+                    cid="d-00001"), first, later, other_doc]
+    mark_section_openings(chunks)
+    assert [c["opens_section"] for c in chunks] == [True, True, False, True]
+    assert overview_pairs(first, 240) == [{
+        "question": "Was steht in „Personalhandbuch“ zum Thema „Arbeitszeit: Gleitzeitkonto“?",
+        "answer": "Jede Abweichung von der Sollzeit fließt in das Gleitzeitkonto des Monats."}]
+    assert overview_pairs(later, 240) == []  # it continues the section: its first lines do not open it
+    assert overview_pairs({**first, "heading_path": ["Personalhandbuch"]}, 240) == []  # the title is no section
+
+
+def test_a_question_two_structure_pairs_of_a_chunk_share_is_dropped():
+    text = "Parking\nStaff park in the east garage on levels 3 and 4 every day.\nParking\nVisitors park outside at the gate."
+    assert structure_pairs(chunk(text, path=("Office Guide",)), ["overview"], 240) == []

@@ -11,7 +11,11 @@ an error naming the file and line.
 Concurrency: at most `concurrency` requests are in flight at the endpoint (a semaphore in the
 client); as many workers take chunks from a queue fed by one producer, so at most
 `2 × concurrency` chunks wait in memory beyond those being worked on, whatever the corpus size.
-A chunk's question types are requested concurrently, which keeps the endpoint's batch full.
+A chunk's questions are requested concurrently, which keeps the endpoint's batch full.
+
+In extractive mode a chunk's result also depends on the answers its structure pairs already use
+(they are not asked for again) and on how its answers are chosen (`answers.PLAN_VERSION`), so
+both are part of its key.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import asyncio
 import hashlib
 import json
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -30,6 +35,7 @@ from sovllm.artifacts import append_jsonl, read_jsonl, truncate_partial_line
 from sovllm.config import SynthSection
 from sovllm.endpoint import ChatClient, Endpoint
 from sovllm.errors import BackendError
+from sovllm.synth.answers import PLAN_VERSION, plan
 from sovllm.synth.prompt import PromptSet
 from sovllm.synth.structure import structure_pairs
 from sovllm.synth.validate import (
@@ -37,7 +43,6 @@ from sovllm.synth.validate import (
     check_question,
     max_tokens_for,
     question_schema,
-    rank_answers,
     schema_for,
 )
 from sovllm.text import norm_question
@@ -56,22 +61,40 @@ class Settings:
     question_max: int
     answer_max: int
     extractive: bool
-    fill: bool = False  # left out of the cache key: it chooses which chunks are asked, not their result
+    pairs_per_chunk: int = 4  # extractive mode: questions asked per chunk
+    # left out of the cache key: `fill` chooses which chunks are asked, not their result; what
+    # `structure` changes about a result (the answers not asked for again) goes in as `avoided_answers`
+    fill: bool = False
+    structure: tuple[str, ...] = ()
 
     @classmethod
-    def from_config(cls, synth: SynthSection, *, embedded: bool) -> "Settings":
+    def from_config(cls, synth: SynthSection, *, embedded: bool) -> Settings:
         extractive = synth.answer_mode == "extractive" or (synth.answer_mode == "auto" and embedded)
-        fill = synth.model_pairs == "fill" or (synth.model_pairs == "auto" and extractive)
         return cls(list(synth.types), synth.temperature, synth.top_p, synth.seed, synth.max_attempts,
-                   synth.grounding, synth.question_max_chars, synth.answer_max_chars, extractive, fill)
+                   synth.grounding, synth.question_max_chars, synth.answer_max_chars, extractive,
+                   synth.pairs_per_chunk, synth.model_pairs == "fill", tuple(synth.structure))
+
+
+_NOT_IN_KEY = ("fill", "structure")
+
+
+def avoided_answers(chunk: dict, settings: Settings) -> list[str]:
+    """Extractive mode: the answers of the chunk's structure pairs, which the model is not asked about."""
+    if not settings.extractive or not settings.structure:
+        return []
+    return [pair["answer"] for pair in structure_pairs(chunk, settings.structure, settings.answer_max)]
 
 
 def chunk_key(chunk: dict, prompts: PromptSet, model: str, settings: Settings) -> str:
     text_hash = hashlib.sha256(chunk["text"].encode("utf-8")).hexdigest()
-    blob = json.dumps([text_hash, chunk.get("heading_path"), prompts.language(chunk.get("lang")),
-                       prompts.template_hash(prompts.language(chunk.get("lang"))), model,
-                       {k: v for k, v in settings.__dict__.items() if k != "fill"}],
-                      sort_keys=True)
+    values = {k: v for k, v in settings.__dict__.items() if k not in _NOT_IN_KEY}
+    parts = [text_hash, chunk.get("heading_path"), prompts.language(chunk.get("lang")),
+             prompts.template_hash(prompts.language(chunk.get("lang"))), model, values]
+    if settings.extractive:
+        parts.append([PLAN_VERSION, avoided_answers(chunk, settings)])
+    else:  # free mode asks one pair per type whatever `pairs_per_chunk` says
+        values.pop("pairs_per_chunk")
+    blob = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:24]
 
 
@@ -119,37 +142,30 @@ async def _backoff(attempt: int) -> None:
 
 
 async def _extractive(chunk: dict, client: ChatClient, prompts: PromptSet, settings: Settings, seed: int,
-                      usage: dict) -> tuple[dict, dict]:
-    """Answers are sentences of the chunk; the model writes the question each one answers.
+                      usage: dict) -> tuple[list[dict], list[dict]]:
+    """Answers are statements of the chunk; the model writes the question each one answers.
 
-    The types run concurrently (each tries its own candidate sentences in turn), so a chunk keeps
-    several short requests in flight; a type whose accepted answer or question another type
-    already has is counted as a duplicate.
+    `answers.plan` chooses up to `pairs_per_chunk` answers spread over the types and sections,
+    each with its own fallbacks; the slots run concurrently, so a chunk keeps several short
+    requests in flight. A slot whose question another slot already asked counts as a duplicate.
     """
     lang = prompts.language(chunk.get("lang"))
-    ranked = rank_answers(chunk["text"], settings.types, settings.answer_max)
+    slots, starved = plan(chunk["text"], settings.types, settings.pairs_per_chunk, settings.max_attempts,
+                          settings.answer_max, avoided_answers(chunk, settings))
     schema = {"type": "object", "additionalProperties": False, "required": ["question"],
               "properties": {"question": question_schema(settings.question_max, lang)}}
-    taken: set[str] = set()
-    plans = {}
-    for type_ in settings.types:  # each type starts from a sentence no earlier type starts from
-        own = [a for a in ranked[type_] if a not in taken]
-        plans[type_] = own[:settings.max_attempts]
-        taken.update(own[:1])
 
-    async def one_type(type_: str) -> tuple[dict | None, dict | None]:
-        if not plans[type_]:
-            return None, {"reason": "context", "raw": "no sentence of the chunk suits this question type"}
+    async def one_slot(index: int, type_: str, answers: list[str]) -> tuple[dict | None, dict | None]:
         failure = None
-        for attempt, answer in enumerate(plans[type_]):
+        for attempt, answer in enumerate(answers):
             await _backoff(attempt)
             try:
                 completion = await client.complete(
                     prompts.render_question(chunk, type_, answer), max_tokens=settings.question_max + 16,
-                    temperature=settings.temperature, top_p=settings.top_p, seed=seed + attempt,
+                    temperature=settings.temperature, top_p=settings.top_p, seed=seed + 16 * index + attempt,
                     response_format={"type": "json_schema", "json_schema": {"name": "question", "schema": schema}})
             except BackendError as exc:
-                return None, {"reason": "endpoint", "raw": str(exc)}
+                return None, {"type": type_, "reason": "endpoint", "raw": str(exc)}
             _count(usage, completion)
             reason, question = None, ""
             if completion.finish_reason == "length":
@@ -163,21 +179,23 @@ async def _extractive(chunk: dict, client: ChatClient, prompts: PromptSet, setti
                     reason = "schema"
             reason = reason or check_question(question, answer, set())
             if reason is None:
-                return {"question": question, "answer": answer}, None
-            failure = {"reason": reason, "raw": completion.text, "answer": answer}
+                return {"type": type_, "question": question, "answer": answer}, None
+            failure = {"type": type_, "reason": reason, "raw": completion.text, "answer": answer}
         return None, failure
 
-    outcomes = await asyncio.gather(*(one_type(t) for t in settings.types))
-    valid, failed, seen, used = {}, {}, set(), set()
-    for type_, (pair, failure) in zip(settings.types, outcomes):
-        if pair is not None and (norm_question(pair["question"]) in seen or pair["answer"] in used):
-            pair, failure = None, {"reason": "duplicate", "raw": json.dumps(pair, ensure_ascii=False)}
+    outcomes = await asyncio.gather(*(one_slot(i, s.type, s.answers) for i, s in enumerate(slots)))
+    valid, failed, seen = [], [], set()
+    for pair, failure in outcomes:
+        if pair is not None and norm_question(pair["question"]) in seen:
+            pair, failure = None, {"type": pair["type"], "reason": "duplicate",
+                                   "raw": json.dumps(pair, ensure_ascii=False)}
         if pair is not None:
             seen.add(norm_question(pair["question"]))
-            used.add(pair["answer"])
-            valid[type_] = pair
+            valid.append(pair)
         else:
-            failed[type_] = failure
+            failed.append(failure)
+    failed += [{"type": t, "reason": "context", "raw": "no statement of the chunk suits this question type"}
+               for t in starved]
     return valid, failed
 
 
@@ -215,10 +233,14 @@ async def _free(chunk: dict, client: ChatClient, prompts: PromptSet, settings: S
 
 async def _one_chunk(chunk: dict, key: str, client: ChatClient, prompts: PromptSet, settings: Settings) -> dict:
     usage = _usage()
-    strategy = _extractive if settings.extractive else _free
-    valid, failed = await strategy(chunk, client, prompts, settings, int(key[:8], 16) + settings.seed, usage)
-    return {"key": key, "chunk_id": chunk["id"], "pairs": [{"type": t, **valid[t]} for t in settings.types if t in valid],
-            "failed": [{"type": t, **failed[t]} for t in settings.types if t in failed], **usage}
+    seed = int(key[:8], 16) + settings.seed
+    if settings.extractive:
+        pairs, failed = await _extractive(chunk, client, prompts, settings, seed, usage)
+    else:
+        valid, problems = await _free(chunk, client, prompts, settings, seed, usage)
+        pairs = [{"type": t, **valid[t]} for t in settings.types if t in valid]
+        failed = [{"type": t, **problems[t]} for t in settings.types if t in problems]
+    return {"key": key, "chunk_id": chunk["id"], "pairs": pairs, "failed": failed, **usage}
 
 
 async def generate(chunks: list[dict], *, endpoint: Endpoint, prompts: PromptSet, settings: Settings,
@@ -273,25 +295,29 @@ def assemble(chunks: list[dict], results: dict[str, dict], keys: dict[str, str],
              answer_max: int = 240) -> tuple[list[dict], list[dict]]:
     """`qa.jsonl` and `errors.jsonl` records for the current chunks, in chunk order.
 
-    After a chunk's model pairs come its `structure` pairs (FAQ entries, the section overview),
-    unless a model pair already asks the same question.
+    After a chunk's model pairs come its `structure` pairs (FAQ entries, section overviews, fields,
+    table rows), unless a model pair already asks the same question. Model pair ids are
+    `<chunk id>-<type>` for the first pair of a type and `<chunk id>-<type>-<n>` for the n-th, in
+    the order of the cached record, so they are the same on every rebuild.
     """
     pairs, errors = [], []
     generator = {"model": endpoint.model, "endpoint": endpoint.base_url, "method": "model"}
     for chunk in chunks:
-        # no record: a chunk the model was not asked for (`synth.model_pairs: fill`)
+        # no record: a chunk the model was not asked for (`synth.model_pairs: fill`, `synth.model_languages`)
         record = results.get(keys[chunk["id"]]) or {"pairs": [], "failed": []}
-        asked = set()
+        asked, numbers = set(), Counter()
         for pair in record["pairs"]:
             asked.add(norm_question(pair["question"]))
-            pairs.append({"id": f"{chunk['id']}-{pair['type']}", "chunk_id": chunk["id"], "question": pair["question"],
+            numbers[pair["type"]] += 1
+            suffix = pair["type"] if numbers[pair["type"]] == 1 else f"{pair['type']}-{numbers[pair['type']]}"
+            pairs.append({"id": f"{chunk['id']}-{suffix}", "chunk_id": chunk["id"], "question": pair["question"],
                           "answer": pair["answer"], "type": pair["type"], "generator": generator})
         for pair in structure_pairs(chunk, list(structure), answer_max) if structure else []:
             if (key := norm_question(pair["question"])) not in asked:
                 asked.add(key)
                 pairs.append({"id": f"{chunk['id']}-{pair['name']}", "chunk_id": chunk["id"],
                               "question": pair["question"], "answer": pair["answer"], "type": pair["type"],
-                              "generator": {"model": None, "endpoint": None, "method": pair["type"]}})
+                              "generator": {"model": None, "endpoint": None, "method": pair["method"]}})
         for failure in record["failed"]:
             errors.append({"chunk_id": chunk["id"], "type": failure["type"], "reason": failure["reason"],
                            "raw": failure["raw"]})

@@ -2,9 +2,9 @@
 
 The JSON schema asks for one `{question, answer}` object per requested type, with length limits
 chosen so that `max_tokens` always suffices (`max_tokens_for`). Questions are one line ending with
-a question mark. In extractive mode (used with small models) each answer must be one of the
-chunk's own sentences (or two consecutive ones) and is generated before its question, so the
-model writes a question for an answer it has already chosen. A pair is valid only if the output
+a question mark. In extractive mode (used with small models) the answers are chosen from the
+chunk before any request (`synth/answers.py`) and the model writes only the question for one;
+`check_question` decides whether that question is usable. In free mode a pair is valid only if the output
 matches the schema, the pair is of a requested type, its question is not a duplicate within the
 chunk, and at least `grounding` of the answer's content words occur in the chunk.
 """
@@ -57,30 +57,6 @@ def split_sentences(line: str) -> list[str]:
     return out
 
 
-def answer_candidates(text: str, max_chars: int) -> list[str]:
-    """Sentences of a chunk usable as extractive answers, plus consecutive pairs that fit.
-
-    Lines of tables (two or more `|`) and fragments under six words are left out; list markers are
-    stripped. The order is the chunk's.
-    """
-    sentences: list[str] = []
-    for line in text.splitlines():
-        if line.count("|") >= 2:
-            continue
-        line = _LIST_MARK.sub("", line).strip()
-        for sentence in split_sentences(line):
-            if len(sentence.split()) >= 6 and len(sentence) <= max_chars and '"' not in sentence \
-                    and "\\" not in sentence:
-                sentences.append(sentence)
-    pairs = [f"{a} {b}" for a, b in zip(sentences, sentences[1:]) if len(a) + len(b) + 1 <= max_chars]
-    seen, out = set(), []
-    for candidate in sentences + pairs:
-        if candidate not in seen:
-            seen.add(candidate)
-            out.append(candidate)
-    return out
-
-
 QUESTION_WORDS = {
     "en": ["What", "Which", "Who", "Whom", "Whose", "When", "Where", "How", "Why", "Is", "Are", "Does", "Do", "Can",
            "Must", "Should", "Will", "May"],
@@ -99,37 +75,6 @@ def question_schema(question_max: int, lang: str | None = None) -> dict:
 _GENERIC = re.compile(r"\b(the answer|the question|this question|(the|this|given) statements?|this text|the text|"
                       r"this section|the section|die frage|die antwort|diese aussage|der aussage|dieser text|"
                       r"den text|dieser abschnitt)\b", re.IGNORECASE)
-_CONTRAST = re.compile(r"\b(than|while|whereas|unlike|instead|but|however|compared|both|either|rather|"
-                       r"als|während|dagegen|statt|anstatt|aber|jedoch|sowohl|entweder|hingegen)\b", re.IGNORECASE)
-_RULE = re.compile(r"\b(because|so that|to ensure|in order|must|should|if|when|unless|only|never|always|after|"
-                   r"before|weil|damit|muss|müssen|soll|sollen|wenn|falls|nur|nie|immer|nach|bevor|sobald)\b",
-                   re.IGNORECASE)
-
-
-def rank_answers(text: str, types: list[str], answer_max: int) -> dict[str, list[str]]:
-    """Candidate answer sentences of a chunk for each question type, best first.
-
-    factual: sentences with numbers and names; conceptual: sentences stating a rule, reason or
-    condition; comparison: sentences with a contrast, then pairs of consecutive sentences.
-    Sentences that are themselves questions (FAQ headings) are never answers.
-    """
-    # complete statements only: capitalised, ending with a full stop, not a label ("Approved by: …")
-    candidates = [c for c in answer_candidates(text, answer_max)
-                  if "?" not in c and c[:1].isupper() and c.endswith(".") and not LABEL.match(c)]
-    singles = [c for c in candidates if not re.search(r"[.!]\s+\S", c)]
-    pairs = [c for c in candidates if c not in singles]
-
-    def facts(s: str) -> int:
-        return 2 * bool(re.search(r"\d", s)) + len(re.findall(r"(?<!^)\b[A-ZÄÖÜ][\w-]+", s))
-
-    ranked = {
-        "factual": sorted(singles, key=lambda s: (-facts(s), len(s))),
-        "conceptual": [s for s in singles if _RULE.search(s)] + [s for s in singles if not _RULE.search(s)],
-        "comparison": [s for s in singles if _CONTRAST.search(s)] + pairs,
-    }
-    return {t: ranked[t] for t in types}
-
-
 def check_question(question: str, answer: str, seen: set[str]) -> str | None:
     """Why a generated question is unusable for `answer` (None when it is fine).
 
