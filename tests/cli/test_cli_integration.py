@@ -76,7 +76,7 @@ def test_quick_run_of_the_example_project(tmp_path, bundled_model):
     records = [json.loads(line) for split in ("train", "val", "eval")
                for line in (project / "out" / "curate" / f"{split}.jsonl").read_text().splitlines()]
     assert len(records) >= curate["counts"]["kept"]
-    assert "splits (grouped by document)" in proc.stdout
+    assert "splits (grouped by section)" in proc.stdout  # --quick: 4 documents, fewer than min_documents
     train = json.loads((project / "out" / "train" / "manifest.json").read_text())
     adapter = project / "out" / "train" / "adapter"
     assert train["status"] == "ok" and train["counts"]["steps"] == 4 and train["extra"]["audit"]["train"]["passed"]
