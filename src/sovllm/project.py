@@ -138,6 +138,7 @@ train:
   qlora: false              # 4-bit NF4 base weights: CUDA only
   epochs: 2.5               # passes over train.jsonl (chosen on examples/acme)
   max_steps: 0              # optimizer steps; 0 = derived from epochs
+  min_steps: 100            # at least this many steps when epochs give fewer (small corpora); 0 = off
   learning_rate: 0.003      # cosine schedule with warmup (for the 135M model; larger models want less)
   batch_size: 1             # micro-batch: shared-context trees (a context with its questions)
   grad_accum: 1             # micro-batches per optimizer step

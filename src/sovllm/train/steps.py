@@ -67,13 +67,14 @@ def cuda_available() -> bool:
 
 
 def optimizer_steps(cfg: Config, n_train: int, quick: bool) -> int:
-    """`train.quick_steps` under --quick, else `train.max_steps`, else `train.epochs` over `n_train` units."""
+    """`train.quick_steps` under --quick, else `train.max_steps`, else `train.epochs` over `n_train` units
+    but at least `train.min_steps`."""
     section = cfg.train
     if quick:
         return section.quick_steps
     if section.max_steps:
         return section.max_steps
-    return max(1, math.ceil(section.epochs * n_train / (section.batch_size * section.grad_accum)))
+    return max(1, section.min_steps, math.ceil(section.epochs * n_train / (section.batch_size * section.grad_accum)))
 
 
 def setup_torch(section: TrainSection) -> int:
