@@ -61,6 +61,34 @@ def test_too_little_left_is_no_context():
     assert remove_answer("## Note\nThe door code is 4711 since March.", "The door code is 4711 since March.") is None
 
 
+TWO_SECTIONS = """Two-person rule
+Controlled drugs are stored in a separate safe inside the medication room.
+Removal: two qualified staff members must be present
+Signatures: both sign the controlled drugs register
+Lost badges
+A lost badge must be reported at once to the security desk on extension 2200.
+The first replacement in a calendar year costs 25 euros, every further one 40 euros."""
+
+
+def test_an_overview_pair_takes_its_whole_section_with_it():
+    question = "What does Access to Medication Rooms say about “Two-person rule”?"
+    answer = "Controlled drugs are stored in a separate safe inside the medication room."
+    # its first sentence alone would leave the section's fields, which still answer the question
+    partly = on_topic_context(TWO_SECTIONS, question, answer, 0.5)
+    assert partly is not None and "Removal:" in partly
+    left = on_topic_context(TWO_SECTIONS, question, answer, 0.5, kind="overview")
+    assert left is not None and left.startswith("Lost badges")
+    assert "Two-person" not in left and "Removal" not in left and "Signatures" not in left
+    assert "extension 2200" in left
+
+
+def test_the_last_section_of_a_chunk_goes_to_its_end():
+    left = remove_answer(TWO_SECTIONS + "\nThe desk is staffed around the clock by two guards on duty.",
+                         "A lost badge must be reported at once to the security desk on extension 2200.",
+                         whole_section=True)
+    assert left is not None and left.endswith("both sign the controlled drugs register")
+
+
 def test_build_on_topic_prefers_one_per_chunk():
     chunks = {f"c{i}": {"id": f"c{i}", "doc_id": "d", "text": CANTEEN, "lang": "en"} for i in range(2)}
     pairs = [{"id": f"p{i}{j}", "chunk_id": f"c{i}", "question": q, "answer": a}

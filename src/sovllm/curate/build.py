@@ -39,7 +39,7 @@ def _on_topic_tree(contexts: list[dict], chunk: dict, pairs: list[dict], rng: ra
     order = [p for p in pairs if p["chunk_id"] == chunk["id"] and p["id"] not in used]
     rng.shuffle(order)
     for pair in order:
-        left = on_topic_context(chunk["text"], pair["question"], pair["answer"], max_overlap)
+        left = on_topic_context(chunk["text"], pair["question"], pair["answer"], max_overlap, kind=pair.get("type"))
         if left is None:
             continue
         ablated = {**chunk, "text": left}

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import re
 
 from sovllm.retrieval import BM25
+from sovllm.synth.headings import is_heading
 from sovllm.synth.validate import LIST_MARK, split_sentences
 from sovllm.text import content_words, coverage
 
@@ -150,12 +151,35 @@ def _answer_spans(text: str, answer: str) -> list[str] | None:
     return spans
 
 
-def remove_answer(text: str, answer: str) -> str | None:
+def _section_lines(lines: list[str], first: int, last: int) -> range:
+    """The lines of the section holding lines `first`..`last`: from the heading above them (the
+    chunk's start when there is none) up to the next heading."""
+    def heading(i: int) -> bool:
+        return is_heading(lines[i].strip().lstrip("#").strip())
+    start = next((i for i in range(first, -1, -1) if heading(i)), 0)
+    end = next((i for i in range(last + 1, len(lines)) if heading(i)), len(lines))
+    return range(start, end)
+
+
+def remove_answer(text: str, answer: str, *, whole_section: bool = False) -> str | None:
     """`text` without the sentences that state `answer` (lines left empty or a bare list marker
-    dropped); None when they cannot be found or too little text would remain."""
+    dropped); None when they cannot be found or too little text would remain.
+
+    With `whole_section` (an overview pair: "What does <document> say about <heading>?") the whole
+    section the answer opens goes, heading and all: with only its first sentences gone the rest of
+    the section would still answer the question."""
     spans = _answer_spans(text, answer)
     if not spans:
         return None
+    if whole_section:
+        lines = text.splitlines()
+        hits = [i for i, line in enumerate(lines) for span in spans if span in line]
+        if not hits:
+            return None
+        gone = _section_lines(lines, min(hits), max(hits))
+        left = "\n".join(line for i, line in enumerate(lines) if i not in gone)
+        left = re.sub(r"\n{3,}", "\n\n", left).strip()
+        return left if len(left.split()) >= MIN_LEFT_WORDS else None
     out = text
     for span in spans:
         out = out.replace(span, "", 1)
@@ -184,9 +208,11 @@ def answer_absent(context: str, question: str, answer: str, max_overlap: float) 
     return len(words & set(content_words(context))) / len(words) <= max_overlap
 
 
-def on_topic_context(text: str, question: str, answer: str, max_overlap: float) -> str | None:
-    """`text` with `answer` removed, if the answer is then really absent (else None)."""
-    left = remove_answer(text, answer)
+def on_topic_context(text: str, question: str, answer: str, max_overlap: float, *,
+                     kind: str | None = None) -> str | None:
+    """`text` with `answer` removed, if the answer is then really absent (else None). `kind` is the
+    pair's type: an overview pair loses its whole section (`remove_answer`)."""
+    left = remove_answer(text, answer, whole_section=kind == "overview")
     if left is None or not answer_absent(left, question, answer, max_overlap):
         return None
     return left
@@ -208,7 +234,8 @@ def build_on_topic(pairs: list[dict], chunk_by_id: dict[str, dict], n: int, *, m
             if (pair["chunk_id"] in used_chunks) != second_round or any(p is pair for p, _ in out):
                 continue
             chunk = chunk_by_id[pair["chunk_id"]]
-            left = on_topic_context(chunk["text"], pair["question"], pair["answer"], max_overlap)
+            left = on_topic_context(chunk["text"], pair["question"], pair["answer"], max_overlap,
+                                    kind=pair.get("type"))
             if left is not None:
                 out.append((pair, {**chunk, "text": left}))
                 used_chunks.add(chunk["id"])

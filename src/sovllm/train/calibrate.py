@@ -124,7 +124,7 @@ def on_topic_val_records(records: list[dict], refusal: str, max_overlap: float) 
         if not parts or _meta(record).get("type") == "unanswerable":
             continue
         answer = next((m.get("content") for m in reversed(record["messages"]) if m.get("role") == "assistant"), "")
-        left = on_topic_context(parts[0], parts[1], answer or "", max_overlap)
+        left = on_topic_context(parts[0], parts[1], answer or "", max_overlap, kind=_meta(record).get("type"))
         if left is not None:
             out.append(_refused(record, left, parts[1], refusal, "on-topic", "on_topic"))
     return out
