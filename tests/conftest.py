@@ -78,6 +78,77 @@ def bundled_server(bundled_model, bundled_adapters):
     server.stop()
 
 
+def calibrated_copy(adapter, out, tokenizer_dir, *, bias: float, weight: float):
+    """A copy of `adapter` whose manifest carries a refusal calibration: `bias - weight * support` on
+    the first two tokens of the training prompt's refusal sentence, document frequencies from two
+    made-up contexts."""
+    import json
+    import shutil
+
+    from sovllm.config import PromptSection
+    from sovllm.models.adapter import RefusalCalibration
+    from sovllm.models.grounding import Vocabulary
+    from sovllm.models.tokenizer import load_tokenizer
+    from sovllm.train.calibrate import refusal_token_ids
+
+    shutil.copytree(adapter, out)
+    tokens = refusal_token_ids(load_tokenizer(tokenizer_dir), PromptSection().refusal)
+    vocabulary = Vocabulary.from_contexts(["The canteen opens at 7:00 and closes at 18:30.",
+                                           "Badges are issued in room A0.21 for 25 euros."])
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["refusal_calibration"] = RefusalCalibration(tokens, bias, 0.1, {}, weight, vocabulary).as_dict()
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+@pytest.fixture(scope="session")
+def vllm_python():
+    """The Python of the vLLM environment `make vllm` builds (required under CI=true)."""
+    from sovllm.serve.vllm_server import find_python, version
+
+    python = find_python()
+    require(python is not None and version(python) is not None, "vLLM (make vllm builds .venv-vllm)")
+    return python
+
+
+@pytest.fixture(scope="session")
+def vllm_adapters(bundled_model, bundled_adapters, tmp_path_factory):
+    """The bundled adapters plus `acme-cal` (acme-a with a refusal calibration), and a resolver folder
+    holding `resolved` (acme-b, its base_model_name_or_path the base folder vLLM is started with) and
+    `foreign-base` (the same adapter claiming another base)."""
+    import json
+    import shutil
+
+    root = next(iter(bundled_adapters.values())).parent
+    adapters = dict(bundled_adapters)
+    if not (root / "acme-cal").exists():
+        calibrated_copy(bundled_adapters["acme-a"], root / "acme-cal", bundled_model.path, bias=6.0, weight=12.0)
+    adapters["acme-cal"] = root / "acme-cal"
+    resolver = tmp_path_factory.mktemp("resolver")
+    for name, base in (("resolved", str(bundled_model.path)), ("foreign-base", "HuggingFaceTB/SmolLM2-360M")):
+        shutil.copytree(bundled_adapters["acme-b"], resolver / name)
+        config = json.loads((resolver / name / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = base
+        (resolver / name / "adapter_config.json").write_text(json.dumps(config))
+    return adapters, resolver
+
+
+@pytest.fixture(scope="session")
+def vllm_server(vllm_python, bundled_model, vllm_adapters):
+    """One real vLLM server (CPU build) per test run: the bundled model under its sovllm name, acme-a
+    and acme-cal as --lora-modules, runtime loading on, the filesystem resolver on a folder, and
+    sovllm's refusal-calibration plugin."""
+    from sovllm.serve.vllm_server import VLLMServer
+
+    adapters, resolver = vllm_adapters
+    server = VLLMServer(bundled_model.path, served_name=bundled_model.name, python=vllm_python,
+                        adapters={"acme-a": str(adapters["acme-a"]), "acme-cal": str(adapters["acme-cal"])},
+                        runtime_lora=True, resolver_dir=resolver, max_loras=4)
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def fake():
     """Start scripted OpenAI-compatible endpoints (tests/fake_endpoint.py); all are stopped afterwards."""

