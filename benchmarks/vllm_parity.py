@@ -5,7 +5,7 @@
 The project must have run to the end (`sovllm run`): its `out/eval` holds the embedded server's
 predictions. The script copies the project to a temporary folder, starts vLLM (`.venv-vllm`, or
 SOVLLM_VLLM_PYTHON) with the project's adapter as a --lora-modules entry and sovllm's refusal
-plugin, runs `sovllm evaluate` there against vLLM (`endpoint.base_url`), and compares the two
+plugin, runs `sovllm eval` there against vLLM (`endpoint.base_url`), and compares the two
 summaries per model and context mode (token F1, refusal accuracy, false refusals, stop rate) and
 the predictions item by item (refused or not, answer text identical). With `--no-plugin` vLLM
 serves the adapter without the calibration, to show what the plugin changes.
@@ -60,12 +60,12 @@ def main() -> None:
                         calibration=not args.no_plugin) as server:
             overrides = [f"endpoint.base_url={server.base_url}", f"endpoint.model={base.name}",
                          f"eval.models=[{base.name}, {name}]"]
-            cmd = [sys.executable, "-m", "sovllm", "evaluate", str(copy)]
+            cmd = [sys.executable, "-m", "sovllm", "eval", str(copy)]
             for item in overrides:
                 cmd += ["--set", item]
             done = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, check=False)
             if done.returncode != 0:
-                sys.exit(f"sovllm evaluate against vLLM failed ({done.returncode}); vLLM log:\n{server.log_tail()}")
+                sys.exit(f"sovllm eval against vLLM failed ({done.returncode}); vLLM log:\n{server.log_tail()}")
         theirs = json.loads((copy / cfg.project.output_dir / "eval" / "summary.json").read_text())
         ours = json.loads((out_dir / "eval" / "summary.json").read_text())
         mine, other = predictions(out_dir / "eval" / "predictions.jsonl"), predictions(

@@ -100,6 +100,16 @@ class EndpointSection(Section):
     base_url: str | None = Field(None, description="OpenAI-compatible base URL; null = embedded server")
     model: str | None = None
     api_key_env: str | None = None
+    adapter_loading: Literal["api", "folder", "none"] = Field(
+        "api", description="how eval makes a new adapter available to a configured endpoint: api = vLLM's "
+                           "/v1/load_lora_adapter (the server must see the adapter's path), folder = copy it into "
+                           "adapter_dir (vLLM's VLLM_LORA_RESOLVER_CACHE_DIR), none = the endpoint serves it already")
+    adapter_dir: str | None = Field(None, description="with adapter_loading: folder, the folder vLLM's filesystem "
+                                                      "resolver loads adapters from")
+    base_model_path: str | None = Field(None, description="with adapter_loading: folder, the --model string the "
+                                                          "endpoint's vLLM was started with (written into the "
+                                                          "adapter's base_model_name_or_path, which the resolver "
+                                                          "compares)")
 
     @field_validator("base_url")
     @classmethod

@@ -53,7 +53,9 @@ class Endpoint:
 @contextmanager
 def open_endpoint(cfg: Config, *, log: Callable[[str], None] = lambda _: None,
                   adapters: dict[str, str] | None = None) -> Iterator[Endpoint]:
-    """The configured endpoint, or the embedded server for the project's base model (with `adapters` loaded)."""
+    """The configured endpoint, or the embedded server for the project's base model, with `adapters`
+    (name → folder) loaded: the embedded server starts with them, a configured endpoint gets them as
+    `endpoint.adapter_loading` says (`sovllm.serve.publish`)."""
     section = cfg.endpoint
     if section.base_url:
         if not section.model:
@@ -64,6 +66,10 @@ def open_endpoint(cfg: Config, *, log: Callable[[str], None] = lambda _: None,
             api_key = os.environ.get(section.api_key_env)
             if not api_key:
                 raise ConfigError(f"endpoint.api_key_env names {section.api_key_env}, which is not set")
+        if adapters:
+            from sovllm.serve.publish import publish
+
+            publish(section, adapters, api_key=api_key, log=log)
         yield Endpoint(section.base_url.rstrip("/"), section.model, api_key)
         return
 

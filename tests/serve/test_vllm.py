@@ -7,6 +7,13 @@ One vLLM server per test run (`vllm_server` in tests/conftest.py); `bundled_serv
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import httpx
 import pytest
 
@@ -138,3 +145,35 @@ def test_the_refusal_calibration_travels_with_the_adapter(vllm_server, bundled_s
     # the same weights without the calibration answer differently: the bias acted inside vLLM, both ways
     assert any(a.startswith(refusal) for a in answers) and not all(a.startswith(refusal) for a in answers)
     assert sum(a.startswith(refusal) for a in answers) != sum(p.startswith(refusal) for p in plain)
+
+
+def test_publish_copies_an_adapter_for_the_resolver(vllm_server, vllm_adapters, bundled_model):
+    from sovllm.config import EndpointSection
+    from sovllm.serve.publish import publish
+
+    adapters, resolver = vllm_adapters
+    section = EndpointSection(base_url=vllm_server.base_url, model=bundled_model.name, adapter_loading="folder",
+                              adapter_dir=str(resolver), base_model_path=str(bundled_model.path))
+    publish(section, {"published": str(adapters["acme-b"])})
+    config = json.loads((resolver / "published" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(bundled_model.path)
+    assert steps(chat(vllm_server.base_url, "published", CHATS[2], max_tokens=4))
+
+
+def test_a_quick_run_against_vllm(tmp_path, vllm_server, bundled_model):
+    """synth, the judge and eval on vLLM; the trained adapter loaded into it at runtime for eval."""
+    project = tmp_path / "klinik"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "examples" / "klinik", project,
+                    ignore=shutil.ignore_patterns("out"))
+    exe = shutil.which("sovllm", path=str(Path(sys.executable).parent)) or "sovllm"
+    proc = subprocess.run([exe, "run", str(project), "--quick", "--set", f"endpoint.base_url={vllm_server.base_url}",
+                           "--set", f"endpoint.model={bundled_model.name}"],
+                          capture_output=True, text=True, timeout=1800, env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "starting the embedded server" not in proc.stdout + proc.stderr
+    assert f"adapter klinik: loaded into {vllm_server.base_url}" in proc.stdout + proc.stderr
+    served = {m["id"] for m in httpx.get(f"{vllm_server.base_url}/models", timeout=30).json()["data"]}
+    assert "klinik" in served
+    summary = json.loads((project / "out" / "eval" / "summary.json").read_text())
+    assert [m["served_as"] for m in summary["models"]] == [bundled_model.name, "klinik"]
+    assert summary["table"]["gold"]["klinik"]["items"] > 0

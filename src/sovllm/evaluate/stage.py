@@ -269,6 +269,10 @@ def run(root: Path, cfg: Config, endpoint_factory: Callable | None = None, *, qu
                              for m in models]
         if promote:
             summary["promotion"] = promotion.decide(root, cfg, summary, champion, rows, log)
+            if summary["promotion"].get("promoted") and not embedded:  # the endpoint's "champion" follows the alias
+                from sovllm.serve.publish import publish
+
+                publish(cfg.endpoint, {"champion": str(out / "train" / "adapter")}, api_key=endpoint.api_key, log=log)
         write_jsonl(ctx.out_dir / "predictions.jsonl", rows)
         write_atomic(ctx.out_dir / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
         from sovllm.evaluate.report import write_report
