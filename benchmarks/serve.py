@@ -10,7 +10,14 @@ request at a time, switching PEFT adapters per request as the mixed traffic asks
 --continuous-batching` loaded from the prepared directory by path (base only). Reports output
 tokens/s, TTFT and inter-token latency p50/p95, and the ratios the serving targets are stated in.
 
+With `--vllm`, the real peer: vLLM's CPU build (`make vllm`) serves the same model directory and the
+same 4 adapters (`--lora-modules`) at its best on this machine (compute on every core, tcmalloc and
+libiomp5 preloaded: `sovllm.serve.vllm_server.cpu_env`; without sovllm's refusal plugin, which these
+adapters do not need), and the three rows run on both servers in turn, `--alternations` times
+(ours, vLLM, ours, vLLM, ...; one server up at a time), with the medians reported.
+
     .venv/bin/python benchmarks/serve.py [--streams 32] [--tokens 128] [--rounds 2]
+    .venv/bin/python benchmarks/serve.py --vllm [--alternations 2]
 """
 
 from __future__ import annotations
@@ -214,6 +221,59 @@ def transformers_serve(model_dir, jobs: list[str], tokens: int, streams: int, ti
             proc.kill()
 
 
+def rows(base_url: str, base: str, single, many, mixed, tokens: int, streams: int, log) -> dict:
+    """The three measured rows on one server: single stream, `streams` on the base, `streams` mixed."""
+    log("  single stream")
+    out = {"single_stream": asyncio.run(drive(base_url, [(base, p) for p in single], tokens, 1))}
+    log(f"  {streams} streams, base only")
+    out["base_only"] = asyncio.run(drive(base_url, [(base, p) for p in many], tokens, streams))
+    log(f"  {streams} streams, 4 adapters + base")
+    out["mixed_adapters"] = asyncio.run(drive(base_url, [(m or base, p) for m, p in mixed], tokens, streams))
+    return out
+
+
+def versus_vllm(args, info, single, many, log) -> dict:
+    """sovllm serve and vLLM on the same prompts and adapters, alternating; medians per row and ratios."""
+    from statistics import median
+
+    from sovllm.models.tiny import make_random_adapter
+    from sovllm.serve.launch import EmbeddedServer
+    from sovllm.serve.vllm_server import VLLMServer
+
+    runs: dict[str, list[dict]] = {"sovllm": [], "vllm": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        adapters = {f"lora{i}": str(make_random_adapter(info.path, Path(tmp) / f"lora{i}", rank=8, seed=i, scale=0.3,
+                                                        target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+                                                        base_id=info.base_id)) for i in range(ADAPTERS)}
+        names = [None, *adapters]
+        mixed = [(names[i % len(names)], p) for i, p in enumerate(many)]
+        vllm_env = None
+        for turn in range(args.alternations):
+            log(f"round {turn + 1}: sovllm serve")
+            with EmbeddedServer(args.model, adapters=adapters,
+                                extra_args=["--max-num-seqs", str(max(16, args.streams))]) as server:
+                asyncio.run(drive(server.base_url, [(server.served_name, single[0])], 4, 1))  # warm-up
+                runs["sovllm"].append(rows(server.base_url, server.served_name, single, many, mixed, args.tokens,
+                                           args.streams, log))
+            log(f"round {turn + 1}: vLLM")
+            with VLLMServer(info.path, served_name=info.name, adapters=adapters, max_loras=ADAPTERS, max_lora_rank=8,
+                            calibration=False, extra_args=["--max-num-seqs", str(max(16, args.streams))]) as server:
+                vllm_env = {k: v for k, v in server.environment().items()
+                            if k.startswith(("VLLM_CPU", "LD_PRELOAD", "VLLM_USE_V2"))}
+                asyncio.run(drive(server.base_url, [(info.name, single[0])], 4, 1))
+                runs["vllm"].append(rows(server.base_url, info.name, single, many, mixed, args.tokens, args.streams,
+                                         log))
+    keys = ("tokens_per_s", "ttft_p50_s", "ttft_p95_s", "itl_p50_s")
+    medians = {who: {row: {k: median(r[row][k] for r in results) for k in keys} for row in results[0]}
+               for who, results in runs.items()}
+    ratios = {row: round(medians["sovllm"][row]["tokens_per_s"] / medians["vllm"][row]["tokens_per_s"], 2)
+              for row in medians["sovllm"]}
+    return {"benchmark": "serve-vs-vllm", "tokens_per_request": args.tokens, "streams": args.streams,
+            "requests_per_concurrent_run": len(many), "adapters": ADAPTERS, "alternations": args.alternations,
+            "vllm_env": vllm_env, "medians": medians, "throughput_ratio_sovllm_over_vllm (target >= 1.5)": ratios,
+            "runs": runs}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=32)
@@ -225,6 +285,9 @@ def main(argv=None) -> int:
     parser.add_argument("--only-transformers-serve", action="store_true", help="run only peer (b)")
     parser.add_argument("--peer-b-seconds", type=float, default=300,
                         help="measure peer (b) over at most this many seconds (it may not finish on a CPU)")
+    parser.add_argument("--vllm", action="store_true", help="compare with vLLM (CPU build) only: the three rows "
+                                                            "on both servers, alternating")
+    parser.add_argument("--alternations", type=int, default=2, help="with --vllm: rounds of ours-then-vLLM")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from sovllm import egress
@@ -240,6 +303,9 @@ def main(argv=None) -> int:
     prompts = corpus_prompts(tokenizer, args.single + n)
     single, many = prompts[:args.single], prompts[args.single:]
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    if args.vllm:
+        print(json.dumps(versus_vllm(args, info, single, many, log), indent=2))
+        return 0
     if args.only_transformers_serve:
         print(json.dumps({"transformers_serve_continuous_batching": transformers_serve(
             info.path, many, args.tokens, args.streams, args.peer_b_seconds, tokenizer)}, indent=2))
