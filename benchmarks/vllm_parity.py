@@ -4,8 +4,9 @@
 
 The project must have run to the end (`sovllm run`): its `out/eval` holds the embedded server's
 predictions. The script copies the project to a temporary folder, starts vLLM (`.venv-vllm`, or
-SOVLLM_VLLM_PYTHON) with the project's adapter as a --lora-modules entry and sovllm's refusal
-plugin, runs `sovllm eval` there against vLLM (`endpoint.base_url`), and compares the two
+SOVLLM_VLLM_PYTHON) with runtime adapter loading and sovllm's refusal plugin, runs `sovllm eval`
+there against vLLM (`endpoint.base_url`; eval loads the adapter through /v1/load_lora_adapter), and
+compares the two
 summaries per model and context mode (token F1, refusal accuracy, false refusals, stop rate) and
 the predictions item by item (refused or not, answer text identical). With `--no-plugin` vLLM
 serves the adapter without the calibration, to show what the plugin changes.
@@ -56,7 +57,8 @@ def main() -> None:
         copy = Path(tmp) / args.project.name
         shutil.copytree(args.project, copy, ignore=shutil.ignore_patterns("mlflow"))
         shutil.rmtree(copy / cfg.project.output_dir / "eval")
-        with VLLMServer(base.path, served_name=base.name, adapters={name: str(adapter)},
+        # started without the adapter: eval loads it through the runtime API, as a configured endpoint gets it
+        with VLLMServer(base.path, served_name=base.name, runtime_lora=True,
                         calibration=not args.no_plugin) as server:
             overrides = [f"endpoint.base_url={server.base_url}", f"endpoint.model={base.name}",
                          f"eval.models=[{base.name}, {name}]"]

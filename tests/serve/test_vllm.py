@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -177,3 +178,23 @@ def test_a_quick_run_against_vllm(tmp_path, vllm_server, bundled_model):
     summary = json.loads((project / "out" / "eval" / "summary.json").read_text())
     assert [m["served_as"] for m in summary["models"]] == [bundled_model.name, "klinik"]
     assert summary["table"]["gold"]["klinik"]["items"] > 0
+
+
+def test_a_killed_parent_leaves_no_vllm_server_behind(vllm_python, bundled_model):
+    code = ("import os, signal\n"
+            "from sovllm.serve.vllm_server import VLLMServer\n"
+            f"s = VLLMServer({str(bundled_model.path)!r}, served_name='m', calibration=False, startup_timeout=600)\n"
+            "s.start()\n"
+            "print(s.process.pid, flush=True)\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, check=False)
+    pid = int(proc.stdout.split()[0])
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(1)
+    os.kill(pid, 9)
+    pytest.fail("the vLLM server outlived the process that started it")
