@@ -192,8 +192,10 @@ def test_a_killed_parent_leaves_no_vllm_server_behind(vllm_python, bundled_model
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        if state in ("Z", "X"):  # exited; its new parent has not reaped it yet
             return
         time.sleep(1)
     os.kill(pid, 9)
