@@ -19,7 +19,8 @@ def eval_project(root: Path, port: int, extra: str = "") -> Path:
     chunks = make_chunks()
     write_project(root, chunks, make_pairs(chunks), config=(
         "curate:\n  splits: {train: 0.5, val: 0.25, eval: 0.25, seed: 13}\n"
-        f"endpoint:\n  base_url: http://127.0.0.1:{port}/v1\n  model: fake-model\n"
+        # the scripted endpoint answers every model name it is asked for: nothing to load there
+        f"endpoint:\n  base_url: http://127.0.0.1:{port}/v1\n  model: fake-model\n  adapter_loading: none\n"
         "eval:\n  models: [fake-model, tuned]\n  max_tokens: 64\n  resamples: 2000\n"
         "  judge: {items: 4, repeat: 2, verbosity: 2, gold: labels/gold.jsonl}\n" + extra))
     curate.run(root, load_config(root, ("curate.judge.mode=off",)), None, log=lambda _: None)
