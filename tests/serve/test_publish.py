@@ -43,3 +43,17 @@ def test_nothing_is_sent_without_adapters_or_with_loading_none(tmp_path):
     publish(EndpointSection(base_url="http://127.0.0.1:9/v1", model="m"), {})
     publish(EndpointSection(base_url="http://127.0.0.1:9/v1", model="m", adapter_loading="none"),
             {"acme": str(adapter(tmp_path / "a"))})
+
+
+def test_vllm_gets_the_opt_outs_and_not_the_in_process_guard(monkeypatch, tmp_path):
+    import sys
+    from pathlib import Path
+
+    from sovllm import egress
+    from sovllm.serve.vllm_server import SOVEREIGN_ENV, VLLMServer
+
+    monkeypatch.setenv(egress.ENV_ALLOW, '["127.0.0.1"]')
+    env = VLLMServer(tmp_path, served_name="m", python=Path(sys.executable)).environment()
+    assert egress.ENV_ALLOW not in env  # vLLM imports uvloop, which the guard refuses
+    assert all(env[k] == v for k, v in SOVEREIGN_ENV.items())
+    assert env["VLLM_USE_V2_MODEL_RUNNER"] == "0"

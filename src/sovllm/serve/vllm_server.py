@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 
+from sovllm import egress
 from sovllm.errors import BackendError
 from sovllm.serve.launch import file_tail
 from sovllm.serve.vllm_plugin import vllm_args
@@ -151,7 +152,12 @@ class VLLMServer:
         return cmd + self.extra_args
 
     def environment(self) -> dict[str, str]:
-        env = {**os.environ, **cpu_env(self.python), **SOVEREIGN_ENV, "VLLM_USE_V2_MODEL_RUNNER": "0"}
+        # sovllm's in-process egress guard cannot run inside vLLM: vLLM imports uvloop, which opens
+        # sockets outside Python's socket module, and the guard refuses that import. vLLM gets the
+        # hub/telemetry opt-outs instead; a network-level control is what confines it (docs/operations.md).
+        guard = (egress.ENV_ALLOW, egress.ENV_PROXY, egress.ENV_LOG)
+        env = {**{k: v for k, v in os.environ.items() if k not in guard}, **cpu_env(self.python), **SOVEREIGN_ENV,
+               "VLLM_USE_V2_MODEL_RUNNER": "0"}
         if self.runtime_lora or self.resolver_dir:
             env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         if self.resolver_dir:
