@@ -304,6 +304,7 @@ def main(argv=None) -> int:
     single, many = prompts[:args.single], prompts[args.single:]
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     if args.vllm:
+        egress.uninstall()  # vLLM cannot run under the in-process guard; every server here is on loopback
         print(json.dumps(versus_vllm(args, info, single, many, log), indent=2))
         return 0
     if args.only_transformers_serve:

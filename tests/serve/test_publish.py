@@ -57,3 +57,16 @@ def test_vllm_gets_the_opt_outs_and_not_the_in_process_guard(monkeypatch, tmp_pa
     assert egress.ENV_ALLOW not in env  # vLLM imports uvloop, which the guard refuses
     assert all(env[k] == v for k, v in SOVEREIGN_ENV.items())
     assert env["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+
+
+def test_vllm_refuses_to_start_under_the_guard(tmp_path):
+    import sys
+    from pathlib import Path
+
+    from sovllm import egress
+    from sovllm.errors import BackendError
+    from sovllm.serve.vllm_server import VLLMServer
+
+    egress.install([])
+    with pytest.raises(BackendError, match="egress guard"):
+        VLLMServer(tmp_path, served_name="m", python=Path(sys.executable)).start()

@@ -153,7 +153,8 @@ class VLLMServer:
 
     def environment(self) -> dict[str, str]:
         # sovllm's in-process egress guard cannot run inside vLLM: vLLM imports uvloop, which opens
-        # sockets outside Python's socket module, and the guard refuses that import. vLLM gets the
+        # sockets outside Python's socket module, and the guard refuses that import (`start` refuses
+        # to run from a guarded process, whose children always inherit the guard). vLLM gets the
         # hub/telemetry opt-outs instead; a network-level control is what confines it (docs/operations.md).
         guard = (egress.ENV_ALLOW, egress.ENV_PROXY, egress.ENV_LOG)
         env = {**{k: v for k, v in os.environ.items() if k not in guard}, **cpu_env(self.python), **SOVEREIGN_ENV,
@@ -165,6 +166,11 @@ class VLLMServer:
         return {**env, **self.extra_env}
 
     def start(self) -> VLLMServer:
+        if egress.active_policy() is not None:
+            raise BackendError("vLLM cannot start from a process under sovllm's egress guard: the guard passes to "
+                               "every child, and it refuses vLLM's uvloop",
+                               hint="start vLLM as its own service (docs/serve.md, 'On vLLM'), or from a process "
+                                    "that did not install the guard")
         self.port = free_port(self.host)
         log = open(self.log_path, "w")
         self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.environment(),
