@@ -27,14 +27,8 @@ from sovllm.serve.vllm_plugin import vllm_args
 
 PYTHON_ENV = "SOVLLM_VLLM_PYTHON"
 DEFAULT_VENV = ".venv-vllm"
-SOVEREIGN_ENV = {
-    "VLLM_NO_USAGE_STATS": "1",
-    "VLLM_DO_NOT_TRACK": "1",
-    "DO_NOT_TRACK": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-}
+# the opt-outs every sovllm process gets (hub, telemetry), and vLLM's own usage statistics off
+SOVEREIGN_ENV = {**egress.PRIVACY_ENV, "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1"}
 # Debian's tcmalloc (libtcmalloc-minimal4): vLLM's CPU backend warns and runs slower without it
 TCMALLOC = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4")
 
