@@ -17,7 +17,7 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "acme"
 
 
 def test_chunking_one_long_document_is_linear(bundled_model):
-    result = measure(copies=8, repeats=2)
+    result = measure(copies=8, repeats=3)  # best of 3: one noisy run put a 0.3 s baseline at 10.06x
     # Linear: about 8x the time of the 1x document; the tutorial's quadratic chunker: about 64x.
     assert result["time_ratio"] <= 10, result
     assert result["ours"]["chunks"] >= 7 * result["baseline"]["chunks"]  # numbered copies survive dedup
