@@ -236,7 +236,7 @@ def main(argv=None) -> int:
                                       warmup_ratio=section.warmup_ratio, weight_decay=section.weight_decay,
                                       eval_steps=total, seed=section.seed,
                                       gradient_checkpointing=section.gradient_checkpointing, has_val=False,
-                                      bf16=False, checkpoints=False)
+                                      checkpoints=False)
         trainer = make_trainer(model, tokenizer, units, [], settings, batching=section.batching, callbacks=[Probes()],
                                pad_id=pad, first_weight=args.decision_weight, batch_sampler=paired)
         fit = run_fit(trainer)

@@ -31,7 +31,7 @@ LAYERS = [
     ["sovllm.config"],
     ["sovllm.egress"],
     ["sovllm.egress_spawn", "sovllm.egress_log"],
-    ["sovllm.stats", "sovllm.text"],
+    ["sovllm.stats", "sovllm.text", "sovllm.procs"],
     ["sovllm.errors"],
     ["sovllm"],
 ]

@@ -333,7 +333,17 @@ class TrainSection(Section):
     modules_to_save: list[str] | None = None
     bias: Literal["none", "all", "lora_only"] = "none"
     allow_non_vllm_adapter: bool = Field(False, description="permit DoRA, modules_to_save or bias (vLLM cannot serve)")
-    qlora: bool = Field(False, description="4-bit NF4 base weights; CUDA only")
+    qlora: bool = Field(False, description="QLoRA: the base loads as 4-bit NF4 with double quantisation "
+                                            "(bitsandbytes), computes in train.precision, trains with gradient "
+                                            "checkpointing; the adapter serves on the unquantised base")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when torch sees a GPU, else CPU")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on a GPU that has it (fp16 on older ones), fp32 on a CPU; checked against "
+                            "the hardware")
+    num_processes: int = Field(1, ge=1, le=64, description="training processes (data parallel, one per GPU; on a CPU "
+                                                           "they share the cores); > 1 launches torchrun")
+    distributed: Literal["ddp", "fsdp"] = Field("ddp", description="data parallel across train.num_processes; "
+                                                                   "fsdp is not supported yet and is refused")
     epochs: float = Field(2.5, gt=0, description="passes over train.jsonl; more passes teach refusals better "
                                                  "(2.5 chosen on examples/acme)")
     max_steps: int = Field(0, ge=0, description="optimizer steps; 0 = derived from epochs")

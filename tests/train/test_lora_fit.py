@@ -30,15 +30,9 @@ def test_explicit_values_override_the_preset():
 @pytest.mark.parametrize("option", [{"use_dora": True}, {"modules_to_save": ["lm_head"]}, {"bias": "all"}])
 def test_options_vllm_cannot_serve_are_refused_unless_allowed(option):
     with pytest.raises(ConfigError, match="vLLM cannot serve this adapter"):
-        check_options(TrainSection(**option), cuda=False)
-    check_options(TrainSection(**option), cuda=False, allow_non_vllm=True)
-    check_options(TrainSection(**option, allow_non_vllm_adapter=True), cuda=False)
-
-
-def test_qlora_needs_cuda():
-    with pytest.raises(ConfigError, match="train.qlora needs a CUDA GPU"):
-        check_options(TrainSection(qlora=True), cuda=False)
-    check_options(TrainSection(qlora=True), cuda=True)
+        check_options(TrainSection(**option))
+    check_options(TrainSection(**option), allow_non_vllm=True)
+    check_options(TrainSection(**option, allow_non_vllm_adapter=True))
 
 
 def _tiny_peft(tiny_model_dir, preset="standard"):

@@ -171,7 +171,7 @@ def _stages(report: RunReport, cfg: Config, root: Path, out_dir: Path, want: Cal
     if want("train"):  # after the embedded server has stopped: training gets every core
         report.stages.append(("train", train.run(root, cfg, quick=quick, force=force, log=log,
                                                  progress_factory=progress("train") if progress else None)))
-        release_memory()  # training ran in this process: free its heap before eval's server starts
+        release_memory()  # free what the stages before training left on the heap before eval's server starts
 
     if want("eval"):  # the embedded server starts again, now with the new adapter loaded
         from sovllm.evaluate import stage as evaluate

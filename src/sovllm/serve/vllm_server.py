@@ -22,6 +22,7 @@ import httpx
 
 from sovllm import egress
 from sovllm.errors import BackendError
+from sovllm.procs import die_with_parent
 from sovllm.serve.launch import file_tail
 from sovllm.serve.vllm_plugin import vllm_args
 
@@ -84,17 +85,6 @@ def cpu_env(python: Path, threads: int | None = None) -> dict[str, str]:
     if preload:
         env["LD_PRELOAD"] = ":".join(preload)
     return env
-
-
-def _die_with_parent() -> None:
-    """In the child before exec (Linux): SIGTERM when the process that started it dies, so a killed
-    test run or stage leaves no vLLM server behind (vLLM stops its engine processes on SIGTERM)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def free_port(host: str) -> int:
@@ -168,7 +158,7 @@ class VLLMServer:
         self.port = free_port(self.host)
         log = open(self.log_path, "w")
         self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.environment(),
-                                        start_new_session=True, preexec_fn=_die_with_parent)
+                                        start_new_session=True, preexec_fn=die_with_parent)
         deadline = time.monotonic() + self.startup_timeout
         while True:
             if self.process.poll() is not None:

@@ -57,14 +57,15 @@ def margins(model, prompts: list[list[int]], token_ids: list[int], *, pad_id: in
     keys = share_keys or [None] * len(prompts)
     probes = [Example(str(i), list(p), list(token_ids), key) for i, (p, key) in enumerate(zip(prompts, keys))]
     k = len(token_ids)
-    tokens = torch.tensor(token_ids)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    device = next(base.parameters()).device
+    tokens = torch.tensor(token_ids, device=device)
     collate = Collator(pad_id)
     out: list[float] = [0.0] * len(prompts)
     model.eval()
     with torch.inference_mode():
         for tree in share_prefixes(probes, max_tokens=max_tokens):
-            batch = collate([tree.feature()])
+            batch = {key: value.to(device) for key, value in collate([tree.feature()]).items()}
             hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["tree_mask"],
                                         position_ids=batch["position_ids"]).last_hidden_state
             labelled = batch["labels"][:, 1:] != IGNORE  # the positions that predict a refusal token, branch by branch

@@ -19,6 +19,7 @@ from sovllm.models.chat import end_of_turn_id
 from sovllm.models.grounding import Vocabulary
 from sovllm.models.prompt import record_turn
 from sovllm.train.data import encode
+from sovllm.train.hardware import Hardware
 from sovllm.train.save import save_adapter
 from sovllm.train.steps import QUICK_VAL, Datasets
 from sovllm.train.tracking import ui_command
@@ -85,8 +86,8 @@ def calibrate_refusal(model, tokenizer, cfg: Config, val: list, val_records: lis
     return result
 
 
-def adapter_manifest(name: str, base, lora: dict, data: Datasets, result, stop, refusal, *, data_hashes: dict,
-                     run_id: str, uri: str) -> dict:
+def adapter_manifest(name: str, base, lora: dict, data: Datasets, result, stop, refusal, *, hardware: Hardware,
+                     data_hashes: dict, run_id: str, uri: str) -> dict:
     """The adapter folder's `manifest.json`: what it was trained on, how, and how it did."""
     metrics = {"best_val_loss": round(result.best_val_loss, 4) if result.best_val_loss is not None else None,
                "best_step": result.best_step,
@@ -94,9 +95,15 @@ def adapter_manifest(name: str, base, lora: dict, data: Datasets, result, stop, 
                "steps": result.steps, "loss_tokens": result.loss_tokens,
                "loss_tokens_per_s": round(result.tokens_per_s, 1), "padding_share": round(result.padding_share, 4),
                "train_seconds": round(result.seconds, 1), "stopped_early": result.stopped_early}
-    return {"name": name, "base_model": base.name, "base_id": base.base_id, "lora": lora,
+    training = {**hardware.as_dict(), "base_weights": "4-bit NF4 (QLoRA)" if hardware.qlora else hardware.precision,
+                "served_on": "the unquantised base (the base_id below)" if hardware.qlora else "the same base"}
+    if stop and hardware.qlora:
+        stop = stop.as_dict() | {"measured_on": "the 4-bit base the adapter was trained on"}
+    elif stop:
+        stop = stop.as_dict()
+    return {"name": name, "base_model": base.name, "base_id": base.base_id, "lora": lora, "training": training,
             "data": data_hashes, "audit": {"train": data.train_audit.as_dict(), "val": data.val_audit.as_dict()},
-            "metrics": metrics, "stop_check": stop.as_dict() if stop else None,
+            "metrics": metrics, "stop_check": stop,
             "refusal_calibration": refusal.as_dict() if refusal else None, "mlflow_run_id": run_id,
             "tracking_uri": uri, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
@@ -139,7 +146,7 @@ def fill_stage_manifest(ctx: StageContext, root: Path, cfg: Config, data: Datase
     ctx.timings.update({"train_s": round(result.seconds, 1)})
     ctx.extra.update({"adapter": str(adapter_dir), "metrics": manifest["metrics"], "audit": manifest["audit"],
                       "stop_check": manifest["stop_check"], "refusal_calibration": manifest["refusal_calibration"],
-                      "lora": manifest["lora"],
+                      "lora": manifest["lora"], "training": manifest["training"],
                       "mlflow": {"tracking_uri": uri, "run_id": manifest["mlflow_run_id"],
                                  "experiment": tracking.experiment or cfg.project.name,
                                  "registered_model": tracking.registered_model or f"{cfg.project.name}-adapter",

@@ -88,22 +88,25 @@ def selective_loss(model, inputs: dict, num_items: int | None = None, first_weig
     import torch
     import torch.nn.functional as F
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     # The collator pads on the right, so under the causal mask no real token ever sees a pad token and
     # positions count from 0 either way: no padding mask is needed. Without one, SDPA runs its causal
     # kernel instead of materialising a [batch, 1, L, L] mask (measured: 8.4 -> 7.5 GB at 4 x 1000 tokens).
     # Shared-prefix trees (data.Tree) bring their own positions and a [batch, 1, L, L] mask.
     extra = {"attention_mask": inputs["tree_mask"], "position_ids": inputs["position_ids"]} if "tree_mask" in inputs else {}
-    hidden = base.get_decoder()(input_ids=inputs["input_ids"], **extra).last_hidden_state
     targets = inputs["labels"][:, 1:]
     mask = targets != IGNORE
-    logits = base.get_output_embeddings()(hidden[:, :-1][mask])
+    # The output head runs only at the columns where some row has a label (`logits_to_keep`), through
+    # the model's own forward, so a DistributedDataParallel wrapper sees the call and syncs gradients.
+    keep = mask.any(0).nonzero().squeeze(1)
+    output = model(input_ids=inputs["input_ids"], **extra, logits_to_keep=keep, use_cache=False)
+    mask = mask[:, keep]
+    logits, targets = output.logits[mask], targets[:, keep][mask]
     if first_weight == 1.0:
-        total = F.cross_entropy(logits.float(), targets[mask], reduction="sum")
+        total = F.cross_entropy(logits.float(), targets, reduction="sum")
     else:
-        position = mask.long().cumsum(1) - 1  # index of each label inside its completion
-        weight = torch.where(position < first_tokens, first_weight, 1.0)[mask]
-        total = (F.cross_entropy(logits.float(), targets[mask], reduction="none") * weight).sum()
+        position = (mask.long().cumsum(1) - 1)[mask]  # index of each label inside its completion
+        weight = torch.where(position < first_tokens, first_weight, 1.0)
+        total = (F.cross_entropy(logits.float(), targets, reduction="none") * weight).sum()
     count = int(mask.sum())
     divisor = num_items if num_items else max(count, 1)
     if isinstance(divisor, torch.Tensor):
@@ -127,6 +130,10 @@ def make_trainer(model, tokenizer, train: list[Example] | list[Tree], val: list[
     class LossTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss, count = selective_loss(model, inputs, num_items_in_batch, first_weight=first_weight)
+            if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+                # num_items_in_batch counts the labels of every process; DDP averages the gradients over
+                # the processes, so each process scales its share back up (as transformers' own loss does)
+                loss = loss * self.accelerator.num_processes
             if model.training:
                 counters["loss_tokens"] += count
                 counters["padded"] += inputs["input_ids"].numel()
@@ -186,13 +193,18 @@ def progress_callback(bar):
 
 def training_arguments(out_dir: Path, *, steps: int, batch_size: int, grad_accum: int, learning_rate: float,
                        warmup_ratio: float, weight_decay: float, eval_steps: int, seed: int,
-                       gradient_checkpointing: bool, has_val: bool, bf16: bool = False, checkpoints: bool = True):
+                       gradient_checkpointing: bool, has_val: bool, device: str = "cpu", precision: str = "fp32",
+                       processes: int = 1, checkpoints: bool = True):
     """The Trainer's settings for sovllm training: cosine schedule with warmup, a log entry every
     step, val loss (when there is val data) and a checkpoint every `eval_steps`, the best one restored
-    at the end. `checkpoints=False` writes none and restores nothing (a benchmark that never resumes)."""
+    at the end. `checkpoints=False` writes none and restores nothing (a benchmark that never resumes).
+    `precision` bf16/fp16 trains under autocast (fp16 with loss scaling); with `processes` > 1 (under
+    torchrun) the Trainer runs DistributedDataParallel, over gloo on a CPU and NCCL on GPUs."""
     from transformers import TrainingArguments
 
     evaluate = has_val
+    distributed = {"ddp_backend": "gloo" if device == "cpu" else "nccl", "ddp_find_unused_parameters": False} \
+        if processes > 1 else {}
     return TrainingArguments(
         output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=batch_size,
         per_device_eval_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
@@ -203,7 +215,8 @@ def training_arguments(out_dir: Path, *, steps: int, batch_size: int, grad_accum
         metric_for_best_model="eval_loss" if evaluate else None,
         greater_is_better=False, prediction_loss_only=True, remove_unused_columns=False, label_names=["labels"],
         report_to="none", seed=seed, data_seed=seed, activation_checkpointing=gradient_checkpointing,
-        use_cpu=not bf16, bf16=bf16, dataloader_num_workers=0, disable_tqdm=True, save_only_model=False,
+        use_cpu=device == "cpu", bf16=precision == "bf16", fp16=precision == "fp16", dataloader_num_workers=0,
+        disable_tqdm=True, save_only_model=False, **distributed,
     )
 
 

@@ -3,7 +3,7 @@
 Presets: `minimal` (q, v; r 4), `standard` (q, k, v, o; r 8), `all-linear` (r 16), `high-capacity`
 (r 32); `r`, `alpha` (default 2 × r), dropout, target modules and rsLoRA override them. DoRA,
 `modules_to_save` and trained biases make an adapter vLLM cannot load, so they are refused unless
-`--allow-non-vllm-adapter`; QLoRA (4-bit NF4 base weights through bitsandbytes) needs CUDA.
+`--allow-non-vllm-adapter`. Device, precision and QLoRA are checked in `train.hardware`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ def resolved(section: TrainSection) -> dict:
             "modules_to_save": section.modules_to_save, "bias": section.bias}
 
 
-def check_options(section: TrainSection, *, cuda: bool, allow_non_vllm: bool = False) -> None:
-    """Refuse options that would produce an adapter vLLM cannot serve, and QLoRA without CUDA."""
+def check_options(section: TrainSection, *, allow_non_vllm: bool = False) -> None:
+    """Refuse options that would produce an adapter vLLM cannot serve."""
     blocked = []
     if section.use_dora:
         blocked.append("DoRA (train.use_dora)")
@@ -34,9 +34,6 @@ def check_options(section: TrainSection, *, cuda: bool, allow_non_vllm: bool = F
     if blocked and not (allow_non_vllm or section.allow_non_vllm_adapter):
         raise ConfigError(f"vLLM cannot serve this adapter: {', '.join(blocked)}",
                           hint="remove these options, or pass --allow-non-vllm-adapter if you serve it elsewhere")
-    if section.qlora and not cuda:
-        raise ConfigError("train.qlora needs a CUDA GPU (4-bit NF4 through bitsandbytes); this machine has none",
-                          hint="set train.qlora: false to train in fp32 on the CPU")
 
 
 def lora_config(section: TrainSection):

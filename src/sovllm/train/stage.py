@@ -1,8 +1,9 @@
 """The train stage: `train.jsonl` + `val.jsonl` → a vLLM-servable LoRA adapter, tracked in MLflow.
 
-`run` decides whether to train (skipped when inputs and settings are unchanged); `_train` is the
-stage as a sequence of named steps (`train.steps` up to the fit, `train.finish` after it): resolve
-the base model → encode records → stop-token audit (fails before any training) → LoRA model →
+`run` checks the options against the machine (`train.hardware`) and decides whether to train
+(skipped when inputs and settings are unchanged); `_train` finds the resume point and runs the
+training process(es) (`train.launch`, `train.worker`), which go through the named steps
+(`train.steps` up to the fit, `train.finish` after it): resolve the base model → encode records → stop-token audit (fails before any training) → LoRA model →
 Trainer (resumes from `out/train/checkpoints` after an interruption when data and settings are
 unchanged) → best checkpoint → stop check (base vs adapter) → refusal calibration → adapter folder
 (PEFT files, tokenizer, `manifest.json` with base_id, data hashes, audit and metrics, a README
@@ -23,12 +24,10 @@ from sovllm.artifacts import (
     sha256_file,
 )
 from sovllm.config import Config, config_hash
-from sovllm.errors import InputError
-from sovllm.models.adapter import adapter_name
-from sovllm.train import finish, steps
+from sovllm.errors import InputError, SovllmError
+from sovllm.train import hardware, launch, steps
 from sovllm.train.lora import check_options, resolved
 from sovllm.train.save import recover_adapter
-from sovllm.train.steps import cuda_available
 
 
 def load_records(root: Path, cfg: Config) -> dict[str, tuple[Path, list[dict]]]:
@@ -46,11 +45,14 @@ def load_records(root: Path, cfg: Config) -> dict[str, tuple[Path, list[dict]]]:
 
 
 def run(root: Path, cfg: Config, *, quick: bool = False, force: bool = False, allow_non_vllm: bool = False,
-        log: Callable[[str], None] = print, progress_factory: Callable | None = None) -> StageResult:
-    """Run (or skip when up to date) training for the project at `root`."""
+        log: Callable[[str], None] = print, progress_factory: Callable | None = None,
+        machine: hardware.Machine | None = None) -> StageResult:
+    """Run (or skip when up to date) training for the project at `root`; `machine` stands in for
+    this machine's facts (tests)."""
     records = load_records(root, cfg)
     section = cfg.train
-    check_options(section, cuda=cuda_available(), allow_non_vllm=allow_non_vllm)
+    check_options(section, allow_non_vllm=allow_non_vllm)
+    layout = hardware.plan(section, machine or hardware.probe())
     out_dir = root / cfg.project.output_dir / "train"
     recover_adapter(out_dir / "adapter")  # before the skip check: a crash mid-save may have moved the adapter aside
     config = {"train": section.model_dump(mode="json"), "model": cfg.model.base, "prompt": cfg.prompt.model_dump(),
@@ -58,49 +60,34 @@ def run(root: Path, cfg: Config, *, quick: bool = False, force: bool = False, al
 
     def work(ctx: StageContext) -> None:
         _train(root, cfg, records, ctx, quick=quick, key=config_hash(config), lora=resolved(section), log=log,
-               progress_factory=progress_factory)
+               progress_factory=progress_factory, layout=layout)
 
     return run_stage("train", out_dir, work, inputs=[records["train"][0], records["val"][0]], config=config,
                      force=force, verify=lambda m: (out_dir / "adapter" / "adapter_config.json").is_file())
 
 
 def _train(root: Path, cfg: Config, records: dict, ctx: StageContext, *, quick: bool, key: str, lora: dict,
-           log: Callable[[str], None], progress_factory: Callable | None) -> None:
-    """Train one adapter into `ctx.out_dir`, step by step."""
-    section = cfg.train
-    (train_path, train_records), (val_path, val_records) = records["train"], records["val"]
-    threads = steps.setup_torch(section)
-    base, tokenizer, eot = steps.load_base(cfg)
-    data = steps.build_datasets(cfg, records, tokenizer, eot, quick=quick, log=log)
-    model = steps.lora_model(base.path, section)
-    trainable, _ = model.get_nb_trainable_parameters()
-
+           log: Callable[[str], None], progress_factory: Callable | None, layout: hardware.Hardware) -> None:
+    """Train one adapter into `ctx.out_dir` in its own process(es) (`train.worker`), resuming from the
+    last checkpoint written under the same data and settings."""
+    (train_path, _), (val_path, _) = records["train"], records["val"]
     data_hashes = {"train.jsonl": sha256_file(train_path), "val.jsonl": sha256_file(val_path)}
     key = config_hash({"config": key, "data": data_hashes})  # resume only onto the same data and settings
     checkpoints = ctx.out_dir / "checkpoints"
     resume, previous_run = steps.resume_point(checkpoints, key)
-    name = adapter_name(cfg)
-    tracker, uri, run_id = steps.start_tracking(root, cfg, name, previous_run, checkpoints=checkpoints, key=key,
-                                                log=log)
-    if resume is not None:
-        log(f"resuming from {resume.name}")
-    status = "FAILED"
+    plan = {"root": str(root), "out_dir": str(ctx.out_dir), "config": cfg.model_dump(mode="json"), "quick": quick,
+            "key": key, "lora": lora, "hardware": layout.as_dict(), "train": str(train_path), "val": str(val_path),
+            "data_hashes": data_hashes, "resume": str(resume) if resume else None, "previous_run": previous_run}
     try:
-        tracker.params(steps.run_params(section, data, base=base, lora=lora, threads=threads, quick=quick,
-                                        trainable=trainable, data_hashes=data_hashes))
-        model, fit = steps.fit(model, tokenizer, data, section, checkpoints=checkpoints, resume=resume,
-                               tracker=tracker, name=name, lora=lora, threads=threads, log=log,
-                               progress_factory=progress_factory)
-        stop = finish.measure_stop_rate(model, tokenizer, data.val, eot, section, quick=quick)
-        refusal = finish.calibrate_refusal(model, tokenizer, cfg, data.val, val_records, train_records, log)
-        adapter_dir = ctx.out_dir / "adapter"
-        manifest = finish.adapter_manifest(name, base, lora, data, fit, stop, refusal, data_hashes=data_hashes,
-                                           run_id=run_id, uri=uri)
-        finish.save_checked_adapter(model, tokenizer, adapter_dir, manifest)
-        version = finish.track_results(tracker, root, cfg, fit, stop, refusal, adapter_dir)
-        finish.fill_stage_manifest(ctx, root, cfg, data, fit, manifest, adapter_dir=adapter_dir, version=version)
-        finish.enforce_stop_check(stop, quick=quick, steps=data.steps, adapter_dir=adapter_dir, log=log)
-        status = "FINISHED"
-    finally:
-        tracker.end(status)
+        result = launch.run(plan, ctx.out_dir, layout, log=log, progress_factory=progress_factory)
+    except SovllmError as exc:
+        _fill(ctx, getattr(exc, "result", None))
+        raise
+    _fill(ctx, result)
     shutil.rmtree(checkpoints, ignore_errors=True)  # a finished run needs no resume point
+    (ctx.out_dir / launch.PLAN).unlink(missing_ok=True)
+
+
+def _fill(ctx: StageContext, result: dict | None) -> None:
+    for field in ("model", "counts", "timings", "extra"):
+        getattr(ctx, field).update((result or {}).get(field) or {})

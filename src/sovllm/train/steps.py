@@ -26,6 +26,7 @@ from sovllm.errors import InputError
 from sovllm.models.chat import end_of_turn_id
 from sovllm.models.tokenizer import load_tokenizer
 from sovllm.train.data import audit, encode, share_prefixes
+from sovllm.train.hardware import Hardware
 from sovllm.train.fit import (
     make_trainer,
     progress_callback,
@@ -56,16 +57,6 @@ class Datasets:
     grad_accum: int
 
 
-def cuda_available() -> bool:
-    """Whether torch is installed and sees a CUDA GPU (training then runs in bf16)."""
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
-
-
 def optimizer_steps(cfg: Config, n_train: int, quick: bool) -> int:
     """`train.quick_steps` under --quick, else `train.max_steps`, else `train.epochs` over `n_train` units
     but at least `train.min_steps`."""
@@ -77,8 +68,9 @@ def optimizer_steps(cfg: Config, n_train: int, quick: bool) -> int:
     return max(1, section.min_steps, math.ceil(section.epochs * n_train / (section.batch_size * section.grad_accum)))
 
 
-def setup_torch(section: TrainSection) -> int:
-    """Silence transformers' own progress output, set torch's threads and seed; returns the thread count."""
+def setup_torch(section: TrainSection, threads: int = 0) -> int:
+    """Silence transformers' own progress output, set torch's threads (`threads`, else
+    `train.threads`, else every core) and seed; returns the thread count."""
     import warnings
 
     import torch
@@ -86,7 +78,7 @@ def setup_torch(section: TrainSection) -> int:
 
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
-    threads = section.threads or os.cpu_count() or 1
+    threads = threads or section.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     torch.manual_seed(section.seed)
     return threads
@@ -131,22 +123,37 @@ def build_datasets(cfg: Config, records: dict, tokenizer, eot: int, *, quick: bo
     return Datasets(train, val, units, val_units, train_audit, val_audit, steps, eval_steps, grad_accum)
 
 
-def lora_model(base_path: Path, section: TrainSection, *, top_layers: int = 0):
-    """The base model in fp32 with fresh LoRA weights from `section`; `top_layers` > 0 puts them on
-    the top N decoder layers only (`benchmarks/refusal.py --top-layers`)."""
+def lora_model(base_path: Path, section: TrainSection, *, hardware: Hardware | None = None, top_layers: int = 0):
+    """The base model with fresh LoRA weights from `section`: in fp32 on the CPU by default, else as
+    `hardware` says (bf16/fp16 base weights, or with QLoRA 4-bit NF4 with double quantisation and
+    the compute dtype, prepared for k-bit training with gradient checkpointing). `top_layers` > 0
+    puts the LoRA weights on the top N decoder layers only (`benchmarks/refusal.py --top-layers`)."""
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
+    hardware = hardware or Hardware("cpu", "fp32", False, 1, 0)
+    if hardware.qlora:
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
 
-    model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=hardware.torch_dtype)
+        where = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if hardware.device == "cuda" else "cpu"
+        model = AutoModelForCausalLM.from_pretrained(str(base_path), quantization_config=quantization,
+                                                     dtype=hardware.torch_dtype, device_map={"": where})
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        dtype = torch.float32 if hardware.precision == "fp32" else hardware.torch_dtype
+        model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=dtype)
     model.config.use_cache = False
     settings = lora_config(section)
     if top_layers:
         layers = model.config.num_hidden_layers
         settings.layers_to_transform = list(range(max(0, layers - top_layers), layers))
     model = get_peft_model(model, settings)
-    if section.gradient_checkpointing:
+    if section.gradient_checkpointing and not hardware.qlora:
         model.enable_input_require_grads()
     return model
 
@@ -177,20 +184,22 @@ def start_tracking(root: Path, cfg: Config, name: str, continue_run: str | None,
     return tracker, uri, run_id
 
 
-def run_params(section: TrainSection, data: Datasets, *, base, lora: dict, threads: int, quick: bool,
+def run_params(section: TrainSection, data: Datasets, *, base, lora: dict, hardware: Hardware, quick: bool,
                trainable: int, data_hashes: dict) -> dict:
     """The MLflow params of a training run."""
     return {**{f"lora/{k}": v for k, v in lora.items()}, "base_model": base.name, "base_id": base.base_id,
             "steps": data.steps, "batch_size": section.batch_size, "grad_accum": data.grad_accum,
             "learning_rate": section.learning_rate, "warmup_ratio": section.warmup_ratio,
-            "max_length": section.max_length, "batching": section.batching, "threads": threads,
+            "max_length": section.max_length, "batching": section.batching, "threads": hardware.threads,
+            "device": hardware.device, "precision": hardware.precision, "qlora": hardware.qlora,
+            "processes": hardware.processes,
             "train_examples": len(data.train), "val_examples": len(data.val), "quick": quick,
             "share_prefix": section.share_prefix, "train_units": len(data.units),
             "trainable_params": trainable, **{f"data/{k}": v for k, v in data_hashes.items()}}
 
 
 def fit(model, tokenizer, data: Datasets, section: TrainSection, *, checkpoints: Path, resume: Path | None,
-        tracker, name: str, lora: dict, threads: int, log: Callable[[str], None],
+        tracker, name: str, lora: dict, hardware: Hardware, log: Callable[[str], None],
         progress_factory: Callable | None):
     """Train with sovllm's Trainer (`train.fit`), logging each step to `tracker`; returns (the model
     holding the best checkpoint's weights, FitResult)."""
@@ -201,8 +210,9 @@ def fit(model, tokenizer, data: Datasets, section: TrainSection, *, checkpoints:
     args = training_arguments(checkpoints, steps=data.steps, batch_size=section.batch_size, grad_accum=grad_accum,
                               learning_rate=section.learning_rate, warmup_ratio=section.warmup_ratio,
                               weight_decay=section.weight_decay, eval_steps=data.eval_steps, seed=section.seed,
-                              gradient_checkpointing=section.gradient_checkpointing, has_val=bool(val),
-                              bf16=cuda_available())
+                              gradient_checkpointing=section.gradient_checkpointing or hardware.qlora,
+                              has_val=bool(val), device=hardware.device, precision=hardware.precision,
+                              processes=hardware.processes)
     callbacks = []
     if val and section.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=section.early_stopping_patience))
@@ -214,7 +224,7 @@ def fit(model, tokenizer, data: Datasets, section: TrainSection, *, checkpoints:
             f"of {sum(map(len, train)):,} (train.share_prefix); a step holds {section.batch_size}×{grad_accum} trees")
     trainable, total = model.get_nb_trainable_parameters()
     log(f"training {name}: {len(train)} examples, {data.steps} optimizer steps of {section.batch_size}×{grad_accum}, "
-        f"LoRA {lora['preset']} r={lora['r']} ({trainable:,} of {total:,} parameters trainable), {threads} threads")
+        f"LoRA {lora['preset']} r={lora['r']} ({trainable:,} of {total:,} parameters trainable) on {hardware.describe()}")
     bar = progress_factory(data.steps) if progress_factory else None
     if bar:
         trainer.add_callback(progress_callback(bar))
