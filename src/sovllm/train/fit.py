@@ -230,6 +230,14 @@ def run_fit(trainer, *, resume: Path | None = None) -> FitResult:
     evals = [h for h in history if "eval_loss" in h]
     best = min(evals, key=lambda h: h["eval_loss"]) if evals else None
     c = trainer.sovllm_counters
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # data parallel: every process counted its own batches
+        import torch
+
+        totals = torch.tensor([c["loss_tokens"], c["padded"], c["real"]], dtype=torch.float64)
+        dist.all_reduce(totals)
+        c = dict(zip(("loss_tokens", "padded", "real"), (int(v) for v in totals.tolist())))
     stopped = state.global_step < trainer.args.max_steps
     return FitResult(steps=state.global_step, best_val_loss=best["eval_loss"] if best else None,
                      best_step=best["step"] if best else None, train_loss=output.training_loss,

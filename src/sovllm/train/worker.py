@@ -97,6 +97,11 @@ def train(plan: dict, events: Events) -> None:
     data = steps.build_datasets(cfg, records, tokenizer, eot, quick=quick, log=log)
     model = steps.lora_model(base.path, section, hardware=hardware)
     trainable, _ = model.get_nb_trainable_parameters()
+    if hardware.qlora:
+        quantised = sum(1 for m in model.modules() if type(m).__module__.startswith("bitsandbytes")
+                        and type(m).__name__ == "Linear4bit")
+        log(f"QLoRA: {quantised} linear layers of the base hold 4-bit NF4 weights (double quantisation, "
+            f"{hardware.precision} compute)")
     checkpoints = out_dir / "checkpoints"
     resume = Path(plan["resume"]) if plan.get("resume") else None
     name = adapter_name(cfg)
@@ -107,6 +112,8 @@ def train(plan: dict, events: Events) -> None:
         tracker, uri, run_id = NoTracker(), None, None
     if resume is not None:
         log(f"resuming from {resume.name}")
+        if hardware.processes > 1:  # every rank says where it resumes (they all read the same plan)
+            print(f"rank {rank()}: resuming from {resume.name}", file=sys.stderr, flush=True)
     status = "FAILED"
     try:
         tracker.params(steps.run_params(section, data, base=base, lora=lora, hardware=hardware, quick=quick,
