@@ -4,20 +4,40 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
+
+PR_SET_PDEATHSIG = 1
+
+
+def _prctl():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> bool:
     """Ask Linux to send `sig` to this process when its parent exits (PR_SET_PDEATHSIG); False where
-    that is not available. Called in a child before exec (as `preexec_fn`) or by the child itself;
-    a child whose parent is already gone by then gets `sig` at once."""
-    parent = os.getppid()
-    try:
-        import ctypes
-
-        if ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(sig)) != 0:  # 1 = PR_SET_PDEATHSIG
-            return False
-    except (OSError, AttributeError):
+    that is not available. A process whose parent is already gone by then gets `sig` at once."""
+    parent, prctl = os.getppid(), _prctl()
+    if prctl is None or prctl(PR_SET_PDEATHSIG, int(sig)) != 0:
         return False
     if os.getppid() != parent:  # the parent died before the request was in place
         os.kill(os.getpid(), sig)
     return True
+
+
+def dies_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A `preexec_fn` for `subprocess.Popen`: the child gets `sig` when the process that started it
+    dies. libc's prctl is looked up here, in the parent, so the forked child only calls it (no
+    import or dlopen between fork and exec, where another thread's lock could be held)."""
+    prctl = _prctl()
+    if prctl is None:
+        return None
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(sig))
+
+    return preexec

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,3 +29,28 @@ def curated_project(root: Path, model_dir: Path) -> Path:
 @pytest.fixture
 def train_project(tmp_path, tiny_model_dir):
     return curated_project(tmp_path / "p", tiny_model_dir)
+
+
+def complete(checkpoint: Path) -> bool:
+    """Every file a resume needs is there and the Trainer's state (written last) parses."""
+    from sovllm.train.save import CHECKPOINT_FILES
+
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return all((checkpoint / name).is_file() for name in CHECKPOINT_FILES)
+
+
+def train_command(project: Path, settings: list[str]) -> list[str]:
+    return [sys.executable, "-m", "sovllm", "train", str(project)] + [a for s in settings for a in ("--set", s)]
+
+
+def train_until_first_checkpoint(cmd: list[str], checkpoints: Path, timeout: float = 180) -> subprocess.Popen:
+    """Start a real `sovllm train` process; return it once its first complete checkpoint is on disk."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not any(complete(c) for c in checkpoints.glob("checkpoint-*")):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    return proc

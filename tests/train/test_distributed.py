@@ -7,15 +7,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from sovllm.config import load_config
 from sovllm.train import stage
-from tests.train.conftest import TRAIN_FAST, curated_project
+from tests.train.conftest import TRAIN_FAST, complete, curated_project, train_command, train_until_first_checkpoint
 
 pytestmark = pytest.mark.integration  # real training processes
 
@@ -58,16 +56,6 @@ def test_two_processes_train_the_adapter_one_process_trains_at_the_same_global_b
     assert not (two / "out" / "train" / "checkpoints").exists()
 
 
-def _complete(checkpoint: Path) -> bool:
-    from sovllm.train.save import CHECKPOINT_FILES
-
-    try:
-        json.loads((checkpoint / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return all((checkpoint / name).is_file() for name in CHECKPOINT_FILES)
-
-
 def _rank_pids(parent: int) -> dict[int, int]:
     """RANK → pid of the training processes below `parent` (read from /proc)."""
     found = {}
@@ -103,13 +91,9 @@ def _descends(pid: int, ancestor: int, stat: str) -> bool:
 def test_kill_9_of_one_rank_stops_the_run_and_every_rank_resumes_from_the_same_checkpoint(train_project):
     args = [*TRAIN_FAST, "train.max_steps=30", "train.eval_steps=3", "train.early_stopping_patience=0",
             "train.batch_size=2", "train.num_processes=2"]
-    cmd = [sys.executable, "-m", "sovllm", "train", str(train_project)] + [a for s in args for a in ("--set", s)]
+    cmd = train_command(train_project, args)
     checkpoints = train_project / "out" / "train" / "checkpoints"
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and not any(_complete(c) for c in checkpoints.glob("checkpoint-*")):
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.2)
+    proc = train_until_first_checkpoint(cmd, checkpoints)
     ranks = _rank_pids(proc.pid)
     assert sorted(ranks) == [0, 1], ranks
     os.kill(ranks[1], signal.SIGKILL)
@@ -117,7 +101,7 @@ def test_kill_9_of_one_rank_stops_the_run_and_every_rank_resumes_from_the_same_c
     assert proc.returncode != 0, stderr
     assert not any(p.is_dir() for p in (Path(f"/proc/{pid}") for pid in ranks.values())
                    if p.exists() and "zombie" not in (p / "status").read_text().lower())  # no rank left running
-    saved = sorted(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*") if _complete(p))
+    saved = sorted(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*") if complete(p))
     assert saved and saved[-1] < 30
     first_run = json.loads((checkpoints / "sovllm-run.json").read_text())["mlflow_run_id"]
 

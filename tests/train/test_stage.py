@@ -6,8 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 
 import pytest
 
@@ -16,7 +14,7 @@ from sovllm.errors import ModelError
 from sovllm.models.adapter import check_servable, inspect_adapter
 from sovllm.train import save as saving
 from sovllm.train import stage
-from tests.train.conftest import TRAIN_FAST
+from tests.train.conftest import TRAIN_FAST, train_command, train_until_first_checkpoint
 
 
 @pytest.mark.integration  # a full train stage: training, stop check, calibration, MLflow
@@ -85,26 +83,13 @@ def test_non_vllm_options_are_refused_before_training(train_project):
     assert not (train_project / "out" / "train").exists()
 
 
-def _complete(checkpoint) -> bool:
-    """Every file a resume needs is there and the Trainer's state (written last) parses."""
-    try:
-        json.loads((checkpoint / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return all((checkpoint / name).is_file() for name in saving.CHECKPOINT_FILES)
-
-
 @pytest.mark.integration  # a real `sovllm train` process, twice
 def test_resume_after_kill_9(train_project):
     """Kill a real training process after its first checkpoint; the re-run resumes there and finishes."""
     args = [*TRAIN_FAST, "train.max_steps=30", "train.eval_steps=3", "train.early_stopping_patience=0"]
-    cmd = [sys.executable, "-m", "sovllm", "train", str(train_project)] + [a for s in args for a in ("--set", s)]
+    cmd = train_command(train_project, args)
     checkpoints = train_project / "out" / "train" / "checkpoints"
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not any(_complete(c) for c in checkpoints.glob("checkpoint-*")):
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.2)
+    proc = train_until_first_checkpoint(cmd, checkpoints)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     saved = sorted(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*"))

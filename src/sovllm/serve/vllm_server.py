@@ -22,7 +22,7 @@ import httpx
 
 from sovllm import egress
 from sovllm.errors import BackendError
-from sovllm.procs import die_with_parent
+from sovllm.procs import dies_with_parent
 from sovllm.serve.launch import file_tail
 from sovllm.serve.vllm_plugin import vllm_args
 
@@ -158,7 +158,7 @@ class VLLMServer:
         self.port = free_port(self.host)
         log = open(self.log_path, "w")
         self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.environment(),
-                                        start_new_session=True, preexec_fn=die_with_parent)
+                                        start_new_session=True, preexec_fn=dies_with_parent())
         deadline = time.monotonic() + self.startup_timeout
         while True:
             if self.process.poll() is not None:

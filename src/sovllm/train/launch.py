@@ -24,7 +24,7 @@ from typing import Callable
 
 from sovllm import errors
 from sovllm.artifacts import write_atomic
-from sovllm.procs import die_with_parent
+from sovllm.procs import dies_with_parent
 from sovllm.train.hardware import Hardware
 from sovllm.train.worker import EVENT
 
@@ -59,7 +59,7 @@ def run(plan: dict, out_dir: Path, hardware: Hardware, *, log: Callable[[str], N
     if hardware.processes > 1 and hardware.device == "cpu":
         env.setdefault("OMP_NUM_THREADS", str(hardware.threads))
     proc = subprocess.Popen(command(path, hardware), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, bufsize=1, preexec_fn=die_with_parent)
+                            env=env, bufsize=1, preexec_fn=dies_with_parent())
     tail: collections.deque[str] = collections.deque(maxlen=25)
 
     def pass_stderr() -> None:
