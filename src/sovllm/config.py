@@ -421,6 +421,66 @@ class EvalSection(Section):
     judge: EvalJudgeSection = Field(default_factory=EvalJudgeSection)
 
 
+class PeerSection(Section):
+    """Pods a workflow pod may reach, for its NetworkPolicy: a namespace and pod labels, on one port."""
+
+    namespace: str
+    pod_labels: dict[str, str] = Field(default_factory=dict)
+    port: int = Field(..., ge=1, le=65535)
+
+
+class ObjectStoreSection(Section):
+    endpoint: str = Field("minio.minio.svc.cluster.local:9000", description="the in-cluster S3-compatible store, "
+                                                                            "host:port")
+    bucket: str = "sovllm"
+    insecure: bool = Field(False, description="plain HTTP to the store (an in-cluster MinIO without TLS)")
+    credentials_secret: str = Field("sovllm-object-store", description="Secret holding the access and secret key")
+    access_key_key: str = "accessKey"
+    secret_key_key: str = "secretKey"
+    prefix: str | None = Field(None, description="key prefix of the project's artifacts; default sovllm/<project>")
+
+
+class ClusterSection(Section):
+    """How the pipeline renders for a Kubernetes cluster (`sovllm render argo`)."""
+
+    namespace: str = "sovllm"
+    image: str = Field("registry.internal/sovllm", description="the sovllm image repository (no tag)")
+    image_tag: str | None = Field(None, description="default: this sovllm's version; never 'latest'")
+    service_account: str = "sovllm-pipeline"
+    synth_shards: int = Field(2, ge=1, le=64, description="synth steps that run side by side (synth --shard K/N)")
+    retries: int = Field(2, ge=0, le=10, description="retries of a failed step")
+    retry_backoff: str = Field("30s", description="first wait before a retry; doubles each time, at most 10m")
+    gpu_node_selector: dict[str, str] = Field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
+    gpu_tolerations: list[dict[str, str]] = Field(
+        default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
+    object_store: ObjectStoreSection = Field(default_factory=ObjectStoreSection)
+    object_store_peer: PeerSection = Field(
+        default_factory=lambda: PeerSection(namespace="minio", pod_labels={"app": "minio"}, port=9000))
+    llm_peer: PeerSection = Field(
+        default_factory=lambda: PeerSection(namespace="sovllm", pod_labels={"app.kubernetes.io/name": "vllm"},
+                                            port=8000),
+        description="where the workflow's LLM endpoint (endpoint.base_url) runs")
+    mlflow_peer: PeerSection = Field(
+        default_factory=lambda: PeerSection(namespace="mlflow", pod_labels={"app": "mlflow"}, port=5000))
+    kubernetes_api_cidr: str = Field("10.96.0.1/32", description="the API server's address (for the workflow "
+                                                                 "pods' egress policy)")
+    kubernetes_api_port: int = 443
+
+    @field_validator("image_tag")
+    @classmethod
+    def _pinned(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or value.strip() == "latest"):
+            raise ValueError("the image must be pinned to a version, not 'latest'")
+        return value
+
+    @field_validator("image")
+    @classmethod
+    def _no_tag(cls, value: str) -> str:
+        if "@" in value or ":" in value.rsplit("/", 1)[-1]:
+            raise ValueError("give the repository only (e.g. registry.internal/sovllm); the tag is image_tag")
+        return value
+
+
 class Config(Section):
     """The whole `sovllm.yaml`."""
 
@@ -435,6 +495,7 @@ class Config(Section):
     curate: CurateSection = Field(default_factory=CurateSection)
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    cluster: ClusterSection = Field(default_factory=ClusterSection)
 
     def endpoints(self) -> dict[str, str]:
         """Configured remote endpoints by config key (URLs sovllm will contact)."""

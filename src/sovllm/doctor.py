@@ -49,10 +49,14 @@ def _compute() -> Check:
         return Check("compute", "warn", f"{cpus} CPU cores; torch not installed, GPU unknown")
     import torch
 
+    bnb = _version("bitsandbytes")
+    qlora = f"QLoRA via bitsandbytes {bnb}" if bnb else "no QLoRA (pip install 'sovllm[qlora]')"
     if torch.cuda.is_available():
         names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
-        return Check("compute", "ok", f"{cpus} CPU cores; CUDA: {names} (bf16, optional 4-bit QLoRA)")
-    return Check("compute", "ok", f"{cpus} CPU cores, no GPU: training and serving run in fp32 on the CPU")
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16 (no bf16)"
+        return Check("compute", "ok", f"{cpus} CPU cores; CUDA: {names}; trains in {precision}; {qlora}; "
+                                      f"train.num_processes up to {torch.cuda.device_count()}")
+    return Check("compute", "ok", f"{cpus} CPU cores, no GPU: training and serving run in fp32 on the CPU; {qlora}")
 
 
 def _models() -> list[Check]:

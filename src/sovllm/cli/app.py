@@ -50,6 +50,7 @@ def _register() -> None:
         ingest,
         models,
         project,
+        render,
         serve,
         synth,
         train,
@@ -63,6 +64,7 @@ def _register() -> None:
     evaluate.register(app)
     serve.register(app)
     doctor.register(app)
+    render.register(app)
     app.add_typer(models.app, name="models")
     app.add_typer(egress_cmd.app, name="egress")
     app.add_typer(bench.app, name="bench")

@@ -35,10 +35,17 @@ def run(
                                                     "eval)."),
     promote: bool = typer.Option(False, "--promote", help="After eval, move the MLflow 'champion' alias to the new "
                                                           "adapter when it is better by the paired test."),
+    target: str = typer.Option("local", "--target", help="local: run here; argo: the Argo Workflow of the same "
+                                                         "stage graph (with --dry-run: print it)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="With --target argo: print what would be submitted."),
 ) -> None:
     """Run the pipeline; up-to-date stages are skipped, so an interrupted run resumes."""
     from sovllm.pipeline.run import run_pipeline
     from sovllm.progress import bar_factory
+
+    if target != "local" or dry_run:
+        _run_elsewhere(directory, set_, target=target, dry_run=dry_run, quick=quick)
+        return
 
     err = make_console(stderr=True)
     report = run_pipeline(directory, overrides=tuple(set_), quick=quick, force=force, until=until, promote=promote,
@@ -61,6 +68,28 @@ def run(
                       *(f"{tokens[k]:,}" if tokens[k] else "" for k in ("prompt", "generated", "trained")), details)
     console.print(table)
     _print_final(report)
+
+
+def _run_elsewhere(directory, set_: list[str], *, target: str, dry_run: bool, quick: bool) -> None:
+    """`--target argo --dry-run`: the WorkflowTemplate and the Workflow that would be submitted."""
+    import tempfile
+
+    from sovllm.cli.render import render_argo
+    from sovllm.errors import ConfigError
+
+    if target != "argo":
+        raise ConfigError(f"--target {target}: not a target; choose local or argo" if target != "local" else
+                          "--dry-run needs --target argo (a local run has nothing to submit)")
+    if not dry_run:
+        raise ConfigError("--target argo submits nothing by itself yet",
+                          hint="use --dry-run to see the objects, or 'sovllm render argo DIR -o OUT' and "
+                               "kubectl apply / argo submit them (docs/operations.md)")
+    with tempfile.TemporaryDirectory() as tmp:
+        files = render_argo(directory, Path(tmp), set_, schedule=None, shards=None, quick=quick)
+        console.print("# would be submitted (kubectl apply -f -, then argo submit):", markup=False)
+        for kind in ("WorkflowTemplate", "NetworkPolicy", "Workflow"):
+            console.print(f"---\n{files[kind].read_text(encoding='utf-8')}", markup=False, highlight=False,
+                          soft_wrap=True)
 
 
 def _print_final(report) -> None:

@@ -14,6 +14,10 @@ err = make_console(stderr=True)
 def print_result(extra: dict, title: str = "train") -> None:
     metrics, stop, mlflow = extra["metrics"], extra.get("stop_check"), extra["mlflow"]
     console.print(f"{title}: adapter {extra['adapter']}")
+    training = extra.get("training")
+    if training:
+        where = f"{training['processes']} × {training['device']}" if training["processes"] > 1 else training["device"]
+        console.print(f"  trained on {where}, {training['precision']}, base weights {training['base_weights']}")
     console.print(f"  {metrics['steps']} steps, best val loss {metrics['best_val_loss']} (step {metrics['best_step']}), "
                   f"{metrics['loss_tokens_per_s']} loss tokens/s, padding {metrics['padding_share']:.1%}")
     if stop:

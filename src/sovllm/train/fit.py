@@ -1,9 +1,11 @@
 """The training loop: transformers' Trainer with a PEFT model, loss only where there are labels.
 
-`LossTrainer.compute_loss` runs the decoder, then applies the output head only at the positions
-that carry a label (the answer tokens), instead of producing logits for every prompt position and
-throwing almost all of them away: for 600-token prompts with 40-token answers that skips most of
-the vocabulary projection (49k × 576 per token for SmolLM2) and its memory. The loss is the
+`LossTrainer.compute_loss` calls the model with `logits_to_keep` = the positions where some row of
+the batch has a label (the answer tokens), so the output head runs only there instead of producing
+logits for every prompt position and throwing almost all of them away: for 600-token prompts with
+40-token answers that skips most of the vocabulary projection (49k × 576 per token for SmolLM2) and
+its memory. Going through the model's own forward (not its decoder directly) keeps a
+DistributedDataParallel wrapper in the call, so data-parallel training syncs the gradients. The loss is the
 token-level mean over the whole optimizer step (transformers passes `num_items_in_batch`), so
 gradient accumulation does not change what is averaged.
 
