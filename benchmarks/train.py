@@ -168,6 +168,9 @@ def trl_peer_run(base_path: str, tokenizer, train, val, args) -> dict:
                            dataloader_num_workers=0)
         trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
                              processing_class=tokenizer, peft_config=peer_lora(args))
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # its per-step dicts would go to stdout, into the JSON
         started = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - started

@@ -79,7 +79,7 @@ def _container_class():
 
 def _template(cfg: Config, stage: Stage, found: dict):
     from hera.workflows import RawArtifact, Resources
-    from hera.workflows.models import Backoff, RetryStrategy, Toleration
+    from hera.workflows.models import Backoff, Capabilities, RetryStrategy, SeccompProfile, SecurityContext, Toleration
 
     inputs = [RawArtifact(name="config", path=f"{PROJECT}/sovllm.yaml", data="{{workflow.parameters.config}}")]
     for name in stage.inputs:
@@ -103,6 +103,9 @@ def _template(cfg: Config, stage: Stage, found: dict):
         node_selector=dict(cfg.cluster.gpu_node_selector) if gpu else None,
         tolerations=[Toleration(**t) for t in cfg.cluster.gpu_tolerations] if gpu else None,
         labels={"sovllm.io/stage": stage.name},
+        security_context=SecurityContext(allow_privilege_escalation=False, run_as_non_root=True,
+                                         capabilities=Capabilities(drop=["ALL"]),
+                                         seccomp_profile=SeccompProfile(type="RuntimeDefault")),
     )
 
 

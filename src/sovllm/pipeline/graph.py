@@ -44,6 +44,7 @@ class Stage:
     needs_gpu: bool = False
     resources: Resources = field(default_factory=lambda: Resources("1", "2Gi"))
     after: tuple[str, ...] = ()  # stages it depends on (those that write its inputs)
+    shares_endpoint: bool = False  # run locally, it uses the run's one endpoint (eval starts its own, with adapters)
 
     def argv(self, project: str) -> list[str]:
         return ["sovllm", *(a.replace("{project}", project) for a in self.command)]
@@ -74,23 +75,24 @@ def stages(cfg: Config, shards: int = 1, *, quick: bool = False) -> list[Stage]:
     graph = [Stage("ingest", ("ingest", "{project}", *flags), ("documents", "chunks"), ("chunks",), resources=small)]
     if shards == 1:
         graph.append(Stage("synth", ("synth", "{project}", *flags), ("chunks", "pairs"), ("pairs",),
-                           needs_endpoint=True, resources=llm, after=("ingest",)))
+                           needs_endpoint=True, resources=llm, after=("ingest",), shares_endpoint=True))
     else:
         names = [f"synth-{k}" for k in range(1, shards + 1)]
         graph += [Stage(name, ("synth", "{project}", "--shard", f"{k}/{shards}", *flags),
                         ("chunks", f"synth-shard-{k}"), (f"synth-shard-{k}",), needs_endpoint=True, resources=llm,
-                        after=("ingest",)) for k, name in enumerate(names, 1)]
+                        after=("ingest",), shares_endpoint=True) for k, name in enumerate(names, 1)]
         graph.append(Stage("synth-merge", ("synth", "merge", "{project}", "--shards", str(shards)),
                            ("chunks", *(f"synth-shard-{k}" for k in range(1, shards + 1)), "pairs"), ("pairs",),
                            resources=small, after=tuple(names)))
     synth_done = "synth" if shards == 1 else "synth-merge"
     graph.append(Stage("curate", ("curate", "{project}", *flags), ("chunks", "pairs", "splits"), ("splits",),
-                       needs_endpoint=True, resources=llm, after=(synth_done,)))
+                       needs_endpoint=True, resources=llm, after=(synth_done,), shares_endpoint=True))
     train_cpu = Resources("4", "16Gi")
     graph.append(Stage("train", ("train", "{project}", *flags), ("splits", "adapter", "mlflow"), ("adapter", "mlflow"),
                        needs_gpu=cfg.train.device != "cpu", resources=Resources("4", "32Gi", max(1, cfg.train.num_processes))
                        if cfg.train.device != "cpu" else train_cpu, after=("curate",)))
-    graph.append(Stage("eval", ("eval", "{project}", "--promote", *flags),
+    promote = () if quick else ("--promote",)  # a --quick adapter is never registered, so never promoted
+    graph.append(Stage("eval", ("eval", "{project}", *promote, *flags),
                        ("chunks", "splits", "adapter", "mlflow", "report"), ("report", "mlflow"),
                        needs_endpoint=True, resources=llm, after=("train",)))
     return graph

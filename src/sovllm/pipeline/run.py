@@ -33,6 +33,7 @@ from sovllm.config import Config, load_config, project_root
 from sovllm.endpoint import open_endpoint
 from sovllm.errors import ConfigError
 from sovllm.ingest import stage as ingest
+from sovllm.pipeline.graph import stages
 from sovllm.pipeline.memory import PeakMemory, release_memory
 from sovllm.train import stage as train
 
@@ -71,7 +72,7 @@ def check_endpoints(cfg: Config) -> None:
         raise ConfigError("configured endpoints would send data off this machine", problems=problems)
 
 
-STAGES = ("model", "ingest", "synth", "curate", "train", "eval")
+STAGES = ("model", "ingest", "synth", "curate", "train", "eval")  # `model`, then the stage graph run here
 
 
 def run_pipeline(directory: str | Path = ".", *, overrides: tuple[str, ...] = (), quick: bool = False,
@@ -142,40 +143,57 @@ def _stages(report: RunReport, cfg: Config, root: Path, out_dir: Path, want: Cal
     report.stages.append(("model", result))
 
 
-    if want("ingest"):
-        report.stages.append(("ingest", ingest.run(root, cfg, quick=quick, force=force, warn=warn,
-                                                   progress_factory=progress("ingest") if progress else None)))
+    graph = stages(cfg, 1, quick=quick)
+    runners = {
+        "ingest": lambda endpoint: ingest.run(root, cfg, quick=quick, force=force, warn=warn,
+                                              progress_factory=progress("ingest") if progress else None),
+        "synth": lambda endpoint: _synth().run(root, cfg, endpoint, quick=quick, force=force, log=log,
+                                               progress_factory=progress("synth") if progress else None),
+        "curate": lambda endpoint: _curate().run(root, cfg, endpoint, quick=quick, force=force, log=log,
+                                                 progress_factory=progress("judge") if progress else None),
+        "train": lambda endpoint: train.run(root, cfg, quick=quick, force=force, log=log,
+                                            progress_factory=progress("train") if progress else None),
+        # eval starts the embedded server again itself, now with the new adapter loaded
+        "eval": lambda endpoint: _evaluate().run(root, cfg, quick=quick, force=force, promote=promote, log=log,
+                                                 progress_factory=progress("eval") if progress else None,
+                                                 in_pipeline=True),
+    }
+    shared = ExitStack()
+    held: list = []
 
-    from sovllm.synth import stage as synth
+    @contextmanager
+    def endpoint():
+        # one endpoint (embedded server) for the stages that share it (synth, curate), started on first use
+        if not held:
+            held.append(shared.enter_context(open_endpoint(cfg, log=log)))
+        yield held[0]
 
-    with ExitStack() as stack:
-        shared: list = []
-
-        @contextmanager
-        def endpoint():
-            # one endpoint (embedded server) for all LLM stages of this run, started on first use
-            if not shared:
-                shared.append(stack.enter_context(open_endpoint(cfg, log=log)))
-            yield shared[0]
-
-        if want("synth"):
-            report.stages.append(("synth", synth.run(root, cfg, endpoint, quick=quick, force=force, log=log,
-                                                     progress_factory=progress("synth") if progress else None)))
-        from sovllm.curate import stage as curate
-
-        if want("curate"):
-            report.stages.append(("curate", curate.run(root, cfg, endpoint, quick=quick, force=force, log=log,
-                                                       progress_factory=progress("judge") if progress else None)))
+    try:
+        for stage in graph:
+            if not want(stage.name):
+                continue
+            if not stage.shares_endpoint and held:  # stopped before training: training gets every core
+                shared.close()
+                held.clear()
+                release_memory()  # free what the stages before training left on the heap
+            report.stages.append((stage.name, runners[stage.name](endpoint)))
+    finally:
+        shared.close()
 
 
-    if want("train"):  # after the embedded server has stopped: training gets every core
-        report.stages.append(("train", train.run(root, cfg, quick=quick, force=force, log=log,
-                                                 progress_factory=progress("train") if progress else None)))
-        release_memory()  # free what the stages before training left on the heap before eval's server starts
+def _synth():
+    from sovllm.synth import stage
 
-    if want("eval"):  # the embedded server starts again, now with the new adapter loaded
-        from sovllm.evaluate import stage as evaluate
+    return stage
 
-        report.stages.append(("eval", evaluate.run(root, cfg, quick=quick, force=force, promote=promote, log=log,
-                                                   progress_factory=progress("eval") if progress else None,
-                                                   in_pipeline=True)))
+
+def _curate():
+    from sovllm.curate import stage
+
+    return stage
+
+
+def _evaluate():
+    from sovllm.evaluate import stage
+
+    return stage

@@ -209,7 +209,9 @@ def merge(root: Path, cfg: Config, shards: int) -> dict:
     settings = {json.dumps({k: v for k, v in m.config.items() if k != "shard"}, sort_keys=True) for m in manifests}
     if len(settings) != 1:
         raise InputError("cannot merge: the shards were generated with different settings; re-run them alike")
-    chunks = list(read_jsonl(root / cfg.project.output_dir / "ingest" / "chunks.jsonl"))
+    shared = json.loads(next(iter(settings)))
+    # the order an unsharded run writes: its chunks as load_chunks gives them (--quick: the sample, by id)
+    _, chunks = load_chunks(root, cfg, quick=bool(shared.get("quick")))
     order = {c["id"]: i for i, c in enumerate(chunks)}
     pairs, errors, cache = [], [], {}
     for d in dirs:
@@ -232,7 +234,7 @@ def merge(root: Path, cfg: Config, shards: int) -> dict:
         ctx.model.update(manifests[0].model)
         ctx.extra.update({"merged_from": [str(d) for d in dirs]})
 
-    config = {**json.loads(settings.pop()), "merged_shards": shards}
+    config = {**shared, "merged_shards": shards}
     result = run_stage("synth", base, work, inputs=[d / "qa.jsonl" for d in dirs], config=config, force=True)
     return {"pairs": len(pairs), "failures": len(errors), "shards": shards, "manifest": str(base / "manifest.json"),
             "skipped": result.skipped}
