@@ -48,3 +48,16 @@ def test_load_tokenizer_normalises_a_model_directory(tiny_model_dir):
     assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>") and ids[-1] == tok.eos_token_id
     with pytest.raises(ModelError, match="cannot load the tokenizer"):
         load_tokenizer(tiny_model_dir / "missing")
+
+
+@pytest.mark.integration  # the bundled model's tokenizer
+def test_token_bytes_rebuild_the_text_even_where_a_token_holds_part_of_a_character(bundled_model):
+    from sovllm.models.tokenizer import token_bytes
+
+    tokenizer = load_tokenizer(bundled_model.path)
+    text = "Grüße aus Köln: 20 € 🦜 数据 <|im_end|>"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    alone = [tokenizer.decode([i]) for i in ids]
+    assert any("\ufffd" in piece for piece in alone)  # some tokens are parts of a character
+    raw = b"".join(bytes(token_bytes(tokenizer, i)) for i in ids)
+    assert raw == tokenizer.decode(ids).encode("utf-8") and raw.decode("utf-8") == text

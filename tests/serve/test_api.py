@@ -66,6 +66,12 @@ def test_n_seed_and_logprobs(api):
     entries = body["choices"][0]["logprobs"]["content"]
     assert len(entries) == 6 and len(entries[0]["top_logprobs"]) == 3
     assert entries[0]["logprob"] <= 0 and entries[0]["top_logprobs"][0]["logprob"] >= entries[0]["top_logprobs"][1]["logprob"]
+    for choice in body["choices"]:  # the tokens' bytes make up the answer's UTF-8, partial characters included
+        raw = b"".join(bytes(e["bytes"]) for e in choice["logprobs"]["content"])
+        decoded, content = raw.decode("utf-8", errors="replace"), choice["message"]["content"]
+        # the answer text holds back a character cut off by max_tokens; its bytes are still there
+        assert decoded == content or (decoded.startswith(content) and decoded[len(content):] == "\ufffd"), \
+            (decoded, content)
 
 
 def test_min_tokens_and_stop_strings(api):

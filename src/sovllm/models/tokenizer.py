@@ -91,3 +91,45 @@ def load_tokenizer(model_dir: str | Path):
     except (OSError, ValueError):
         generation_config = None
     return normalise_tokenizer(tokenizer, generation_config)
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in character → the byte it stands for (GPT-2's table:
+    printable Latin-1 bytes stand for themselves, the other 68 bytes for U+0100 onwards)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {chr(b): b for b in printable}, 0
+    for b in range(256):
+        if b not in printable:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _is_byte_level(tokenizer) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = getattr(backend, "decoder", None)
+    try:
+        return '"ByteLevel"' in (decoder.__getstate__().decode() if decoder is not None else "")
+    except (AttributeError, UnicodeDecodeError):
+        return False
+
+
+def token_bytes(tokenizer, token_id: int) -> list[int]:
+    """The raw bytes one token stands for (OpenAI logprobs' `bytes`): a token that holds part of a
+    multi-byte character yields that part, where decoding it alone gives U+FFFD. Byte-level BPE
+    pieces map through its byte alphabet, byte-fallback pieces (`<0xE2>`) are their byte,
+    SentencePiece's `▁` is a space; special tokens are their text."""
+    piece = tokenizer.convert_ids_to_tokens(int(token_id))
+    if piece is None:
+        return []
+    if int(token_id) in set(tokenizer.all_special_ids):
+        return list(piece.encode("utf-8"))
+    if (match := _BYTE_FALLBACK.fullmatch(piece)) is not None:
+        return [int(match.group(1), 16)]
+    if _is_byte_level(tokenizer) and all(c in _BYTE_LEVEL for c in piece):
+        return [_BYTE_LEVEL[c] for c in piece]
+    return list(piece.replace("▁", " ").encode("utf-8"))

@@ -24,6 +24,7 @@ from sovllm.models.adapter import (
     validate_name,
 )
 from sovllm.models.chat import render_chat
+from sovllm.models.tokenizer import token_bytes
 from sovllm.serve.engine import Engine, EngineDeadError, Request, next_request_id
 from sovllm.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from sovllm.serve.sampling import SamplingParams
@@ -277,8 +278,8 @@ class Service:
 
     def _chat_logprob(self, entry: dict) -> dict:
         def item(token_id, logprob):
-            text = self._token_text(token_id)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+            return {"token": self._token_text(token_id), "logprob": logprob,
+                    "bytes": token_bytes(self.tokenizer, token_id)}  # a partial character's own bytes
 
         return {**item(entry["token_id"], entry["logprob"]),
                 "top_logprobs": [item(t, lp) for t, lp in entry["top"]]}
