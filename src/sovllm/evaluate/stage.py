@@ -78,11 +78,23 @@ def sample(items: list, limit: int, seed: int) -> list:
 
 
 def quick_items(items: list[Item], limit: int, seed: int) -> list[Item]:
-    """A seeded sample with answerable and unanswerable items in the split's proportions (at least one each)."""
+    """A seeded sample with answerable and unanswerable items in the split's proportions, and the
+    unanswerable ones spread over their kinds (on-topic, other-document) in proportion, at least one
+    of each kind there is, so the smoke run reports every kind."""
     answerable = [i for i in items if i.answerable]
     rest = [i for i in items if not i.answerable]
-    n_rest = min(len(rest), max(1 if rest else 0, round(limit * len(rest) / len(items))))
-    return sample(answerable, limit - n_rest, seed) + sample(rest, n_rest, seed)
+    kinds: dict[str, list[Item]] = {}
+    for item in rest:
+        kinds.setdefault(item.negative or "", []).append(item)
+    n_rest = min(len(rest), max(len(kinds), round(limit * len(rest) / len(items))), max(limit - 1, len(kinds)))
+    shares = {k: max(1, round(n_rest * len(v) / len(rest))) for k, v in kinds.items()} if rest else {}
+    while sum(shares.values()) > n_rest:  # rounding up gave too many: take from the largest share above 1
+        largest = max((k for k in shares if shares[k] > 1), key=shares.get, default=None)
+        if largest is None:
+            break
+        shares[largest] -= 1
+    picked = [i for k, group in sorted(kinds.items()) for i in sample(group, min(len(group), shares[k]), seed)]
+    return sample(answerable, max(0, limit - len(picked)), seed) + picked
 
 
 def fingerprint_file(path: Path) -> str:
