@@ -140,3 +140,23 @@ def test_qlora_trains_on_a_4bit_base_and_the_adapter_serves_on_the_unquantised_o
         with model.disable_adapter():
             without = model(input_ids=ids).logits
     assert not torch.allclose(with_adapter, without)  # it was trained: it changes the answers
+
+    from fastapi.testclient import TestClient
+
+    from sovllm.serve.server import build
+
+    app, service = build(str(tiny_model_dir), served_name="tiny", adapters=[("qlora", str(adapter))],
+                         max_lora_rank=8, max_num_seqs=4, max_model_len=512)
+    try:
+        with TestClient(app) as client:  # sovllm serve: the fp32 base with the adapter trained on its 4-bit copy
+            client.portal.call(service.warm_up)
+            answers = {}
+            for name in ("tiny", "qlora"):
+                response = client.post("/v1/chat/completions", json={
+                    "model": name, "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 6,
+                    "temperature": 0, "logprobs": True})
+                assert response.status_code == 200, response.text
+                answers[name] = [e["logprob"] for e in response.json()["choices"][0]["logprobs"]["content"]]
+            assert answers["tiny"] != answers["qlora"]
+    finally:
+        service.engine.shutdown()
