@@ -46,6 +46,11 @@ def names(cfg: Config) -> dict[str, str]:
             "policy": f"{base}-pipeline-egress"}
 
 
+def labels(cfg: Config) -> dict[str, str]:
+    """The labels of the workflow objects and pods (what the serving NetworkPolicy admits)."""
+    return {**POD_LABELS, "sovllm.io/project": _dns_name(cfg.project.name)}
+
+
 def _dns_name(text: str) -> str:
     out = "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
     return (out or "sovllm")[:40].rstrip("-")
@@ -121,8 +126,8 @@ def workflow_template(cfg: Config, config_text: str, *, shards: int | None = Non
     with WorkflowTemplate(
         name=n["template"], namespace=cfg.cluster.namespace, entrypoint="pipeline",
         service_account_name=cfg.cluster.service_account,
-        labels={**POD_LABELS, "sovllm.io/project": _dns_name(cfg.project.name)},
-        pod_metadata=Metadata(labels={**POD_LABELS, "sovllm.io/project": _dns_name(cfg.project.name)}),
+        labels=labels(cfg),
+        pod_metadata=Metadata(labels=labels(cfg)),
         security_context=PodSecurityContext(run_as_non_root=True, run_as_user=1000, fs_group=1000),
         arguments=[Parameter(name="documents", value=f"{prefix(cfg)}/documents.tgz",
                              description="object-store key of the documents (a .tgz of the folder)"),
@@ -146,7 +151,7 @@ def workflow(cfg: Config, *, documents: str | None = None):
     arguments = [Parameter(name="documents", value=documents)] if documents else None
     return Workflow(generate_name=names(cfg)["workflow"], namespace=cfg.cluster.namespace,
                     workflow_template_ref=WorkflowTemplateRef(name=names(cfg)["template"]), arguments=arguments,
-                    labels={**POD_LABELS, "sovllm.io/project": _dns_name(cfg.project.name)})
+                    labels=labels(cfg))
 
 
 def cron_workflow(cfg: Config, schedule: str, *, timezone: str = "UTC"):
@@ -158,7 +163,7 @@ def cron_workflow(cfg: Config, schedule: str, *, timezone: str = "UTC"):
                         timezone=timezone, concurrency_policy="Forbid", starting_deadline_seconds=600,
                         successful_jobs_history_limit=3, failed_jobs_history_limit=3,
                         workflow_template_ref=WorkflowTemplateRef(name=names(cfg)["template"]),
-                        labels={**POD_LABELS, "sovllm.io/project": _dns_name(cfg.project.name)})
+                        labels=labels(cfg))
 
 
 def network_policy(cfg: Config) -> dict:
@@ -174,7 +179,7 @@ def network_policy(cfg: Config) -> dict:
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
         "metadata": {"name": names(cfg)["policy"], "namespace": c.namespace, "labels": dict(POD_LABELS)},
         "spec": {
-            "podSelector": {"matchLabels": {**POD_LABELS, "sovllm.io/project": _dns_name(cfg.project.name)}},
+            "podSelector": {"matchLabels": labels(cfg)},
             "policyTypes": ["Ingress", "Egress"],
             "ingress": [],
             "egress": [

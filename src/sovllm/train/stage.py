@@ -45,14 +45,12 @@ def load_records(root: Path, cfg: Config) -> dict[str, tuple[Path, list[dict]]]:
 
 
 def run(root: Path, cfg: Config, *, quick: bool = False, force: bool = False, allow_non_vllm: bool = False,
-        log: Callable[[str], None] = print, progress_factory: Callable | None = None,
-        machine: hardware.Machine | None = None) -> StageResult:
-    """Run (or skip when up to date) training for the project at `root`; `machine` stands in for
-    this machine's facts (tests)."""
+        log: Callable[[str], None] = print, progress_factory: Callable | None = None) -> StageResult:
+    """Run (or skip when up to date) training for the project at `root`."""
     records = load_records(root, cfg)
     section = cfg.train
     check_options(section, allow_non_vllm=allow_non_vllm)
-    layout = hardware.plan(section, machine or hardware.probe())
+    layout = hardware.plan(section, hardware.probe())
     out_dir = root / cfg.project.output_dir / "train"
     recover_adapter(out_dir / "adapter")  # before the skip check: a crash mid-save may have moved the adapter aside
     config = {"train": section.model_dump(mode="json"), "model": cfg.model.base, "prompt": cfg.prompt.model_dump(),
