@@ -132,6 +132,10 @@ class LocalArgo:
 
 
 def _remap(arg: str, mapping: dict) -> str:
+    """A container path (or the path in a `key=/path` option value) as its folder on this machine."""
+    if "=" in arg and not arg.startswith("/"):
+        key, value = arg.split("=", 1)
+        return f"{key}={_remap(value, mapping)}"
     for prefix, local in mapping.items():
         if arg == prefix or arg.startswith(prefix + "/"):
             return local + arg[len(prefix):]

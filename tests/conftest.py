@@ -183,3 +183,27 @@ def browser():
         b = p.chromium.launch(executable_path=shutil.which("chromium"), headless=True)
         yield b
         b.close()
+
+
+@pytest.fixture
+def s3_server():
+    """moto's S3-compatible server on loopback (a real HTTP server from PyPI), and a boto3 client for
+    it: (port, client). Credentials: testing / testing."""
+    import logging
+    import socket
+
+    boto3 = pytest.importorskip("boto3")
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    try:
+        yield port, client
+    finally:
+        server.stop()

@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS = [
     ["sovllm.__main__"],
     ["sovllm.cli"],
-    ["sovllm.pipeline", "sovllm.doctor", "sovllm.project"],
+    ["sovllm.pipeline", "sovllm.doctor", "sovllm.project", "sovllm.deploy"],
     ["sovllm.evaluate"],
     ["sovllm.train"],
     ["sovllm.curate"],
@@ -27,7 +27,7 @@ LAYERS = [
     ["sovllm.endpoint"],
     ["sovllm.serve"],
     ["sovllm.models"],
-    ["sovllm.artifacts", "sovllm.progress"],
+    ["sovllm.artifacts", "sovllm.progress", "sovllm.layout"],
     ["sovllm.config"],
     ["sovllm.egress"],
     ["sovllm.egress_spawn", "sovllm.egress_log"],

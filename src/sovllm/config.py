@@ -46,10 +46,25 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class LocationsSection(Section):
+    """Where each stage's folder lives (null: `<output_dir>/<stage>`); relative paths are relative to
+    the project folder. A stage reads its inputs from, and writes its output to, these folders."""
+
+    chunks: str | None = Field(None, description="ingest's output (default out/ingest)")
+    pairs: str | None = Field(None, description="synth's output (default out/synth)")
+    splits: str | None = Field(None, description="curate's output (default out/curate)")
+    adapter: str | None = Field(None, description="train's output (default out/train)")
+    report: str | None = Field(None, description="eval's output (default out/eval)")
+    mlflow: str | None = Field(None, description="the project's own MLflow store (default out/mlflow)")
+    shards: str | None = Field(None, description="synth --shard K/N outputs, in K-of-N sub-folders (default "
+                                                 "<pairs>/shards)")
+
+
 class ProjectSection(Section):
     name: str = "sovllm-project"
     documents: str = "documents"
     output_dir: str = "out"
+    locations: LocationsSection = Field(default_factory=LocationsSection)
 
 
 class ModelSection(Section):
@@ -440,8 +455,61 @@ class ObjectStoreSection(Section):
     prefix: str | None = Field(None, description="key prefix of the project's artifacts; default sovllm/<project>")
 
 
+def _pinned_tag(value: str | None) -> str | None:
+    if value is not None and (not value.strip() or value.strip() == "latest"):
+        raise ValueError("the image must be pinned to a version, not 'latest'")
+    return value
+
+
+def _repository_only(value: str, tag_key: str) -> str:
+    if "@" in value or ":" in value.rsplit("/", 1)[-1]:
+        raise ValueError(f"give the repository only (e.g. registry.internal/sovllm); the tag is {tag_key}")
+    return value
+
+
+class ServingSection(Section):
+    """How the model is served on the cluster (`sovllm render k8s`)."""
+
+    engine: Literal["vllm", "sovllm"] = Field("vllm", description="vllm: GPU nodes; sovllm: sovllm serve on CPU nodes")
+    vllm_image: str = Field("registry.internal/sovllm-vllm", description="vLLM with sovllm's plugin (docker/vllm."
+                                                                       "Dockerfile), repository only")
+    vllm_image_tag: str = Field("0.32.0", description="pinned; the vLLM version the rendered flags were tested with")
+    replicas: int = Field(2, ge=1, le=100, description="at least this many (the PodDisruptionBudget keeps one up)")
+    max_replicas: int = Field(4, ge=1, le=100)
+    queue_target: int = Field(4, ge=1, description="vllm:num_requests_waiting per replica above which the "
+                                                   "autoscaler adds one")
+    gpus: int = Field(1, ge=0, le=16, description="GPUs per vLLM replica (tensor parallel size)")
+    cpu: str = "4"
+    memory: str = "24Gi"
+    dtype: str = Field("auto", description="vLLM --dtype (auto: the model's; sovllm serve always fp32)")
+    max_model_len: int = Field(4096, ge=256)
+    max_loras: int = Field(4, ge=1, le=64, description="adapters in one batch (vLLM --max-loras)")
+    max_lora_rank: int = Field(16, ge=1, le=512)
+    max_cpu_loras: int = Field(16, ge=1, description="adapters kept in host memory (vLLM --max-cpu-loras)")
+    base_model_key: str | None = Field(None, description="object key of the base model .tgz; default "
+                                                         "models/<model.base>.tgz")
+    adapters: dict[str, str] = Field(default_factory=dict, description="served name: object key of its .tgz; "
+                                                                       "{} = the project's adapter from the pipeline")
+    storage: str = Field("20Gi", description="the models volume (PVC) per replica")
+    storage_class: str | None = None
+    api_key_secret: str = Field("sovllm-api-key", description="Secret with the API key clients send")
+    api_key_key: str = "apiKey"
+    port: int = Field(8000, ge=1, le=65535)
+    clients: list[dict[str, str]] = Field(
+        default_factory=lambda: [{"app.kubernetes.io/name": "sovllm-gateway"},
+                                 {"app.kubernetes.io/part-of": "sovllm", "sovllm.io/component": "pipeline"}],
+        description="pod labels (in this namespace) that may call the server: the gateway and the pipeline")
+    prometheus_peer: PeerSection = Field(
+        default_factory=lambda: PeerSection(namespace="monitoring",
+                                            pod_labels={"app.kubernetes.io/name": "prometheus"}, port=9090),
+        description="the Prometheus that scrapes the server (its port is not used)")
+
+    _pinned = field_validator("vllm_image_tag")(lambda cls, value: _pinned_tag(value))
+    _no_tag = field_validator("vllm_image")(lambda cls, value: _repository_only(value, "vllm_image_tag"))
+
+
 class ClusterSection(Section):
-    """How the pipeline renders for a Kubernetes cluster (`sovllm render argo`)."""
+    """How the pipeline and the server render for a Kubernetes cluster (`sovllm render argo|k8s`)."""
 
     namespace: str = "sovllm"
     image: str = Field("registry.internal/sovllm", description="the sovllm image repository (no tag)")
@@ -465,20 +533,10 @@ class ClusterSection(Section):
     kubernetes_api_cidr: str = Field("10.96.0.1/32", description="the API server's address (for the workflow "
                                                                  "pods' egress policy)")
     kubernetes_api_port: int = 443
+    serving: ServingSection = Field(default_factory=ServingSection)
 
-    @field_validator("image_tag")
-    @classmethod
-    def _pinned(cls, value: str | None) -> str | None:
-        if value is not None and (not value.strip() or value.strip() == "latest"):
-            raise ValueError("the image must be pinned to a version, not 'latest'")
-        return value
-
-    @field_validator("image")
-    @classmethod
-    def _no_tag(cls, value: str) -> str:
-        if "@" in value or ":" in value.rsplit("/", 1)[-1]:
-            raise ValueError("give the repository only (e.g. registry.internal/sovllm); the tag is image_tag")
-        return value
+    _pinned = field_validator("image_tag")(lambda cls, value: _pinned_tag(value))
+    _no_tag = field_validator("image")(lambda cls, value: _repository_only(value, "image_tag"))
 
 
 class Config(Section):

@@ -23,6 +23,8 @@ project:
   name: {name}
   documents: documents      # folder with your .md/.txt/.html/.pdf/.docx files
   output_dir: out           # every stage writes its own sub-folder and manifest.json here
+  # a stage's folder, when not <output_dir>/<stage> (mounted volumes, a pod's artifacts); see docs/operations.md
+  locations: {{chunks: null, pairs: null, shards: null, splits: null, adapter: null, report: null, mlflow: null}}
 
 model:
   # A registry name (see 'sovllm models list') or a local Hugging Face model directory.

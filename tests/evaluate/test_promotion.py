@@ -22,7 +22,7 @@ def register(root, version_alias: str) -> str:
     adapter.mkdir(parents=True, exist_ok=True)
     (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "alias": version_alias}))
     (adapter / "adapter_model.safetensors").write_bytes(version_alias.encode())
-    tracker = Tracker(default_uri(out), "t", out)
+    tracker = Tracker(default_uri(out / "mlflow"), "t", out / "mlflow")
     tracker.start(version_alias)
     tracker.artifacts(adapter, "adapter")
     version = tracker.register("t-adapter", "adapter", alias=version_alias)
@@ -58,7 +58,7 @@ def promo(tmp_path, fake, request):
 def alias_version(root, alias):
     from mlflow import MlflowClient
 
-    return str(MlflowClient(default_uri(root / "out")).get_model_version_by_alias("t-adapter", alias).version)
+    return str(MlflowClient(default_uri(root / "out" / "mlflow")).get_model_version_by_alias("t-adapter", alias).version)
 
 
 @pytest.mark.parametrize("promo", ["bad"], indirect=True)

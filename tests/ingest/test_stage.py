@@ -142,3 +142,29 @@ def test_cli_ingest_prints_the_statistics_table(project, capsys, monkeypatch):
     assert info.value.code == 0
     for fragment in ("2 documents", "chunk length (tokens)", "hr/faq.md", "it/faq.md", "languages: en 2", "tokens/s"):
         assert fragment in out
+
+
+def test_explicit_locations_move_the_stage_folders_and_the_default_layout_is_unchanged(project, tmp_path):
+    from sovllm import layout
+
+    cfg = load_config(project)
+    assert layout.folder(project, cfg, "chunks") == project / "out" / "ingest"
+    assert layout.folder(project, cfg, "shards") == project / "out" / "synth" / "shards"
+    elsewhere = tmp_path / "mounted" / "chunks"
+    moved = load_config(project, (f"project.locations.chunks={elsewhere}", "project.locations.pairs=work/pairs",
+                                  f"project.documents={project / 'documents'}"))
+    assert layout.folder(project, moved, "pairs") == project / "work" / "pairs"  # relative: to the project folder
+    assert layout.folder(project, moved, "shards") == project / "work" / "pairs" / "shards"
+    first = stage.run(project, moved, warn=lambda _: None)
+    assert (elsewhere / "chunks.jsonl").is_file() and (elsewhere / "manifest.json").is_file()
+    assert not (project / "out" / "ingest").exists()
+    again = stage.run(project, moved, warn=lambda _: None)
+    assert again.skipped and again.manifest.key == first.manifest.key
+    # where a stage's folder lies is not part of its key: the default layout's run has the same key
+    assert run(project).manifest.key == first.manifest.key
+    from sovllm.synth.stage import load_chunks
+
+    path, loaded = load_chunks(project, moved)
+    assert path == elsewhere / "chunks.jsonl" and len(loaded) == first.manifest.counts["chunks"]
+    with pytest.raises(KeyError, match="unknown artifact"):
+        layout.folder(project, cfg, "ingest")

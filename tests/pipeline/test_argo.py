@@ -89,14 +89,26 @@ def test_what_the_cluster_needs_is_in_the_objects(tmp_path):
         assert container["resources"]["requests"]["cpu"] and container["resources"]["requests"]["memory"]
         retry = template["retryStrategy"]
         assert int(retry["limit"]) == 2 and retry["backoff"]["duration"] == "30s" and retry["backoff"]["factor"] == 2
-        for artifact in template["inputs"]["artifacts"]:  # every input is somewhere in the project folder
-            assert artifact["path"].startswith("/work/project/")
+        args = container["args"]
+        named = {args[i + 1] for i, a in enumerate(args) if a == "--set"}
+        for artifact in template["inputs"]["artifacts"] + template["outputs"]["artifacts"]:
+            if artifact["name"] in ("config", "judge-gold"):  # the project folder's own files
+                assert artifact["path"].startswith("/work/project/")
+                continue
+            # every other folder is an artifact's, and the command names it: no project layout assumed
+            location = artifact["path"].removeprefix("/work/artifacts/").split("/")[0]
+            key = "project.documents" if location == "documents" else f"project.locations.{location}"
+            assert f"{key}=/work/artifacts/{location}" in named, (name, artifact["name"], args)
     train = templates["train"]
     assert train["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert train["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
     assert train["container"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert "nodeSelector" not in templates["curate"]
-    assert templates["synth-2"]["container"]["args"] == ["synth", "/work/project", "--shard", "2/2"]
+    assert templates["synth-2"]["container"]["args"] == [
+        "synth", "/work/project", "--shard", "2/2", "--set", "project.locations.chunks=/work/artifacts/chunks",
+        "--set", "project.locations.shards=/work/artifacts/shards"]
+    assert templates["synth-2"]["outputs"]["artifacts"][0]["path"] == "/work/artifacts/shards/2-of-2"
+    assert [a["name"] for a in templates["eval"]["inputs"]["artifacts"]][-1] == "judge-gold"
     params = {p["name"]: p for p in spec["arguments"]["parameters"]}
     assert set(params) == {"documents", "config", "prefix"}
     assert params["config"]["value"] == (EXAMPLE / "sovllm.yaml").read_text(encoding="utf-8")

@@ -11,7 +11,7 @@ def test_a_copied_project_store_points_its_artifacts_into_the_copy(tmp_path):
 
     from sovllm.train.tracking import Tracker, default_uri
 
-    original, copy = tmp_path / "a" / "out", tmp_path / "b" / "out"
+    original, copy = tmp_path / "a" / "out" / "mlflow", tmp_path / "b" / "out" / "mlflow"
     (original / "stash").mkdir(parents=True)
     (original / "stash" / "adapter_config.json").write_text('{"r": 8}')
     tracker = Tracker(default_uri(original), "acme", original)
@@ -25,10 +25,10 @@ def test_a_copied_project_store_points_its_artifacts_into_the_copy(tmp_path):
     shutil.rmtree(tmp_path / "a")  # moved: the old folder is gone
     said = []
     moved = Tracker(default_uri(copy), "acme", copy, log=said.append)
-    assert moved.relocated == [(original / "mlflow" / "artifacts").resolve().as_uri()]
+    assert moved.relocated == [(original / "artifacts").resolve().as_uri()]
     assert len(said) == 1 and "copied or moved" in said[0]
 
-    new_root = (copy / "mlflow" / "artifacts").resolve().as_uri()
+    new_root = (copy / "artifacts").resolve().as_uri()
     client = MlflowClient(tracking_uri=default_uri(copy))
     assert client.get_experiment(moved.experiment_id).artifact_location == new_root
     assert client.get_run(run_id).info.artifact_uri.startswith(new_root + "/")

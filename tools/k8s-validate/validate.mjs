@@ -1,13 +1,21 @@
 // Reads a JSON array of Kubernetes objects on stdin; prints one JSON line per object:
 // {"kind", "name", "valid", "error"}. The schemas come from npm packages published independently
-// of hera: @kubernetes-models/argo-workflows (Argo CRDs) and kubernetes-models (core APIs).
+// of hera and sovllm: @kubernetes-models/argo-workflows (Argo CRDs), @kubernetes-models/keda (KEDA's
+// ScaledObject), @kubernetes-models/prometheus-operator (ServiceMonitor, PrometheusRule) and
+// kubernetes-models (core APIs).
 import * as argo from "@kubernetes-models/argo-workflows/argoproj.io/v1alpha1";
+import * as keda from "@kubernetes-models/keda/keda.sh/v1alpha1";
+import * as monitoring from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1";
+import * as policy from "kubernetes-models/policy/v1";
 import * as networking from "kubernetes-models/networking.k8s.io/v1";
 import * as core from "kubernetes-models/v1";
 import * as apps from "kubernetes-models/apps/v1";
 
 const groups = {
   "argoproj.io/v1alpha1": argo,
+  "keda.sh/v1alpha1": keda,
+  "monitoring.coreos.com/v1": monitoring,
+  "policy/v1": policy,
   "networking.k8s.io/v1": networking,
   "v1": core,
   "apps/v1": apps,

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from sovllm.layout import folder
 from sovllm.progress import make_console
 
 app = typer.Typer(help="Load tests against a running server (sovllm serve or vLLM).", no_args_is_help=True)
@@ -46,7 +47,7 @@ def serve(
     phases, weights = parse_profile(profile), parse_mix(mix)
     cfg = load_config(project if (project / CONFIG_FILE).is_file() else None)
     egress.install(cfg.egress.allow, proxy=cfg.egress.proxy)
-    path = prompts or project / cfg.project.output_dir / "curate" / "eval.jsonl"
+    path = prompts or folder(project, cfg, "splits") / "eval.jsonl"
     messages = load_prompts(path)
     key = None
     if api_key_env:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
+from sovllm.layout import folder
 from sovllm.cli import options
 from sovllm.progress import make_console
 
@@ -77,7 +78,7 @@ def evaluate(
     root, cfg, log = options.stage_project(project, set_)
     result = stage.run(root, cfg, quick=quick, force=force, promote=promote, log=log,
                        progress_factory=bar_factory("eval", err))
-    out_dir = root / cfg.project.output_dir / "eval"
+    out_dir = folder(root, cfg, "report")
     summary = json.loads((out_dir / "summary.json").read_text())
     print_summary(summary, out_dir, "eval (up to date, skipped)" if result.skipped else "eval")
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from sovllm import layout
 from sovllm.cli import options
 from sovllm.progress import make_console
 
@@ -59,7 +60,7 @@ def ingest(
     egress.install(cfg.egress.allow, proxy=cfg.egress.proxy)
     result = stage.run(root, cfg, quick=quick, force=force, warn=lambda m: err.print(f"[yellow]warning:[/] {m}"),
                        progress_factory=bar_factory("ingest", err))
-    out_dir = root / cfg.project.output_dir / "ingest"
+    out_dir = layout.folder(root, cfg, "chunks")
     stats = json.loads((out_dir / "stats.json").read_text(encoding="utf-8"))
     print_stats(stats, "ingest (up to date, skipped)" if result.skipped else "ingest")
     timings = result.manifest.timings

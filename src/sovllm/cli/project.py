@@ -104,7 +104,7 @@ def _print_final(report) -> None:
         console.print(f"  adapter:  {train.get('adapter')}")
     if "eval" in stages:
         evaluation = stages["eval"].manifest.extra
-        console.print(f"  report:   {report.out_dir / 'eval' / 'report.html'}")
+        console.print(f"  report:   {report.folders['eval'] / 'report.html'}")
         for line in headline_lines(evaluation):
             console.print(f"  {line}")
     if "train" in stages:
@@ -129,7 +129,7 @@ def _print_stage_details(report) -> None:
     from sovllm.cli.synth import print_summary
     from sovllm.cli.train import print_result
 
-    stats_file = report.out_dir / "ingest" / "stats.json"
+    stats_file = report.folders["ingest"] / "stats.json"
     if stats_file.is_file():
         print_stats(json.loads(stats_file.read_text(encoding="utf-8")))
     for name, result in report.stages:
@@ -139,10 +139,10 @@ def _print_stage_details(report) -> None:
             print_funnel(result.manifest.extra["funnel"])
         if name == "train" and "mlflow" in result.manifest.extra:
             print_result(result.manifest.extra)
-        if name == "eval" and (report.out_dir / "eval" / "summary.json").is_file():
+        if name == "eval" and (report.folders["eval"] / "summary.json").is_file():
             from sovllm.cli.evaluate import print_summary
 
-            print_summary(json.loads((report.out_dir / "eval" / "summary.json").read_text()), report.out_dir / "eval")
+            print_summary(json.loads((report.folders["eval"] / "summary.json").read_text()), report.folders["eval"])
 
 
 def register(app: typer.Typer) -> None:

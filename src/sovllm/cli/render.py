@@ -1,5 +1,6 @@
 """`sovllm render argo`: the pipeline as Argo Workflows objects (WorkflowTemplate, Workflow, CronWorkflow)
-and the workflow pods' NetworkPolicy, rendered with hera from the stage graph."""
+and the workflow pods' NetworkPolicy, rendered with hera from the stage graph. `sovllm render k8s`:
+serving on Kubernetes (Deployment, Service, autoscaler, monitoring, NetworkPolicies) as a kustomize folder."""
 
 from __future__ import annotations
 
@@ -52,6 +53,29 @@ def argo_command(
     console.print(f"Apply: kubectl apply -f {out}/workflow-template.yaml -f {out}/network-policy.yaml"
                   + (f" -f {out}/cron-workflow.yaml" if schedule else "")
                   + f"; run once: argo submit {out}/workflow.yaml (or kubectl create -f)")
+
+
+@app.command("k8s")
+def k8s_command(
+    directory: Path = options.project_dir(),
+    out: Path = typer.Option(..., "-o", "--out", help="Folder for the YAML files and kustomization.yaml."),
+    engine: str = typer.Option(None, "--engine", help="vllm (GPU nodes) or sovllm (sovllm serve on CPU nodes); "
+                                                      "default: cluster.serving.engine."),
+    set_: list[str] = options.overrides(),
+) -> None:
+    """Render serving on Kubernetes: the server Deployment (models fetched from the object store and
+    verified), Service, PodDisruptionBudget, KEDA autoscaler, ServiceMonitor, PrometheusRule and
+    NetworkPolicies, as a kustomize-ready folder."""
+    from sovllm.deploy import k8s
+
+    overrides = [*set_, f"cluster.serving.engine={engine}"] if engine else set_
+    _, cfg = options.load_project(directory, overrides)
+    files = k8s.render(cfg, out)
+    for stem, path in files.items():
+        console.print(f"{stem}: {path}")
+    console.print(f"Apply: kubectl apply -k {out}  (first: the namespace {cfg.cluster.namespace}, the Secrets "
+                  f"{cfg.cluster.serving.api_key_secret} and {cfg.cluster.object_store.credentials_secret}, and the "
+                  f"model archives in the object store; docs/operations.md)")
 
 
 def register(root_app: typer.Typer) -> None:

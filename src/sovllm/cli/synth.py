@@ -7,6 +7,7 @@ import json
 import typer
 from rich.table import Table
 
+from sovllm import layout
 from sovllm.cli import options
 from sovllm.progress import make_console
 
@@ -42,7 +43,7 @@ def synth(
     quick: bool = options.quick("Only synth.quick_chunks chunks (the CI smoke run)."),
     set_: list[str] = options.overrides(),
     force: bool = options.force(),
-    shard: str = typer.Option(None, "--shard", help="Process shard K of N (K/N), into out/synth/shards/K-of-N."),
+    shard: str = typer.Option(None, "--shard", help="Process shard K of N (K/N), into out/synth/shards/K-of-N (project.locations.shards)."),
     shards: int = typer.Option(None, "--shards", help="With 'merge': how many shards to combine."),
     no_reuse: bool = typer.Option(False, "--no-reuse", help="Ignore cached results and generate everything again."),
     sweep: str = typer.Option(None, "--sweep", help="Measure throughput per concurrency level, e.g. 1,4,8,16."),
@@ -82,7 +83,7 @@ def synth(
                           str(r["prompt_time_s"]), str(r["generation_time_s"]), str(r["wall_s"]))
         console.print(table)
         console.print(f"recommended synth.concurrency: {report['recommended_concurrency']} ({report['reason']})")
-        write_atomic(root / cfg.project.output_dir / "synth" / "sweep.json", json.dumps(report, indent=2) + "\n")
+        write_atomic(layout.folder(root, cfg, "pairs") / "sweep.json", json.dumps(report, indent=2) + "\n")
         return
     result = stage.run(root, cfg, lambda: open_endpoint(cfg, log=log), quick=quick, force=force,
                        shard=stage.parse_shard(shard), reuse=not no_reuse,

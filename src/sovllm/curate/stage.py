@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
+from sovllm import layout
 from sovllm.artifacts import (
     StageContext,
     StageResult,
@@ -48,8 +49,8 @@ RATING_ORDER = {"A": 0, "B": 1, "C": 2, None: 1}
 
 def load_inputs(root: Path, cfg: Config) -> tuple[Path, Path, list[dict], list[dict]]:
     """Chunks and pairs, checked: every pair names a known chunk and has question, answer and type."""
-    out = root / cfg.project.output_dir
-    chunks_path, qa_path = out / "ingest" / "chunks.jsonl", out / "synth" / "qa.jsonl"
+    chunks_path = layout.folder(root, cfg, "chunks") / "chunks.jsonl"
+    qa_path = layout.folder(root, cfg, "pairs") / "qa.jsonl"
     if not chunks_path.is_file():
         raise InputError(f"{chunks_path}: no chunks yet", hint="run 'sovllm ingest' first")
     if not qa_path.is_file():
@@ -137,7 +138,7 @@ def run(root: Path, cfg: Config, endpoint_factory: Callable, *, quick: bool = Fa
     `endpoint_factory()` yields the project endpoint; it is entered only when the judge needs it.
     """
     chunks_path, qa_path, chunks, pairs = load_inputs(root, cfg)
-    out_dir = root / cfg.project.output_dir / "curate"
+    out_dir = layout.folder(root, cfg, "splits")
     section = cfg.curate
     get_rubric(section.judge.rubric)  # unknown rubric: fail before any work
     config = {"curate": section.model_dump(mode="json"), "prompt": cfg.prompt.model_dump(),
@@ -265,16 +266,16 @@ def write_review_page(root: Path, cfg: Config, path: Path | None = None) -> Path
     """Write the review page of the last curate run (default out/curate/review.html)."""
     from sovllm.curate.review import write_review
 
-    out = root / cfg.project.output_dir
-    curated_path = out / "curate" / "curated.jsonl"
+    splits = layout.folder(root, cfg, "splits")
+    curated_path = splits / "curated.jsonl"
     if not curated_path.is_file():
         raise InputError(f"{curated_path}: nothing curated yet", hint="run 'sovllm curate' first")
-    chunks = {c["id"]: c for c in read_jsonl(out / "ingest" / "chunks.jsonl")}
-    funnel_path = out / "curate" / "funnel.json"
+    chunks = {c["id"]: c for c in read_jsonl(layout.folder(root, cfg, "chunks") / "chunks.jsonl")}
+    funnel_path = splits / "funnel.json"
     funnel = json.loads(funnel_path.read_text(encoding="utf-8")) if funnel_path.is_file() else None
     if funnel:
         funnel = {"answerable": funnel["answerable"], "judge": funnel["judge"]}
-    path = path or out / "curate" / "review.html"
+    path = path or splits / "review.html"
     write_review(path, list(read_jsonl(curated_path)), chunks, title=f"{cfg.project.name}: curated pairs to review",
                  funnel=funnel)
     return path

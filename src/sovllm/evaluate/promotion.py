@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from sovllm.layout import folder
 from sovllm.config import Config
 from sovllm.errors import ConfigError
 from sovllm.models.adapter import adapter_name
@@ -32,12 +33,12 @@ class Champion:
 def _registry(root: Path, cfg: Config, log: Callable[[str], None] | None = None):
     """The project's tracking store, as the config names it now. The project's own store, copied or
     moved with the project, is first pointed at the project's artifacts folder."""
-    out = root / cfg.project.output_dir
-    uri = cfg.train.tracking.uri or default_uri(out)
+    store = folder(root, cfg, "mlflow")
+    uri = cfg.train.tracking.uri or default_uri(store)
     name = cfg.train.tracking.registered_model or f"{cfg.project.name}-adapter"
-    if uri == default_uri(out):
-        relocate_project_store(out, log)
-    return out, uri, name
+    if uri == default_uri(store):
+        relocate_project_store(store, log)
+    return store, uri, name
 
 
 def _client(uri: str):
@@ -53,7 +54,7 @@ def _client(uri: str):
 
 def candidate(root: Path, cfg: Config) -> dict:
     """The registered version this project's last training produced ({} when none)."""
-    manifest = root / cfg.project.output_dir / "train" / "manifest.json"
+    manifest = folder(root, cfg, "adapter") / "manifest.json"
     if not manifest.is_file():
         return {}
     return (json.loads(manifest.read_text()).get("extra") or {}).get("mlflow") or {}
@@ -61,7 +62,7 @@ def candidate(root: Path, cfg: Config) -> dict:
 
 def fetch_champion(root: Path, cfg: Config, log: Callable[[str], None]) -> Champion | None:
     """The current champion's adapter, downloaded into out/eval/champion/v<N> (None: no champion yet)."""
-    out, uri, name = _registry(root, cfg, log)
+    _, uri, name = _registry(root, cfg, log)
     if not candidate(root, cfg).get("version"):
         raise ConfigError("--promote: this project's adapter has no registered version",
                           hint="train until the stop check passes ('sovllm train'); only registered adapters "
@@ -75,7 +76,7 @@ def fetch_champion(root: Path, cfg: Config, log: Callable[[str], None]) -> Champ
     if str(version.version) == str(candidate(root, cfg).get("version")):
         log(f"promote: {name} v{version.version} is the candidate and already the champion")
         return Champion(str(version.version), version.run_id, None)
-    target = out / "eval" / "champion" / f"v{version.version}"
+    target = folder(root, cfg, "report") / "champion" / f"v{version.version}"
     if not (target / "adapter" / "adapter_config.json").is_file():
         import os
 
@@ -119,7 +120,7 @@ def decide(root: Path, cfg: Config, summary: dict, champion: Champion | None, ro
 
 def log_to_mlflow(root: Path, cfg: Config, eval_dir: Path, summary: dict, log: Callable[[str], None]) -> dict | None:
     """Log metrics and files to the adapter's MLflow run; None when there is no run (or no mlflow)."""
-    manifest = root / cfg.project.output_dir / "train" / "adapter" / "manifest.json"
+    manifest = folder(root, cfg, "adapter") / "adapter" / "manifest.json"
     if not manifest.is_file():
         return None
     info = json.loads(manifest.read_text())
@@ -128,8 +129,8 @@ def log_to_mlflow(root: Path, cfg: Config, eval_dir: Path, summary: dict, log: C
         return None
     # the store the config names now, not the absolute URI recorded at training time: a copied or
     # moved project must not write into the original project's store
-    out, uri, _ = _registry(root, cfg, log)
-    tracker = Tracker(uri, cfg.train.tracking.experiment or cfg.project.name, out)
+    store, uri, _ = _registry(root, cfg, log)
+    tracker = Tracker(uri, cfg.train.tracking.experiment or cfg.project.name, store)
     tracker.start("eval", run_id=run_id)
     try:
         metrics = {}

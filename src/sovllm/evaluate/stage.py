@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from sovllm.layout import folder
 from sovllm.artifacts import (
     Manifest,
     StageContext,
@@ -138,9 +139,8 @@ def answer_budget(items: list[Item], cfg: Config) -> int:
 
 def eval_chunks(root: Path, cfg: Config) -> list[dict]:
     """The chunks of the eval split (the retrieval index)."""
-    out = root / cfg.project.output_dir
-    splits = json.loads((out / "curate" / "splits.json").read_text())
-    chunks = read_jsonl(out / "ingest" / "chunks.jsonl")
+    splits = json.loads((folder(root, cfg, "splits") / "splits.json").read_text())
+    chunks = read_jsonl(folder(root, cfg, "chunks") / "chunks.jsonl")
     if "chunks" in splits:  # split by section, a document's chunks can lie in several splits
         return [c for c in chunks if splits["chunks"].get(c["id"]) == "eval"]
     docs = {d for d, v in splits["documents"].items() if v["split"] == "eval"}  # splits.json before units
@@ -149,7 +149,7 @@ def eval_chunks(root: Path, cfg: Config) -> list[dict]:
 
 def split_info(root: Path, cfg: Config) -> dict:
     """How curate grouped the splits: `unit` (document | section) and, for sections, the `leakage` sentence."""
-    path = root / cfg.project.output_dir / "curate" / "splits.json"
+    path = folder(root, cfg, "splits") / "splits.json"
     splits = json.loads(path.read_text()) if path.is_file() else {}
     unit = splits.get("unit", "document")  # splits.json written before units grouped by document
     if unit != "section":
@@ -162,7 +162,7 @@ def split_info(root: Path, cfg: Config) -> dict:
 def plan_adapters(root: Path, cfg: Config, champion: Path | None) -> dict[str, str]:
     """name → path of every adapter the embedded server must load."""
     adapters = dict(cfg.eval.adapters)
-    own = root / cfg.project.output_dir / "train" / "adapter"
+    own = folder(root, cfg, "adapter") / "adapter"
     if (own / "adapter_config.json").is_file():
         adapters.setdefault(adapter_name(cfg), str(own))
     if champion is not None:
@@ -209,8 +209,8 @@ def run(root: Path, cfg: Config, endpoint_factory: Callable | None = None, *, qu
     configured endpoint or the embedded server). In a pipeline run (`in_pipeline`) an empty eval
     split is a warning, not an error.
     """
-    out = root / cfg.project.output_dir
-    eval_path = out / "curate" / "eval.jsonl"
+    splits_dir, report_dir = folder(root, cfg, "splits"), folder(root, cfg, "report")
+    eval_path = splits_dir / "eval.jsonl"
     if in_pipeline and eval_path.is_file() and not eval_path.read_text().strip():
         log("warning: eval skipped: the eval split is empty (no document hashed into it); adjust curate.splits")
         return StageResult(Manifest(stage="eval", key="", created_at="", status="empty"), skipped=True, seconds=0.0)
@@ -222,7 +222,7 @@ def run(root: Path, cfg: Config, endpoint_factory: Callable | None = None, *, qu
     inputs = [eval_path] + [Path(p) / "adapter_model.safetensors" for p in adapters.values()]
     inputs += [Path(p) / "manifest.json" for p in adapters.values() if (Path(p) / "manifest.json").is_file()]
     inputs += [gold_path] if section.judge.enabled and gold_path.is_file() else []
-    splits_path = out / "curate" / "splits.json"
+    splits_path = splits_dir / "splits.json"
     inputs += [splits_path] if splits_path.is_file() else []  # the report states the split unit and its risk
     config = {"eval": section.model_dump(mode="json"), "prompt": cfg.prompt.model_dump(), "model": cfg.model.base,
               "endpoint": cfg.endpoint.model_dump(), "judge": cfg.curate.judge.model_dump(mode="json"),
@@ -284,7 +284,7 @@ def run(root: Path, cfg: Config, endpoint_factory: Callable | None = None, *, qu
             if summary["promotion"].get("promoted") and not embedded:  # the endpoint's "champion" follows the alias
                 from sovllm.serve.publish import publish
 
-                publish(cfg.endpoint, {"champion": str(out / "train" / "adapter")}, api_key=endpoint.api_key, log=log)
+                publish(cfg.endpoint, {"champion": str(folder(root, cfg, "adapter") / "adapter")}, api_key=endpoint.api_key, log=log)
         write_jsonl(ctx.out_dir / "predictions.jsonl", rows)
         write_atomic(ctx.out_dir / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
         from sovllm.evaluate.report import write_report
@@ -297,8 +297,8 @@ def run(root: Path, cfg: Config, endpoint_factory: Callable | None = None, *, qu
                           "promotion": summary.get("promotion")})
         ctx.extra["mlflow"] = promotion.log_to_mlflow(root, cfg, ctx.out_dir, summary, log)
 
-    return run_stage("eval", out / "eval", work, inputs=inputs, config=config, force=force,
-                     verify=lambda m: (out / "eval" / "summary.json").is_file())
+    return run_stage("eval", report_dir, work, inputs=inputs, config=config, force=force,
+                     verify=lambda m: (report_dir / "summary.json").is_file())
 
 
 def headline(summary: dict) -> dict:

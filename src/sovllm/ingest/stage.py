@@ -17,6 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
+from sovllm import layout
 from sovllm.artifacts import (
     StageContext,
     StageResult,
@@ -203,8 +204,8 @@ def run(root: Path, cfg: Config, *, quick: bool = False, force: bool = False,
     """Run (or skip, when up to date) the ingest stage of the project at `root`."""
     from sovllm.models import registry
 
-    folder = root / cfg.project.documents
-    out_dir = root / cfg.project.output_dir / "ingest"
+    folder = layout.documents(root, cfg)
+    out_dir = layout.folder(root, cfg, "chunks")
     model = registry.prepare(cfg.model.base)
     config = {"ingest": cfg.ingest.model_dump(), "base_id": model.base_id, "quick": quick}
     if not folder.is_dir():

@@ -109,6 +109,47 @@ class RefusalCalibration:
             logits[self.token_ids[n]] += bias
 
 
+MANIFEST_ONLY = ("manifest.json", "README.md")  # written from the manifest, so not hashed in it
+
+
+def file_hashes(folder: str | Path) -> dict[str, str]:
+    """sha256 of each file of an adapter folder (relative path → hex), except manifest.json and the
+    README card written from it: what `sovllm train` records in the manifest's `files`."""
+    from sovllm.artifacts import sha256_file
+
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.relative_to(folder).as_posix() not in MANIFEST_ONLY}
+
+
+def verify_files(folder: str | Path) -> int:
+    """Check an adapter folder against its manifest's `files`: every listed file present with its
+    sha256, no other file. Returns the number of files checked; AdapterError names the first problem."""
+    folder = Path(folder)
+    manifest = folder / "manifest.json"
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise AdapterError(f"{manifest}: no readable adapter manifest ({type(exc).__name__})",
+                           hint="copy the whole adapter folder sovllm train wrote") from None
+    listed = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(listed, dict) or not listed:
+        raise AdapterError(f"{manifest}: lists no file hashes (written before sovllm recorded them)",
+                           hint="retrain the adapter with this sovllm ('sovllm train') to get a verifiable manifest")
+    found = file_hashes(folder)
+    for name, digest in sorted(listed.items()):
+        if name not in found:
+            raise AdapterError(f"{folder / name}: missing (the manifest lists it)", hint="copy the adapter again")
+        if found[name] != digest:
+            raise AdapterError(f"{folder / name}: sha256 {found[name][:16]}… differs from the manifest's {str(digest)[:16]}…",
+                               hint="the copy is corrupt or was changed; copy the adapter again from its source")
+    extra = sorted(set(found) - set(listed))
+    if extra:
+        raise AdapterError(f"{folder}: files the manifest does not list: {', '.join(extra[:5])}",
+                           hint="remove them, or copy the adapter again from its source")
+    return len(listed)
+
+
 def validate_name(name: str) -> str:
     """Adapter names: 1–64 characters of letters, digits, '.', '_', '-', starting alphanumeric."""
     if not NAME_RE.match(name or ""):

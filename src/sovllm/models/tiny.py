@@ -115,6 +115,7 @@ def make_random_adapter(base_dir: str | Path, out_dir: str | Path, *, rank: int 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from sovllm.models.adapter import file_hashes
     from sovllm.models.registry import weights_sha256
 
     torch.manual_seed(seed)
@@ -129,6 +130,6 @@ def make_random_adapter(base_dir: str | Path, out_dir: str | Path, *, rank: int 
     out_dir = Path(out_dir)
     peft_model.save_pretrained(str(out_dir))
     manifest = {"stage": "adapter", "base_id": base_id or weights_sha256(base_dir), "seed": seed, "rank": rank,
-                "note": "random LoRA weights for tests and benchmarks"}
+                "note": "random LoRA weights for tests and benchmarks", "files": file_hashes(out_dir)}
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return out_dir

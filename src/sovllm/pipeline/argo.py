@@ -3,15 +3,19 @@
 Rendered: a WorkflowTemplate (one container template per stage and a DAG), a Workflow that
 references it, with `schedule` a CronWorkflow (Argo 4.0's `schedules`, concurrency `Forbid`: no
 overlapping runs), and a NetworkPolicy for the workflow pods. Each step runs the stage's own
-`sovllm` command in the pinned sovllm image, in the project folder `/work/project`:
+`sovllm` command in the pinned sovllm image, its project folder `/work/project` holding only
+`sovllm.yaml` (and the judge's gold labels):
 
-- the project's `sovllm.yaml` comes from the `config` parameter (a raw artifact), the documents
-  from the object-store key in the `documents` parameter;
+- the config comes from the `config` parameter (a raw artifact), the documents from the
+  object-store key in the `documents` parameter;
 - every other input is an artifact in the in-cluster S3-compatible store under
-  `<prefix>/<path>.tgz` (the `prefix` parameter; `out/ingest`, `out/synth`, …), placed where the
-  stage expects it; a stage's own previous output comes back as an optional input, so an
-  up-to-date stage skips and synth reuses its cache (new documents redo only their chunks);
-- outputs go back under the same keys.
+  `<prefix>/<artifact>.tgz` (the `prefix` parameter; `chunks`, `pairs`, `splits`, …), unpacked to
+  `/work/artifacts/<location>`; the command names each folder it reads or writes explicitly
+  (`--set project.documents=…`, `--set project.locations.<location>=…`), so no step relies on
+  the project's `out/` layout. A stage's own previous output comes back as an optional input, so
+  an up-to-date stage skips and synth reuses its cache (new documents redo only their chunks);
+- outputs go back under the same keys; the judge's gold labels, when uploaded to
+  `<prefix>/judge-gold.tgz`, reach eval.
 
 Steps retry with exponential backoff; each requests its resources; train runs on a GPU node
 (node selector and tolerations from `cluster`) unless `train.device: cpu`. Workflow pods carry
@@ -28,7 +32,8 @@ from sovllm.config import Config
 from sovllm.pipeline.graph import Stage, artifacts, stages
 
 WORKDIR = "/work"
-PROJECT = f"{WORKDIR}/project"
+PROJECT = f"{WORKDIR}/project"  # holds sovllm.yaml (and the judge's gold labels)
+ARTIFACTS = f"{WORKDIR}/artifacts"  # one folder per artifact, named on each command line
 POD_LABELS = {"app.kubernetes.io/part-of": "sovllm", "sovllm.io/component": "pipeline"}
 
 
@@ -86,20 +91,29 @@ def _template(cfg: Config, stage: Stage, found: dict):
     from hera.workflows import RawArtifact, Resources
     from hera.workflows.models import Backoff, Capabilities, RetryStrategy, SeccompProfile, SecurityContext, Toleration
 
+    def where(name: str) -> str:
+        art = found[name]
+        return f"{ARTIFACTS}/{art.location}" + (f"/{art.sub}" if art.sub else "")
+
     inputs = [RawArtifact(name="config", path=f"{PROJECT}/sovllm.yaml", data="{{workflow.parameters.config}}")]
     for name in stage.inputs:
-        art = found[name]
         if name == "documents":
-            inputs.append(_s3(cfg, "documents", f"{PROJECT}/{art.path}", "{{workflow.parameters.documents}}"))
+            inputs.append(_s3(cfg, "documents", where(name), "{{workflow.parameters.documents}}"))
         else:  # an earlier stage's output, or (optional) this stage's own previous one
-            inputs.append(_s3(cfg, name, f"{PROJECT}/{art.path}", f"{{{{workflow.parameters.prefix}}}}/{art.path}.tgz",
+            inputs.append(_s3(cfg, name, where(name), f"{{{{workflow.parameters.prefix}}}}/{name}.tgz",
                               optional=name in stage.outputs))
-    outputs = [_s3(cfg, name, f"{PROJECT}/{found[name].path}", f"{{{{workflow.parameters.prefix}}}}/{found[name].path}.tgz")
-               for name in stage.outputs]
+    gold = Path(cfg.eval.judge.gold)
+    if stage.name == "eval" and cfg.eval.judge.enabled and not gold.is_absolute():  # the project's labels, if uploaded
+        inputs.append(_s3(cfg, "judge-gold", f"{PROJECT}/{gold.as_posix()}",
+                          "{{workflow.parameters.prefix}}/judge-gold.tgz", optional=True))
+    outputs = [_s3(cfg, name, where(name), f"{{{{workflow.parameters.prefix}}}}/{name}.tgz") for name in stage.outputs]
+    # every folder the stage reads or writes, named on its command line (no project layout assumed)
+    locations = {found[n].location: f"{ARTIFACTS}/{found[n].location}" for n in (*stage.inputs, *stage.outputs)}
+    argv = stage.argv(PROJECT, locations)
     res = stage.resources
     gpu = stage.needs_gpu
     return _container_class()(
-        name=stage.name, image=image(cfg), command=stage.argv(PROJECT)[:1], args=stage.argv(PROJECT)[1:],
+        name=stage.name, image=image(cfg), command=argv[:1], args=argv[1:],
         working_dir=WORKDIR, inputs=inputs, outputs=outputs,
         resources=Resources(cpu_request=res.cpu, memory_request=res.memory, memory_limit=res.memory,
                             gpus=res.gpus if gpu else None),

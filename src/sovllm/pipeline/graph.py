@@ -1,8 +1,8 @@
 """The pipeline as one declarative graph of stages: what `sovllm run` executes and `sovllm render
 argo` renders.
 
-Each stage names its inputs and outputs (artifacts: folders of the project, `documents/` or
-`out/<stage>/`), whether it needs an LLM endpoint or a GPU, resource hints, and the `sovllm`
+Each stage names its inputs and outputs (artifacts: the folders `project.documents` and
+`project.locations.*` name, by default `documents/` and `out/<stage>/`), whether it needs an LLM endpoint or a GPU, resource hints, and the `sovllm`
 command that runs it. A stage also takes its own previous output as an optional input: its
 manifest is what makes an up-to-date stage skip, and synth's cache is what lets new documents
 redo only their own chunks. With `shards` > 1, synth fans out into `synth --shard K/N` stages and
@@ -12,17 +12,25 @@ a `synth merge` stage.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from sovllm import layout
 from sovllm.config import Config
 from sovllm.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class Artifact:
-    """A folder that one stage writes and later stages read, relative to the project folder."""
+    """A folder that one stage writes and later stages read: the folder of `project.locations.<location>`
+    (`documents`: `project.documents`), or its sub-folder `sub` (a synth shard's `K-of-N`)."""
 
     name: str
-    path: str
+    location: str
+    sub: str = ""
+
+    def path(self, root: str | Path, cfg: Config) -> Path:
+        base = layout.documents(root, cfg) if self.location == "documents" else layout.folder(root, cfg, self.location)
+        return base / self.sub if self.sub else base
 
 
 @dataclass(frozen=True)
@@ -46,22 +54,21 @@ class Stage:
     after: tuple[str, ...] = ()  # stages it depends on (those that write its inputs)
     shares_endpoint: bool = False  # run locally, it uses the run's one endpoint (eval starts its own, with adapters)
 
-    def argv(self, project: str) -> list[str]:
-        return ["sovllm", *(a.replace("{project}", project) for a in self.command)]
+    def argv(self, project: str, locations: dict[str, str] | None = None) -> list[str]:
+        """The command line; `locations` (location → folder) become explicit `--set project.…` options."""
+        sets = []
+        for location, path in (locations or {}).items():
+            key = "project.documents" if location == "documents" else f"project.locations.{location}"
+            sets += ["--set", f"{key}={path}"]
+        return ["sovllm", *(a.replace("{project}", project) for a in self.command), *sets]
 
 
 def artifacts(cfg: Config, shards: int = 1) -> dict[str, Artifact]:
-    out = cfg.project.output_dir
-    found = {"documents": Artifact("documents", cfg.project.documents),
-             "chunks": Artifact("chunks", f"{out}/ingest"),
-             "pairs": Artifact("pairs", f"{out}/synth"),
-             "splits": Artifact("splits", f"{out}/curate"),
-             "adapter": Artifact("adapter", f"{out}/train"),
-             "report": Artifact("report", f"{out}/eval"),
-             "mlflow": Artifact("mlflow", f"{out}/mlflow")}
+    found = {name: Artifact(name, name) for name in ("documents", "chunks", "pairs", "splits", "adapter", "report",
+                                                     "mlflow")}
     if shards > 1:
         for k in range(1, shards + 1):
-            found[f"synth-shard-{k}"] = Artifact(f"synth-shard-{k}", f"{out}/synth/shards/{k}-of-{shards}")
+            found[f"synth-shard-{k}"] = Artifact(f"synth-shard-{k}", "shards", f"{k}-of-{shards}")
     return found
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from sovllm import layout
 from sovllm import egress
 from sovllm.artifacts import (
     Manifest,
@@ -43,6 +44,7 @@ class RunReport:
     root: Path
     out_dir: Path
     manifest: Manifest
+    folders: dict[str, Path] = field(default_factory=dict)  # stage → the folder it wrote
     stages: list[tuple[str, StageResult]] = field(default_factory=list)
     peak_memory_gb: float | None = None
 
@@ -98,7 +100,7 @@ def run_pipeline(directory: str | Path = ".", *, overrides: tuple[str, ...] = ()
     out_dir = root / cfg.project.output_dir
     started = time.perf_counter()
     mark = egress.mark()
-    report = RunReport(root, out_dir, manifest=None)  # type: ignore[arg-type]
+    report = RunReport(root, out_dir, manifest=None, folders={"model": out_dir / "model", **layout.stage_folders(root, cfg)})  # type: ignore[arg-type]
     with PeakMemory() as memory:
         _stages(report, cfg, root, out_dir, want, quick=quick, force=force, log=log, warn=warn, progress=progress,
                 promote=promote)
@@ -121,7 +123,7 @@ def run_pipeline(directory: str | Path = ".", *, overrides: tuple[str, ...] = ()
             "peak_memory_gb": report.peak_memory_gb,
             "stages": [{"stage": name, "status": "skipped" if r.skipped else "ran", "wall_s": round(r.seconds, 3),
                         "tokens": stage_tokens(r.manifest.counts),
-                        "manifest": str((out_dir / name / "manifest.json").relative_to(root))}
+                        "manifest": layout.shown(report.folders[name] / "manifest.json", root)}
                        for name, r in report.stages],
         },
     )

@@ -93,6 +93,36 @@ def free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
+def server_args(model: str, *, served_name: str, host: str, port: int | None, dtype: str, max_model_len: int,
+                max_lora_rank: int, max_loras: int, max_cpu_loras: int | None = None,
+                adapters: dict[str, str] | None = None, calibration: bool = True, log_stats: bool = False) -> list[str]:
+    """`-m vllm.entrypoints.openai.api_server` and its flags, as sovllm starts vLLM here and renders it
+    for Kubernetes (`sovllm render k8s`): LoRA on, the adapters under their names, and the flags of
+    sovllm's refusal-calibration plugin. `log_stats` keeps vLLM's statistics, which its Prometheus
+    metrics (`vllm:*` on /metrics) are part of."""
+    args = ["-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name", served_name,
+            "--host", host, "--port", str(port), "--dtype", dtype, "--enable-lora", "--max-lora-rank", str(max_lora_rank),
+            "--max-loras", str(max_loras), "--max-model-len", str(max_model_len)]
+    if not log_stats:
+        args.append("--disable-log-stats")
+    if max_cpu_loras:
+        args += ["--max-cpu-loras", str(max_cpu_loras)]
+    if adapters:
+        args += ["--lora-modules", *(f"{name}={path}" for name, path in adapters.items())]
+    return args + (vllm_args() if calibration else [])
+
+
+def server_env(*, runtime_lora: bool, resolver_dir: str | Path | None) -> dict[str, str]:
+    """The environment every vLLM sovllm starts or renders gets: no usage statistics, no hub access,
+    and adapters loadable at runtime and by name from `resolver_dir` when asked."""
+    env = {**SOVEREIGN_ENV, "VLLM_USE_V2_MODEL_RUNNER": "0"}
+    if runtime_lora or resolver_dir:
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    if resolver_dir:
+        env["VLLM_LORA_RESOLVER_CACHE_DIR"] = str(resolver_dir)
+    return env
+
+
 class VLLMServer:
     """One `vllm.entrypoints.openai.api_server` process on a free loopback port (a context manager).
 
@@ -125,15 +155,10 @@ class VLLMServer:
         return f"http://{self.host}:{self.port}/v1"
 
     def command(self) -> list[str]:
-        cmd = [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
-               "--served-model-name", self.served_name, "--host", self.host, "--port", str(self.port),
-               "--dtype", "float32", "--enable-lora", "--max-lora-rank", str(self.max_lora_rank),
-               "--max-loras", str(self.max_loras), "--max-model-len", "2048", "--disable-log-stats"]
-        if self.adapters:
-            cmd += ["--lora-modules", *(f"{name}={path}" for name, path in self.adapters.items())]
-        if self.calibration:
-            cmd += vllm_args()
-        return cmd + self.extra_args
+        return [str(self.python), *server_args(self.model, served_name=self.served_name, host=self.host, port=self.port,
+                                               dtype="float32", max_model_len=2048, max_lora_rank=self.max_lora_rank,
+                                               max_loras=self.max_loras, adapters=self.adapters,
+                                               calibration=self.calibration), *self.extra_args]
 
     def environment(self) -> dict[str, str]:
         # sovllm's in-process egress guard cannot run inside vLLM: vLLM imports uvloop, which opens
@@ -141,12 +166,8 @@ class VLLMServer:
         # to run from a guarded process, whose children always inherit the guard). vLLM gets the
         # hub/telemetry opt-outs instead; a network-level control is what confines it (docs/operations.md).
         guard = (egress.ENV_ALLOW, egress.ENV_PROXY, egress.ENV_LOG)
-        env = {**{k: v for k, v in os.environ.items() if k not in guard}, **cpu_env(self.python), **SOVEREIGN_ENV,
-               "VLLM_USE_V2_MODEL_RUNNER": "0"}
-        if self.runtime_lora or self.resolver_dir:
-            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
-        if self.resolver_dir:
-            env["VLLM_LORA_RESOLVER_CACHE_DIR"] = str(self.resolver_dir)
+        env = {**{k: v for k, v in os.environ.items() if k not in guard}, **cpu_env(self.python),
+               **server_env(runtime_lora=self.runtime_lora, resolver_dir=self.resolver_dir)}
         return {**env, **self.extra_env}
 
     def start(self) -> VLLMServer:

@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable
 
+from sovllm import layout
 from sovllm.artifacts import (
     StageContext,
     StageResult,
@@ -65,7 +66,7 @@ def in_shard(chunk_id: str, shard: tuple[int, int]) -> bool:
 
 
 def load_chunks(root: Path, cfg: Config, *, quick: bool = False, shard=None) -> tuple[Path, list[dict]]:
-    path = root / cfg.project.output_dir / "ingest" / "chunks.jsonl"
+    path = layout.folder(root, cfg, "chunks") / "chunks.jsonl"
     if not path.is_file():
         raise InputError(f"{path}: no chunks yet", hint="run 'sovllm ingest' first")
     chunks = list(read_jsonl(path))
@@ -140,8 +141,8 @@ def run(root: Path, cfg: Config, endpoint_factory: Callable, *, quick: bool = Fa
     stage actually has to run.
     """
     chunks_path, chunks = load_chunks(root, cfg, quick=quick, shard=shard)
-    base = root / cfg.project.output_dir / "synth"
-    out_dir = base / "shards" / f"{shard[0]}-of-{shard[1]}" if shard else base
+    base = layout.folder(root, cfg, "pairs")
+    out_dir = layout.folder(root, cfg, "shards") / f"{shard[0]}-of-{shard[1]}" if shard else base
     prompts = prompt_set(root, cfg)
     config = {"synth": cfg.synth.model_dump(), "endpoint": cfg.endpoint.model_dump(),
               "model": cfg.model.base if not cfg.endpoint.base_url else None, "quick": quick,
@@ -199,8 +200,8 @@ def run(root: Path, cfg: Config, endpoint_factory: Callable, *, quick: bool = Fa
 
 def merge(root: Path, cfg: Config, shards: int) -> dict:
     """Combine `shards` shard outputs into out/synth (qa, errors, cache, summary, manifest)."""
-    base = root / cfg.project.output_dir / "synth"
-    dirs = [base / "shards" / f"{k}-of-{shards}" for k in range(1, shards + 1)]
+    base = layout.folder(root, cfg, "pairs")
+    dirs = [layout.folder(root, cfg, "shards") / f"{k}-of-{shards}" for k in range(1, shards + 1)]
     missing = [str(d) for d in dirs if (m := load_manifest(d)) is None or m.status != "ok"]
     if missing:
         raise InputError(f"cannot merge: {len(missing)} of {shards} shards have no successful run: {', '.join(missing)}",

@@ -11,6 +11,7 @@ import datetime as dt
 from pathlib import Path
 from typing import Callable
 
+from sovllm.layout import folder
 from sovllm.artifacts import StageContext
 from sovllm.config import Config, TrainSection
 from sovllm.errors import ModelError
@@ -127,7 +128,7 @@ def track_results(tracker, root: Path, cfg: Config, result, stop, refusal, adapt
                          **{f"refusal/val_{k}_{when}": refusal.val[when][k] for when in ("before", "after")
                             for k in ("refusal_accuracy", "false_refusals")}} if refusal else {})}, step=result.steps)
     tracker.artifacts(adapter_dir, "adapter")
-    curate_manifest = root / cfg.project.output_dir / "curate" / "manifest.json"
+    curate_manifest = folder(root, cfg, "splits") / "manifest.json"
     if curate_manifest.is_file():
         tracker.artifacts(curate_manifest, "data")
     if stop is None or stop.passed:
@@ -151,7 +152,7 @@ def fill_stage_manifest(ctx: StageContext, root: Path, cfg: Config, data: Datase
                                  "experiment": tracking.experiment or cfg.project.name,
                                  "registered_model": tracking.registered_model or f"{cfg.project.name}-adapter",
                                  "version": version, "alias": "candidate" if version else None,
-                                 "ui": ui_command(uri, root / cfg.project.output_dir)}})
+                                 "ui": ui_command(uri, folder(root, cfg, "mlflow"))}})
 
 
 def enforce_stop_check(stop, *, quick: bool, steps: int, adapter_dir: Path, log: Callable[[str], None]) -> None:

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from sovllm.artifacts import recover_dir, replace_dir
+from sovllm.models.adapter import file_hashes
 
 CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_model.safetensors")
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
@@ -58,6 +59,8 @@ def save_adapter(model, tokenizer, adapter_dir: Path, manifest: dict) -> None:
     try:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
+        # every file's sha256, so a copy (an object store, a PVC) can be verified before it is served
+        manifest = {**manifest, "files": file_hashes(tmp)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(_card(manifest), encoding="utf-8")
         replace_dir(tmp, adapter_dir)

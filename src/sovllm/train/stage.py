@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from sovllm.layout import folder
 from sovllm.artifacts import (
     StageContext,
     StageResult,
@@ -32,7 +33,7 @@ from sovllm.train.save import recover_adapter
 
 def load_records(root: Path, cfg: Config) -> dict[str, tuple[Path, list[dict]]]:
     """Split name → (path, records) of curate's train and val splits; InputError when missing or empty."""
-    out = root / cfg.project.output_dir / "curate"
+    out = folder(root, cfg, "splits")
     records = {}
     for split in ("train", "val"):
         path = out / f"{split}.jsonl"
@@ -51,7 +52,7 @@ def run(root: Path, cfg: Config, *, quick: bool = False, force: bool = False, al
     section = cfg.train
     check_options(section, allow_non_vllm=allow_non_vllm)
     layout = hardware.plan(section, hardware.probe())
-    out_dir = root / cfg.project.output_dir / "train"
+    out_dir = folder(root, cfg, "adapter")
     recover_adapter(out_dir / "adapter")  # before the skip check: a crash mid-save may have moved the adapter aside
     config = {"train": section.model_dump(mode="json"), "model": cfg.model.base, "prompt": cfg.prompt.model_dump(),
               "quick": quick, "allow_non_vllm": allow_non_vllm}

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from sovllm.layout import folder
 from sovllm.artifacts import write_atomic
 from sovllm.config import Config, TrainSection
 from sovllm.errors import InputError
@@ -177,8 +178,9 @@ def start_tracking(root: Path, cfg: Config, name: str, continue_run: str | None,
     """Start the MLflow run (or continue `continue_run`) and note it beside the checkpoints, so a
     resumed training logs into the same run; returns (tracker, tracking URI, run id)."""
     tracking = cfg.train.tracking
-    uri = tracking.uri or default_uri(root / cfg.project.output_dir)
-    tracker = Tracker(uri, tracking.experiment or cfg.project.name, root / cfg.project.output_dir, log=log)
+    store = folder(root, cfg, "mlflow")
+    uri = tracking.uri or default_uri(store)
+    tracker = Tracker(uri, tracking.experiment or cfg.project.name, store, log=log)
     run_id = tracker.start(f"{name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}", continue_run)
     write_atomic(checkpoints / RUN_STATE, json.dumps({"key": key, "mlflow_run_id": run_id}) + "\n")
     return tracker, uri, run_id

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Callable
 
 
-def default_uri(out_dir: Path) -> str:
-    return f"sqlite:///{(out_dir / 'mlflow' / 'mlflow.db').resolve()}"
+def default_uri(store: Path) -> str:
+    """The project's own store in the folder `store` (`project.locations.mlflow`, default out/mlflow)."""
+    return f"sqlite:///{(store / 'mlflow.db').resolve()}"
 
 
 # where MLflow keeps absolute artifact locations (tables of MLflow 2 and 3; missing ones are skipped)
@@ -24,7 +25,7 @@ _LOCATION_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_ur
                      ("model_versions", "storage_location"), ("logged_models", "artifact_location"))
 
 
-def relocate_project_store(out_dir: Path, log: Callable[[str], None] | None = None) -> list[str]:
+def relocate_project_store(store: Path, log: Callable[[str], None] | None = None) -> list[str]:
     """Point a copied or moved project's own MLflow store at its own artifacts folder.
 
     The default store (`out/mlflow/mlflow.db`) records absolute artifact locations: after `cp -r`
@@ -35,16 +36,16 @@ def relocate_project_store(out_dir: Path, log: Callable[[str], None] | None = No
     """
     import sqlite3
 
-    db = out_dir / "mlflow" / "mlflow.db"
+    db = store / "mlflow.db"
     if not db.is_file():
         return []
-    new_root = (out_dir / "mlflow" / "artifacts").resolve().as_uri()
+    new_root = (store / "artifacts").resolve().as_uri()
     with sqlite3.connect(db) as con:
         tables = {t for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if "experiments" not in tables:
             return []
         old_roots = sorted({loc for (loc,) in con.execute("SELECT artifact_location FROM experiments")
-                            if loc and loc.startswith("file://") and loc.rstrip("/").endswith("/mlflow/artifacts")
+                            if loc and loc.startswith("file://") and loc.rstrip("/").endswith("/artifacts")
                             and loc.rstrip("/") != new_root})
         for old in old_roots:
             old = old.rstrip("/")
@@ -60,8 +61,8 @@ def relocate_project_store(out_dir: Path, log: Callable[[str], None] | None = No
     return old_roots
 
 
-def ui_command(uri: str, out_dir: Path) -> str:
-    artifacts = (out_dir / "mlflow" / "artifacts").resolve()
+def ui_command(uri: str, store: Path) -> str:
+    artifacts = (store / "artifacts").resolve()
     if uri.startswith("sqlite:"):
         return f"mlflow ui --backend-store-uri {uri} --default-artifact-root {artifacts.as_uri()} --host 127.0.0.1"
     return f"open {uri} in a browser"
@@ -70,7 +71,7 @@ def ui_command(uri: str, out_dir: Path) -> str:
 class Tracker:
     """One MLflow run (new, or resumed by id after an interruption)."""
 
-    def __init__(self, uri: str, experiment: str, out_dir: Path, log: Callable[[str], None] | None = None):
+    def __init__(self, uri: str, experiment: str, store: Path, log: Callable[[str], None] | None = None):
         import logging
 
         import mlflow
@@ -83,13 +84,13 @@ class Tracker:
         self.mlflow = mlflow
         self.uri = uri
         # the project's own store, copied or moved with the project: keep its artifacts in the project
-        self.relocated = relocate_project_store(out_dir, log) if uri == default_uri(out_dir) else []
+        self.relocated = relocate_project_store(store, log) if uri == default_uri(store) else []
         mlflow.set_tracking_uri(uri)
         found = mlflow.get_experiment_by_name(experiment)
         if found is not None:
             self.experiment_id = found.experiment_id
         else:
-            location = (out_dir / "mlflow" / "artifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
+            location = (store / "artifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
             self.experiment_id = mlflow.create_experiment(experiment, artifact_location=location)
         self.run_id: str | None = None
 

@@ -1,0 +1,1 @@
+"""Rendering for a Kubernetes cluster: the serving objects (`sovllm render k8s`)."""
