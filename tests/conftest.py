@@ -136,14 +136,14 @@ def vllm_adapters(bundled_model, bundled_adapters, tmp_path_factory):
 @pytest.fixture(scope="session")
 def vllm_server(vllm_python, bundled_model, vllm_adapters):
     """One real vLLM server (CPU build) per test run: the bundled model under its sovllm name, acme-a
-    and acme-cal as --lora-modules, runtime loading on, the filesystem resolver on a folder, and
-    sovllm's refusal-calibration plugin."""
+    and acme-cal as --lora-modules, runtime loading on, the filesystem resolver on a folder,
+    sovllm's refusal-calibration plugin, and its statistics on (the `vllm:*` metrics Prometheus scrapes)."""
     from sovllm.serve.vllm_server import VLLMServer
 
     adapters, resolver = vllm_adapters
     server = VLLMServer(bundled_model.path, served_name=bundled_model.name, python=vllm_python,
                         adapters={"acme-a": str(adapters["acme-a"]), "acme-cal": str(adapters["acme-cal"])},
-                        runtime_lora=True, resolver_dir=resolver, max_loras=4)
+                        runtime_lora=True, resolver_dir=resolver, max_loras=4, log_stats=True)
     server.start()
     yield server
     server.stop()

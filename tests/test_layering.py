@@ -25,6 +25,7 @@ LAYERS = [
     ["sovllm.synth"],
     ["sovllm.ingest"],
     ["sovllm.endpoint"],
+    ["sovllm.monitoring"],
     ["sovllm.serve"],
     ["sovllm.models"],
     ["sovllm.artifacts", "sovllm.progress", "sovllm.layout"],

@@ -455,6 +455,17 @@ class ObjectStoreSection(Section):
     prefix: str | None = Field(None, description="key prefix of the project's artifacts; default sovllm/<project>")
 
 
+class MonitoringSection(Section):
+    """Alert thresholds (`sovllm render k8s`, `sovllm render rules`) and where pipeline stages push metrics."""
+
+    pushgateway: str | None = Field(None, description="Prometheus Pushgateway URL (its host in egress.allow); "
+                                                      "each stage of sovllm run pushes sovllm:pipeline_* there")
+    queue_waiting: int = Field(10, ge=1, description="alert: more requests waiting than this for 5 minutes")
+    ttft_p95_seconds: float = Field(2.0, gt=0, description="alert: time to first token p95 above this for 10 minutes")
+    error_rate: float = Field(0.05, gt=0, le=1, description="alert: share of 5xx responses above this for 5 minutes")
+    kv_cache_usage: float = Field(0.9, gt=0, le=1, description="alert: KV cache fuller than this for 10 minutes")
+
+
 def _pinned_tag(value: str | None) -> str | None:
     if value is not None and (not value.strip() or value.strip() == "latest"):
         raise ValueError("the image must be pinned to a version, not 'latest'")
@@ -554,12 +565,14 @@ class Config(Section):
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     cluster: ClusterSection = Field(default_factory=ClusterSection)
+    monitoring: MonitoringSection = Field(default_factory=MonitoringSection)
 
     def endpoints(self) -> dict[str, str]:
         """Configured remote endpoints by config key (URLs sovllm will contact)."""
         tracking = self.train.tracking.uri or ""
         urls = {"endpoint.base_url": self.endpoint.base_url, "curate.judge.base_url": self.curate.judge.base_url,
-                "train.tracking.uri": tracking if urlsplit(tracking).scheme in ("http", "https") else None}
+                "train.tracking.uri": tracking if urlsplit(tracking).scheme in ("http", "https") else None,
+                "monitoring.pushgateway": self.monitoring.pushgateway}
         return {key: url for key, url in urls.items() if url}
 
     def endpoints_outside_allow_list(self) -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""A new user's path with the real bundled model, as CI runs it: init, run --quick, doctor."""
+"""The example project with the real bundled model, as CI runs it (a new user's `sovllm init` path runs in
+tests/pipeline/test_argo_run.py, together with the rendered workflow)."""
 
 from __future__ import annotations
 
@@ -19,35 +20,6 @@ def sovllm(*args, env=None):
     # takes about 5 minutes on an idle 2-core machine and timed out at 600 s with a CPU hog beside it
     exe = shutil.which("sovllm", path=str(Path(sys.executable).parent)) or "sovllm"
     return subprocess.run([exe, *map(str, args)], capture_output=True, text=True, timeout=1800, env=env)
-
-
-def test_init_then_quick_run_of_the_small_example_with_the_bundled_model(tmp_path, bundled_model):
-    """The README's "your own documents" path, verbatim, with the small example's documents."""
-    env = {**os.environ, "COLUMNS": "200"}
-    project = tmp_path / "my-project"
-    assert sovllm("init", project, env=env).returncode == 0
-    empty = sovllm("run", project, "--quick", env=env)
-    assert empty.returncode == 2 and "no usable document" in empty.stderr  # nothing to ingest yet
-    (project / "documents" / "tiny.md").write_text("# VPN\n\nTunnelwerk disconnects after 9 hours.\n", encoding="utf-8")
-    tiny = sovllm("run", project, env=env)
-    assert tiny.returncode == 2 and "too small to split" in tiny.stderr and "at least 3" in tiny.stderr
-    (project / "documents" / "tiny.md").unlink()
-    for path in (Path(__file__).resolve().parents[2] / "examples" / "klinik" / "documents").iterdir():
-        shutil.copy(path, project / "documents" / path.name)
-    proc = sovllm("run", project, "--quick", env=env)
-    assert proc.returncode == 0, proc.stderr
-    manifest = json.loads((project / "out" / "manifest.json").read_text())
-    assert manifest["model"]["base_id"] == bundled_model.base_id
-    assert manifest["endpoints"]["blocked"] == []
-    assert "splits (grouped by section)" in proc.stdout and "split by section" in " ".join(proc.stdout.split())
-    splits = json.loads((project / "out" / "curate" / "splits.json").read_text())
-    assert splits["unit"] == "section" and {splits["chunks"][c] for c in splits["chunks"]} == {"train", "val", "eval"}
-    synth = json.loads((project / "out" / "synth" / "summary.json").read_text())
-    assert synth["pairs_per_chunk"] >= 3, synth
-    summary = json.loads((project / "out" / "eval" / "summary.json").read_text())
-    assert summary["split"]["unit"] == "section" and summary["split"]["leakage"]
-    doctor = sovllm("doctor", project, env=env)
-    assert doctor.returncode == 0 and "prepared at" in doctor.stdout
 
 
 def test_quick_run_of_the_example_project(tmp_path, bundled_model):

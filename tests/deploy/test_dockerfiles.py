@@ -9,10 +9,10 @@ import re
 import shlex
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from sovllm.config import Config
 from sovllm.deploy import k8s

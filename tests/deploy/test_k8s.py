@@ -15,35 +15,20 @@ from sovllm.config import load_config
 from sovllm.deploy import k8s
 from sovllm.errors import ConfigError
 from sovllm.pipeline import argo
-from tests.conftest import require
-from tests.k8s_schema import validate
+from tests.k8s_schema import strict_core, unknown_fields, validate
 from tests.netpol import Outside, Pod, allowed
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "acme"
 GOLDEN = Path(__file__).parent / "golden"
 PINNED = ("cluster.image_tag=v0.1.0",)  # golden files must not change with the package version
-KUBERNETES = "1.33"  # the Kubernetes version the core kinds are validated for (strict: unknown fields fail)
 CORE = {"Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy"}
 
 
 def render(tmp_path: Path, *settings: str) -> tuple[list[dict], dict[str, Path]]:
     files = k8s.render(load_config(EXAMPLE, (*PINNED, *settings)), tmp_path)
-    objects = [doc for stem, path in files.items() if stem != "kustomization"
+    objects = [doc for stem, path in files.items() if stem not in ("kustomization", "rules")
                for doc in yaml.safe_load_all(path.read_text(encoding="utf-8"))]
     return objects, files
-
-
-def strict_core(obj: dict) -> str | None:
-    """kubernetes-validate in strict mode: None when valid, else the error."""
-    try:
-        import kubernetes_validate
-    except ImportError:
-        require(False, "kubernetes-validate (pip install -e '.[dev]')")
-    try:
-        kubernetes_validate.validate(obj, KUBERNETES, strict=True)
-    except Exception as exc:  # noqa: BLE001 - its ValidationError and SchemaNotFoundError
-        return f"{type(exc).__name__}: {str(exc)[:300]}"
-    return None
 
 
 ENGINES = [("vllm", ()), ("sovllm", ("cluster.serving.engine=sovllm",))]
@@ -60,6 +45,7 @@ def test_every_object_validates(tmp_path, engine, settings):
             assert strict_core(obj) is None, (obj["kind"], obj["metadata"]["name"], strict_core(obj))
     results = validate(objects)  # every kind, the custom resources included
     assert all(r["valid"] for r in results), [r for r in results if not r["valid"]]
+    assert unknown_fields(objects) == []  # the custom resources: no field their published types lack
 
 
 def test_the_checks_can_fail(tmp_path):
@@ -76,13 +62,20 @@ def test_the_checks_can_fail(tmp_path):
     rule = copy.deepcopy(by_kind["PrometheusRule"])
     del rule["spec"]["groups"][0]["name"]
     assert not any(r["valid"] for r in validate([scaler, monitor, rule]))
+    typo = copy.deepcopy(by_kind["ServiceMonitor"])
+    typo["spec"]["endpoints"][0]["intervall"] = "15s"
+    extra = copy.deepcopy(by_kind["ScaledObject"])
+    extra["spec"]["triggers"][0]["metadata"]["query"] = "up"  # fine: trigger metadata is a free map
+    extra["spec"]["minReplicas"] = 2  # HPA's name, not KEDA's
+    errors = unknown_fields([typo, extra])
+    assert len(errors) == 2 and "intervall" in errors[0] and "minReplicas" in errors[1], errors
 
 
 @pytest.mark.parametrize("engine,settings", ENGINES)
 def test_rendered_files_match_the_golden_files(tmp_path, engine, settings):
     _, files = render(tmp_path, *settings)
     for stem, path in files.items():
-        golden = GOLDEN / engine / path.name
+        golden = GOLDEN / engine / path.relative_to(tmp_path)
         if os.environ.get("SOVLLM_UPDATE_GOLDEN"):
             golden.parent.mkdir(parents=True, exist_ok=True)
             golden.write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
@@ -136,7 +129,7 @@ def test_what_a_platform_team_requires_is_in_the_deployment(tmp_path, engine, se
     else:
         assert "nodeSelector" not in pod and "--adapters-dir" in server["args"]
     kustomization = yaml.safe_load(files["kustomization"].read_text())
-    assert sorted(kustomization["resources"]) == sorted(p.name for s, p in files.items() if s != "kustomization")
+    assert sorted(kustomization["resources"]) == sorted(p.name for s, p in files.items() if s not in ("kustomization", "rules"))
     scaler = next(o for o in objects if o["kind"] == "ScaledObject")
     assert "vllm:num_requests_waiting" in scaler["spec"]["triggers"][0]["metadata"]["query"]
 

@@ -13,7 +13,7 @@ from sovllm.config import load_config
 from sovllm.errors import ConfigError
 from sovllm.pipeline import argo
 from sovllm.pipeline.graph import Stage, order, stages
-from tests.k8s_schema import validate
+from tests.k8s_schema import strict_core, unknown_fields, validate
 
 GOLDEN = Path(__file__).parent / "golden" / "argo"
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "klinik"
@@ -46,6 +46,8 @@ def test_rendered_objects_validate_against_independently_published_schemas(tmp_p
     results = validate(list(objects.values()))
     assert sorted(r["kind"] for r in results) == ["CronWorkflow", "NetworkPolicy", "Workflow", "WorkflowTemplate"]
     assert all(r["valid"] for r in results), results
+    assert unknown_fields(list(objects.values())) == []  # no field Argo's published types lack, at any depth
+    assert strict_core(objects["NetworkPolicy"]) is None
 
 
 def test_the_schema_check_can_fail(tmp_path):

@@ -100,6 +100,15 @@ def test_api_key_guards_v1_but_not_probes(tiny_model_dir):
         assert client.get("/v1/models", headers=ok).status_code == 200
         assert chat(client, headers=ok).status_code == 200
         assert client.get("/health").status_code == 200 and client.get("/metrics").status_code == 200
+        assert client.get("/v1/no/such/route", headers=ok).status_code == 404
+        counted = samples(client.get("/metrics").text)
+        http = {labels: value for (name, labels), value in counted.items() if name == "http_requests_total"}
+        # vLLM's names (prometheus-fastapi-instrumentator): route template, method, status class
+        assert http[(("handler", "/v1/models"), ("method", "GET"), ("status", "4xx"))] == 3
+        assert http[(("handler", "/v1/chat/completions"), ("method", "POST"), ("status", "4xx"))] == 3
+        assert http[(("handler", "/v1/chat/completions"), ("method", "POST"), ("status", "2xx"))] == 1
+        assert http[(("handler", "none"), ("method", "GET"), ("status", "4xx"))] == 1  # never the raw path
+        assert not any(dict(labels)["handler"] == "/metrics" for labels in http)
     finally:
         stop(client, service)
 

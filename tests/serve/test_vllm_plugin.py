@@ -152,3 +152,40 @@ def test_the_flags_name_importable_objects():
     assert getattr(importlib.import_module(module), name) is RefusalMiddleware
     module, _, name = processor.partition(":")
     assert getattr(importlib.import_module(module), name) is RefusalBias
+
+
+def test_failed_loads_count_per_adapter_in_vllms_registry():
+    """vLLM has no metric for failed adapter loads; the middleware counts responses of 400 or more to
+    /v1/load_lora_adapter as `sovllm:adapter_load_failures_total{adapter}` (the name sovllm serve uses),
+    with client-sent names bounded like sovllm serve's."""
+    from prometheus_client import REGISTRY
+
+    def load(name, status):
+        middleware = RefusalMiddleware(None)
+
+        async def app(scope, receive, send):
+            await receive()
+            await send({"type": "http.response.start", "status": status, "headers": []})
+
+        middleware.app = app
+        raw = json.dumps({"lora_name": name, "lora_path": "/nowhere"}).encode()
+
+        async def receive():
+            return {"type": "http.request", "body": raw, "more_body": False}
+
+        async def send(message):
+            pass
+
+        asyncio.run(middleware({"type": "http", "method": "POST", "path": "/v1/load_lora_adapter", "headers": []},
+                               receive, send))
+        return middleware
+
+    def count(label):
+        return REGISTRY.get_sample_value("sovllm:adapter_load_failures_total", {"adapter": label}) or 0
+
+    before = {label: count(label) for label in ("broken-1", "__other__")}
+    load("broken-1", 404)
+    load("broken-1", 200)  # a successful load is no failure
+    load("../../etc", 400)  # not an adapter name: never a label value
+    assert count("broken-1") == before["broken-1"] + 1
+    assert count("__other__") == before["__other__"] + 1

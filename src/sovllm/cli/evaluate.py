@@ -5,8 +5,8 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from sovllm.layout import folder
 from sovllm.cli import options
+from sovllm.layout import folder
 from sovllm.progress import make_console
 
 console = make_console()

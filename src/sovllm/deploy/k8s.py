@@ -26,6 +26,7 @@ from sovllm import __version__
 from sovllm.config import Config
 from sovllm.egress import PRIVACY_ENV
 from sovllm.models.adapter import adapter_name
+from sovllm.monitoring import rules as alert_rules
 from sovllm.serve.vllm_server import SOVEREIGN_ENV, server_args, server_env
 
 MODELS = "/models"  # the pod's models volume: base/ and adapters/<name>/
@@ -238,25 +239,10 @@ def service_monitor(cfg: Config) -> dict:
 
 
 def prometheus_rule(cfg: Config) -> dict:
-    """A minimal alert set (the monitoring work extends it): backlog, not scraped."""
-    ns, job, target = cfg.cluster.namespace, names(cfg)["server"], cfg.cluster.serving.queue_target
-    rules = [
-        {"alert": "SovllmServingBacklog",
-         "expr": f'avg(vllm:num_requests_waiting{{namespace="{ns}", job="{job}"}}) > {2 * target}',
-         "for": "5m", "labels": {"severity": "warning"},
-         "annotations": {"summary": "requests wait in the queue although the autoscaler should have added replicas",
-                         "description": "More than twice the scaling target has waited for 5 minutes: the "
-                                        "autoscaler is at its maximum or new replicas do not start (GPU quota?)."}},
-        {"alert": "SovllmServingDown",
-         "expr": f'sum(up{{namespace="{ns}", job="{job}"}}) == 0 or absent(up{{namespace="{ns}", job="{job}"}})',
-         "for": "5m", "labels": {"severity": "critical"},
-         "annotations": {"summary": "no serving replica has been scraped for 5 minutes",
-                         "description": "Check the Deployment's pods, their init container (a failed model fetch "
-                                        "names the file) and the ServiceMonitor."}},
-    ]
+    """The alert rules of `sovllm.monitoring.rules` as a Prometheus Operator PrometheusRule."""
     return {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
-            "metadata": {"name": names(cfg)["rules"], "namespace": ns, "labels": server_labels(cfg)},
-            "spec": {"groups": [{"name": "sovllm-serving", "rules": rules}]}}
+            "metadata": {"name": names(cfg)["rules"], "namespace": cfg.cluster.namespace, "labels": server_labels(cfg)},
+            "spec": {"groups": [alert_rules.group(cfg)]}}
 
 
 def _peer(section, *, port: int | None = None) -> dict:
@@ -319,4 +305,10 @@ def render(cfg: Config, out: Path) -> dict[str, Path]:
     path = out / "kustomization.yaml"
     path.write_text(yaml.safe_dump(kustomization, sort_keys=False), encoding="utf-8")
     files["kustomization"] = path
+    # the same alerts for a Prometheus without the Operator (`rule_files:`); not a Kubernetes object
+    path = out / "prometheus" / "sovllm-alerts.rules.yml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(yaml.safe_dump(alert_rules.rules_file(cfg), sort_keys=False, allow_unicode=True, width=120),
+                    encoding="utf-8")
+    files["rules"] = path
     return files

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from sovllm.layout import folder
 from sovllm.config import Config
 from sovllm.errors import ConfigError
+from sovllm.layout import folder
 from sovllm.models.adapter import adapter_name
 from sovllm.train.tracking import Tracker, default_uri, relocate_project_store
 

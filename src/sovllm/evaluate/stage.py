@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from sovllm.layout import folder
 from sovllm.artifacts import (
     Manifest,
     StageContext,
@@ -41,6 +40,7 @@ from sovllm.evaluate.summary import (
     summarise,
     token_totals,
 )
+from sovllm.layout import folder
 from sovllm.models.adapter import adapter_name, inspect_adapter
 from sovllm.models.prompt import split_user_message, system_prompt
 from sovllm.models.tokenizer import load_tokenizer

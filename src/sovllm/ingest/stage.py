@@ -27,12 +27,12 @@ from sovllm.artifacts import (
     write_jsonl,
 )
 from sovllm.config import Config
-from sovllm.ingest.groups import MIN_UNITS, count_units
 from sovllm.errors import InputError
 from sovllm.ingest import limits
 from sovllm.ingest.chunk import chunk_document
 from sovllm.ingest.discover import check_file, discover, display_path
 from sovllm.ingest.document import SkipDocument
+from sovllm.ingest.groups import MIN_UNITS, count_units
 from sovllm.ingest.language import detect_language
 from sovllm.ingest.loaders import LOADERS, loader_for
 from sovllm.ingest.metadata import json_safe, sidecar_metadata

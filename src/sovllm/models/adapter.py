@@ -109,6 +109,20 @@ class RefusalCalibration:
             logits[self.token_ids[n]] += bias
 
 
+OTHER_LABEL = "__other__"  # a metric label for client-sent names that are invalid or beyond the bound
+
+
+def bounded_label(name: object, seen: set[str], limit: int = 64) -> str:
+    """A client-sent adapter name as a metric label value: only a valid adapter name, and at most
+    `limit` distinct ones (remembered in `seen`); anything else is `__other__`, so clients cannot
+    grow /metrics without bound or break its encoding."""
+    if isinstance(name, str) and NAME_RE.match(name) and name != OTHER_LABEL:
+        if name in seen or len(seen) < limit:
+            seen.add(name)
+            return name
+    return OTHER_LABEL
+
+
 MANIFEST_ONLY = ("manifest.json", "README.md")  # written from the manifest, so not hashed in it
 
 

@@ -89,7 +89,14 @@ def _container_class():
 
 def _template(cfg: Config, stage: Stage, found: dict):
     from hera.workflows import RawArtifact, Resources
-    from hera.workflows.models import Backoff, Capabilities, RetryStrategy, SeccompProfile, SecurityContext, Toleration
+    from hera.workflows.models import (
+        Backoff,
+        Capabilities,
+        RetryStrategy,
+        SeccompProfile,
+        SecurityContext,
+        Toleration,
+    )
 
     def where(name: str) -> str:
         art = found[name]

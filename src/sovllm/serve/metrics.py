@@ -34,12 +34,12 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from sovllm.models.adapter import NAME_RE
+from sovllm.models.adapter import OTHER_LABEL, bounded_label
 
 disable_created_metrics()  # no `*_created` series: the exposition matches what vLLM dashboards expect
 
 BASE = "__base__"
-OTHER = "__other__"  # load failures of invalid names, or beyond MAX_FAILURE_LABELS distinct names
+OTHER = OTHER_LABEL  # load failures of invalid names, or beyond MAX_FAILURE_LABELS distinct names
 MAX_FAILURE_LABELS = 64
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -89,6 +89,10 @@ class Metrics:
                                       ["adapter", "kind"], registry=r)
         self.adapter_load_failures = Counter("sovllm:adapter_load_failures", "Adapter loads that failed.",
                                              ["adapter"], registry=r)
+        # what vLLM's API server exports through prometheus-fastapi-instrumentator: responses by route
+        # template (never the raw path), method and status class, so one error-rate query fits both
+        self.http_requests = Counter("http_requests", "Total number of requests by method, status and handler.",
+                                     ["handler", "method", "status"], registry=r)
         for child in (self.preemptions, self.prompt_tokens, self.generation_tokens, self.prefix_queries,
                       self.prefix_hits):
             child.labels(model_name)  # present (at 0) from the first scrape, as in vLLM
@@ -122,18 +126,16 @@ class Metrics:
     def load_failed(self, adapter: str) -> None:
         """A failed load. The name comes from a client: only a valid adapter name becomes a label value,
         and at most `MAX_FAILURE_LABELS` distinct ones; any other counts under `__other__`."""
-        label = OTHER
-        if isinstance(adapter, str) and NAME_RE.match(adapter) and adapter != OTHER:
-            if adapter in self._failure_labels or len(self._failure_labels) < MAX_FAILURE_LABELS:
-                self._failure_labels.add(adapter)
-                label = adapter
-        self.adapter_load_failures.labels(label).inc()
+        self.adapter_load_failures.labels(bounded_label(adapter, self._failure_labels, MAX_FAILURE_LABELS)).inc()
 
     # --- at scrape time -----------------------------------------------------------------------------
 
     def attach(self, engine) -> None:
         """Read the gauges from `engine` (its `load()` snapshot) whenever Prometheus scrapes."""
         self._engine = engine
+
+    def http_response(self, handler: str, method: str, status: int) -> None:
+        self.http_requests.labels(handler, method, f"{status // 100}xx").inc()
 
     def render(self) -> bytes:
         if self._engine is not None:

@@ -117,6 +117,20 @@ class BodyLimit:
         await JSONResponse(error.body(), status_code=413)({"type": "http"}, None, send)
 
 
+def _handler(app: FastAPI, scope: dict) -> str:
+    """The route template a request matched (also when a middleware answered before routing), or
+    "none": never the client's raw path, which would let clients add label values without bound."""
+    from starlette.routing import Match
+
+    route = scope.get("route")
+    if route is not None:
+        return route.path
+    for candidate in app.router.routes:
+        if candidate.matches(scope)[0] != Match.NONE:
+            return getattr(candidate, "path", "none")
+    return "none"
+
+
 def create_app(service: Service, on_start: Callable[[Service], Awaitable[None]] | None = None,
                api_keys: list[str] = (), max_body_bytes: int = 0) -> FastAPI:
     """The FastAPI app; `on_start(service)` runs as a background task once the server accepts connections.
@@ -180,6 +194,19 @@ def create_app(service: Service, on_start: Callable[[Service], Awaitable[None]] 
     async def unexpected(_: Request, exc: Exception):
         log.exception("request failed")
         return _error(f"internal error: {type(exc).__name__}", 500, "InternalServerError")
+
+    if service.metrics is not None:
+        @app.middleware("http")  # added last: outermost, so refused (401, 413) and failed requests count too
+        async def count_responses(request: Request, call_next):
+            status = 500
+            try:
+                response = await call_next(request)
+                status = response.status_code
+                return response
+            finally:
+                handler = _handler(app, request.scope)
+                if handler != "/metrics":
+                    service.metrics.http_response(handler, request.method, status)
 
     @app.get("/health")
     async def health():

@@ -16,6 +16,10 @@ applies it itself; vLLM needs two pieces, both in this module and both enabled b
 - `RefusalBias` (`--logits-processors sovllm.serve.vllm_plugin:RefusalBias`) runs in vLLM's engine
   and adds that bias to the logits, greedy decoding included.
 
+The middleware also counts failed adapter loads (`/v1/load_lora_adapter` answered with 400 or more)
+as `sovllm:adapter_load_failures_total{adapter}` in vLLM's Prometheus registry: vLLM has no such metric,
+and `sovllm serve` exports the same series.
+
 The cost: one JSON parse and re-serialisation of each chat request body in the API server, the
 support computation (microseconds), and a Python loop over the batch rows that carry a bias at each
 decoding step (a few rows, two tokens each).
@@ -32,7 +36,7 @@ import logging
 import os
 from pathlib import Path
 
-from sovllm.models.adapter import RefusalCalibration
+from sovllm.models.adapter import RefusalCalibration, bounded_label
 
 log = logging.getLogger("sovllm.vllm")
 
@@ -86,6 +90,19 @@ def last_user_text(messages) -> str | None:
     return None
 
 
+def _load_failures_counter():
+    """`sovllm:adapter_load_failures_total{adapter}` in vLLM's Prometheus registry (served on its
+    /metrics), created once per process; None without prometheus_client."""
+    try:
+        from prometheus_client import REGISTRY, Counter
+    except ImportError:
+        return None
+    existing = getattr(REGISTRY, "_names_to_collectors", {}).get("sovllm:adapter_load_failures")
+    if existing is not None:
+        return existing
+    return Counter("sovllm:adapter_load_failures", "Adapter loads that failed.", ["adapter"])
+
+
 class RefusalMiddleware:
     """ASGI middleware for vLLM's API server (see the module docstring)."""
 
@@ -93,6 +110,19 @@ class RefusalMiddleware:
         self.app = app
         self.loaded: dict[str, Path] = {}  # adapters loaded through /v1/load_lora_adapter: name -> folder
         self.cache: dict = {}
+        self.failure_labels: set[str] = set()
+        self.load_failures = _load_failures_counter()
+
+    async def _counting_failures(self, scope, receive, send, name):
+        """Pass a load request on; a response of 400 or more counts as a failed load of `name`
+        (`sovllm:adapter_load_failures_total{adapter}`, as `sovllm serve` exports it)."""
+        async def watch(message):
+            if message.get("type") == "http.response.start" and message.get("status", 200) >= 400 and \
+                    self.load_failures is not None:
+                self.load_failures.labels(bounded_label(name, self.failure_labels)).inc()
+            await send(message)
+
+        return await self.app(scope, receive, watch)
 
     def _folder(self, scope, name: str) -> Path | None:
         state = getattr(scope.get("app"), "state", None)
@@ -150,10 +180,13 @@ class RefusalMiddleware:
             body = json.loads(raw)
         except ValueError:
             body = None
-        if isinstance(body, dict) and path == "/v1/load_lora_adapter":
-            if isinstance(body.get("lora_name"), str) and isinstance(body.get("lora_path"), str):
-                self.loaded[body["lora_name"]] = Path(body["lora_path"])
-        elif isinstance(body, dict):
+        if path == "/v1/load_lora_adapter":
+            name = body.get("lora_name") if isinstance(body, dict) else None
+            if isinstance(name, str) and isinstance(body.get("lora_path"), str):
+                self.loaded[name] = Path(body["lora_path"])
+            return await self._counting_failures(
+                scope, _replay([{"type": "http.request", "body": raw, "more_body": False}], receive), send, name)
+        if isinstance(body, dict):
             try:
                 new = self.rewrite(scope, body)
             except Exception as exc:  # noqa: BLE001 - never fail a request over the calibration

@@ -129,13 +129,14 @@ class VLLMServer:
     `model` is the base model's folder (passed as `--model`: the filesystem resolver compares it with
     an adapter's `base_model_name_or_path`), `served_name` the name clients use for it, `adapters`
     name → folder for `--lora-modules`, `resolver_dir` a folder the filesystem resolver loads adapters
-    from by name, `runtime_lora` enables `/v1/load_lora_adapter`."""
+    from by name, `runtime_lora` enables `/v1/load_lora_adapter`, `log_stats` vLLM's statistics (and
+    with them its `vllm:*` Prometheus metrics)."""
 
     def __init__(self, model: str | Path, *, served_name: str, adapters: dict[str, str] | None = None,
                  python: Path | None = None, max_lora_rank: int = 16, max_loras: int = 4,
                  resolver_dir: str | Path | None = None, runtime_lora: bool = False, calibration: bool = True,
                  extra_args: list[str] = (), extra_env: dict[str, str] | None = None,
-                 startup_timeout: float = 600, host: str = "127.0.0.1"):
+                 startup_timeout: float = 600, host: str = "127.0.0.1", log_stats: bool = False):
         self.python = python or find_python()
         if self.python is None:
             raise BackendError("no vLLM environment found",
@@ -144,7 +145,7 @@ class VLLMServer:
         self.max_lora_rank, self.max_loras = max_lora_rank, max_loras
         self.resolver_dir, self.runtime_lora, self.calibration = resolver_dir, runtime_lora, calibration
         self.extra_args, self.extra_env = list(extra_args), dict(extra_env or {})
-        self.startup_timeout, self.host = startup_timeout, host
+        self.startup_timeout, self.host, self.log_stats = startup_timeout, host, log_stats
         self.port: int | None = None
         self.process: subprocess.Popen | None = None
         self._dir = tempfile.TemporaryDirectory(prefix="sovllm-vllm-")
@@ -158,7 +159,8 @@ class VLLMServer:
         return [str(self.python), *server_args(self.model, served_name=self.served_name, host=self.host, port=self.port,
                                                dtype="float32", max_model_len=2048, max_lora_rank=self.max_lora_rank,
                                                max_loras=self.max_loras, adapters=self.adapters,
-                                               calibration=self.calibration), *self.extra_args]
+                                               calibration=self.calibration, log_stats=self.log_stats),
+                *self.extra_args]
 
     def environment(self) -> dict[str, str]:
         # sovllm's in-process egress guard cannot run inside vLLM: vLLM imports uvloop, which opens

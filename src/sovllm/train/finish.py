@@ -11,10 +11,10 @@ import datetime as dt
 from pathlib import Path
 from typing import Callable
 
-from sovllm.layout import folder
 from sovllm.artifacts import StageContext
 from sovllm.config import Config, TrainSection
 from sovllm.errors import ModelError
+from sovllm.layout import folder
 from sovllm.models.adapter import check_servable, inspect_adapter
 from sovllm.models.chat import end_of_turn_id
 from sovllm.models.grounding import Vocabulary
@@ -42,7 +42,12 @@ def calibrate_refusal(model, tokenizer, cfg: Config, val: list, val_records: lis
     (`train.refusal_calibration`) or when val cannot support it."""
     if not cfg.train.refusal_calibration:
         return None
-    from sovllm.train.calibrate import calibrate, foreign_val_records, on_topic_val_records, refusal_token_ids
+    from sovllm.train.calibrate import (
+        calibrate,
+        foreign_val_records,
+        on_topic_val_records,
+        refusal_token_ids,
+    )
 
     kinds = {str(r.get("id")): (r.get("meta") or {}).get("type") == "unanswerable" for r in val_records}
     flags = [kinds.get(e.id, False) for e in val]

@@ -16,7 +16,6 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from sovllm.layout import folder
 from sovllm.artifacts import (
     StageContext,
     StageResult,
@@ -26,6 +25,7 @@ from sovllm.artifacts import (
 )
 from sovllm.config import Config, config_hash
 from sovllm.errors import InputError, SovllmError
+from sovllm.layout import folder
 from sovllm.train import hardware, launch, steps
 from sovllm.train.lora import check_options, resolved
 from sovllm.train.save import recover_adapter

@@ -20,20 +20,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from sovllm.layout import folder
 from sovllm.artifacts import write_atomic
 from sovllm.config import Config, TrainSection
 from sovllm.errors import InputError
+from sovllm.layout import folder
 from sovllm.models.chat import end_of_turn_id
 from sovllm.models.tokenizer import load_tokenizer
 from sovllm.train.data import audit, encode, share_prefixes
-from sovllm.train.hardware import Hardware
 from sovllm.train.fit import (
     make_trainer,
     progress_callback,
     run_fit,
     training_arguments,
 )
+from sovllm.train.hardware import Hardware
 from sovllm.train.lora import lora_config
 from sovllm.train.save import latest_checkpoint
 from sovllm.train.tracking import Tracker, default_uri, trainer_callback
