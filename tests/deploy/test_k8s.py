@@ -21,12 +21,12 @@ from tests.netpol import Outside, Pod, allowed
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "acme"
 GOLDEN = Path(__file__).parent / "golden"
 PINNED = ("cluster.image_tag=v0.1.0",)  # golden files must not change with the package version
-CORE = {"Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy"}
+CORE = {"Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy", "ConfigMap"}
 
 
 def render(tmp_path: Path, *settings: str) -> tuple[list[dict], dict[str, Path]]:
     files = k8s.render(load_config(EXAMPLE, (*PINNED, *settings)), tmp_path)
-    objects = [doc for stem, path in files.items() if stem not in ("kustomization", "rules")
+    objects = [doc for stem, path in files.items() if stem not in ("kustomization", "rules") and not stem.startswith("grafana/")
                for doc in yaml.safe_load_all(path.read_text(encoding="utf-8"))]
     return objects, files
 
@@ -38,7 +38,7 @@ ENGINES = [("vllm", ()), ("sovllm", ("cluster.serving.engine=sovllm",))]
 def test_every_object_validates(tmp_path, engine, settings):
     objects, _ = render(tmp_path, *settings)
     kinds = sorted({o["kind"] for o in objects})
-    assert kinds == ["Deployment", "NetworkPolicy", "PodDisruptionBudget", "PrometheusRule", "ScaledObject", "Service",
+    assert kinds == ["ConfigMap", "Deployment", "NetworkPolicy", "PodDisruptionBudget", "PrometheusRule", "ScaledObject", "Service",
                      "ServiceMonitor"]
     for obj in objects:
         if obj["kind"] in CORE:
@@ -129,7 +129,8 @@ def test_what_a_platform_team_requires_is_in_the_deployment(tmp_path, engine, se
     else:
         assert "nodeSelector" not in pod and "--adapters-dir" in server["args"]
     kustomization = yaml.safe_load(files["kustomization"].read_text())
-    assert sorted(kustomization["resources"]) == sorted(p.name for s, p in files.items() if s not in ("kustomization", "rules"))
+    assert sorted(kustomization["resources"]) == sorted(p.name for s, p in files.items()
+                                                        if s not in ("kustomization", "rules") and not s.startswith("grafana/"))
     scaler = next(o for o in objects if o["kind"] == "ScaledObject")
     assert "vllm:num_requests_waiting" in scaler["spec"]["triggers"][0]["metadata"]["query"]
 

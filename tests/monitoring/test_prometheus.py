@@ -1,7 +1,8 @@
-"""The alert rules against reality: Debian's Prometheus and Pushgateway on loopback scrape the real
-`sovllm serve` and the real vLLM (the session's shared servers) under a short load, and a Pushgateway
-fed by a real `--quick` stage run; every rule's expression without its threshold must parse and
-return series, for both engines where it watches a server."""
+"""Alert rules, dashboards and `sovllm top` against reality: Debian's Prometheus and Pushgateway on
+loopback scrape the real `sovllm serve` and the real vLLM (the session's shared servers) under a
+short load, and a Pushgateway fed by a real `--quick` stage run. Every rule's expression without its
+threshold and every dashboard query must parse and return series, for both engines where it
+watches a server (the per-adapter view: sovllm serve; in front of vLLM the gateway will add it)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import pytest
 import yaml
 
 from sovllm.config import load_config
-from sovllm.monitoring import rules
+from sovllm.monitoring import dashboards, rules
 from tests.conftest import require
 
 pytestmark = pytest.mark.integration
@@ -68,7 +69,7 @@ def _load(base_url: str, model: str, adapter: str) -> None:
     assert httpx.post(f"{base_url}/chat/completions", timeout=60, json={"model": model}).status_code == 400
 
 
-def test_every_alert_watches_series_that_exist_on_both_engines(tmp_path, bundled_server, vllm_server, bundled_model):
+def test_alerts_dashboards_and_top_read_series_that_exist_on_both_engines(tmp_path, bundled_server, vllm_server, bundled_model):
     prometheus, pushgateway = shutil.which("prometheus"), shutil.which("prometheus-pushgateway")
     require(prometheus is not None and pushgateway is not None,
             "Debian's prometheus and prometheus-pushgateway (make monitoring)")
@@ -126,6 +127,37 @@ def test_every_alert_watches_series_that_exist_on_both_engines(tmp_path, bundled
                 continue
             jobs = {s["metric"].get("job") for s in series}
             assert SERVING <= jobs, (rule.name, rule.signal, series)
+
+        fed = {"sovllm:pipeline_stage_duration_seconds", "sovllm:pipeline_stage_failed", "sovllm:pipeline_pairs_generated",
+               "sovllm:pipeline_stage_errors"}  # what ingest and synth push (train and eval: tests/pipeline/test_argo_run.py)
+        for board, panels in dashboards.panels().items():
+            for panel in panels:
+                for expr, _ in panel.queries:
+                    query = dashboards.concrete(expr)
+                    answer = httpx.get(f"{api}/query", params={"query": query}, timeout=30).json()
+                    assert answer["status"] == "success", (board, panel.title, query, answer)
+                    series = answer["data"]["result"]
+                    if board == "sovllm-pipeline":
+                        if any(name in query for name in fed):
+                            assert series, (panel.title, query)
+                        continue
+                    assert series, (board, panel.title, query)
+                    if board == "sovllm-serving" and "by (job)" in query:
+                        assert SERVING <= {s["metric"].get("job") for s in series}, (panel.title, query, series)
+                    if board == "sovllm-serving":  # the same query, one engine at a time
+                        for job in SERVING:
+                            one = dashboards.concrete(expr, {"job": job})
+                            got = httpx.get(f"{api}/query", params={"query": one}, timeout=30).json()["data"]["result"]
+                            assert got, (panel.title, job, one)
+
+        page = tmp_path / "top.html"
+        top = subprocess.run([exe, "top", "--prometheus", f"http://127.0.0.1:{prom_port}", "--window", "1m",
+                              "--html", str(page)], capture_output=True, text=True, timeout=120, check=False,
+                             env={**os.environ, "COLUMNS": "250"})
+        assert top.returncode == 0, top.stdout + top.stderr
+        for job in SERVING:
+            assert job in top.stdout and f"<td>{job}</td>" in page.read_text()
+        assert "TTFT p95 s" in top.stdout
     finally:
         for proc in procs:
             proc.terminate()

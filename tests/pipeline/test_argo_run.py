@@ -226,6 +226,12 @@ def _run(tmp_path: Path, port: int, client, env: dict, pushgateway: str, bundled
     for stage in ("ingest", "synth", "curate", "train", "eval"):
         assert f'sovllm:pipeline_stage_failed{{instance="",job="sovllm-pipeline",project="local",stage="{stage}"}} 0' in pushed, stage
     assert 'sovllm:pipeline_eval_gate_refused{instance="",job="sovllm-pipeline",project="local",stage="eval"} 0' in pushed
+    from sovllm.monitoring import dashboards
+
+    for panel in dashboards.pipeline_panels():  # every series the pipeline dashboard reads was pushed by a real run
+        for expr, _ in panel.queries:
+            name = expr.split("(")[-1].split("{")[0]
+            assert f"\n{name}{{" in pushed, (panel.title, name)
     client.put_object(Bucket=bucket, Key=f"{prefix}/documents.tgz", Body=tar_folder(cluster / "documents"))
     third = {s.name: s for s in runner.run()}
     assert "(up to date, skipped)" not in third["synth-1"].output + third["synth-2"].output

@@ -53,6 +53,7 @@ def _register() -> None:
         render,
         serve,
         synth,
+        top,
         train,
     )
 
@@ -65,6 +66,7 @@ def _register() -> None:
     serve.register(app)
     doctor.register(app)
     render.register(app)
+    top.register(app)
     app.add_typer(models.app, name="models")
     app.add_typer(egress_cmd.app, name="egress")
     app.add_typer(bench.app, name="bench")

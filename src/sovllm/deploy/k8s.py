@@ -26,6 +26,7 @@ from sovllm import __version__
 from sovllm.config import Config
 from sovllm.egress import PRIVACY_ENV
 from sovllm.models.adapter import adapter_name
+from sovllm.monitoring import dashboards
 from sovllm.monitoring import rules as alert_rules
 from sovllm.serve.vllm_server import SOVEREIGN_ENV, server_args, server_env
 
@@ -282,15 +283,28 @@ def network_policies(cfg: Config) -> list[dict]:
     return [deny, ingress, egress, *clients]
 
 
+def dashboard_config_map(cfg: Config) -> dict:
+    """The Grafana dashboards, for Grafana's dashboard sidecar (label `grafana_dashboard: "1"`)."""
+    import json
+
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": f"{_dns(cfg.project.name)}-dashboards", "namespace": cfg.cluster.namespace,
+                         "labels": {"app.kubernetes.io/part-of": "sovllm", "grafana_dashboard": "1"}},
+            "data": {f"{stem}.json": json.dumps(board, indent=1) for stem, board in dashboards.dashboards().items()}}
+
+
 def objects(cfg: Config) -> dict[str, dict | list[dict]]:
     """file stem → object(s), in the order kustomize lists them."""
     return {"deployment": deployment(cfg), "service": service(cfg), "pod-disruption-budget": disruption_budget(cfg),
             "scaled-object": scaled_object(cfg), "service-monitor": service_monitor(cfg),
-            "prometheus-rule": prometheus_rule(cfg), "network-policies": network_policies(cfg)}
+            "prometheus-rule": prometheus_rule(cfg), "grafana-dashboards": dashboard_config_map(cfg),
+            "network-policies": network_policies(cfg)}
 
 
 def render(cfg: Config, out: Path) -> dict[str, Path]:
     """Write each object (a list: several documents) into `out/<stem>.yaml` and a kustomization.yaml."""
+    import json
+
     import yaml
 
     out.mkdir(parents=True, exist_ok=True)
@@ -311,4 +325,9 @@ def render(cfg: Config, out: Path) -> dict[str, Path]:
     path.write_text(yaml.safe_dump(alert_rules.rules_file(cfg), sort_keys=False, allow_unicode=True, width=120),
                     encoding="utf-8")
     files["rules"] = path
+    for stem, board in dashboards.dashboards().items():  # for Grafana's "Import dashboard"
+        path = out / "grafana" / f"{stem}.json"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps(board, indent=1) + "\n", encoding="utf-8")
+        files[f"grafana/{stem}"] = path
     return files
