@@ -189,3 +189,56 @@ def test_failed_loads_count_per_adapter_in_vllms_registry():
     load("../../etc", 400)  # not an adapter name: never a label value
     assert count("broken-1") == before["broken-1"] + 1
     assert count("__other__") == before["__other__"] + 1
+
+
+def test_completions_count_per_adapter_as_sovllm_serve_does():
+    """vLLM counts every LoRA request under the base model; the middleware counts each answered
+    completion per adapter (finish reasons; tokens when the response reports usage), JSON or SSE."""
+    from types import SimpleNamespace
+
+    from prometheus_client import REGISTRY
+
+    state = SimpleNamespace(openai_serving_models=SimpleNamespace(base_model_paths=[SimpleNamespace(name="base-m")],
+                                                                  lora_requests={}))
+    app_object = SimpleNamespace(state=state)
+
+    def run(path, model, response_headers, chunks, status=200):
+        middleware = RefusalMiddleware(None)
+
+        async def app(scope, receive, send):
+            await receive()
+            await send({"type": "http.response.start", "status": status, "headers": response_headers})
+            for i, chunk in enumerate(chunks):
+                await send({"type": "http.response.body", "body": chunk, "more_body": i < len(chunks) - 1})
+
+        middleware.app = app
+        raw = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+        async def receive():
+            return {"type": "http.request", "body": raw, "more_body": False}
+
+        async def send(message):
+            pass
+
+        asyncio.run(middleware({"type": "http", "method": "POST", "path": path, "headers": [], "app": app_object},
+                               receive, send))
+
+    def value(name, **labels):
+        return REGISTRY.get_sample_value(name, labels) or 0
+
+    before = {k: value("sovllm:adapter_requests_total", adapter=a, finished_reason=r)
+              for k, (a, r) in {"ad": ("support", "stop"), "base": ("__base__", "length"), "sse": ("support", "length")}.items()}
+    tokens = value("sovllm:adapter_tokens_total", adapter="support", kind="generation")
+    body = json.dumps({"choices": [{"finish_reason": "stop"}], "usage": {"prompt_tokens": 11, "completion_tokens": 5}})
+    run("/v1/chat/completions", "support", [(b"content-type", b"application/json")], [body[:20].encode(), body[20:].encode()])
+    run("/v1/completions", "base-m", [(b"content-type", b"application/json")],
+        [json.dumps({"choices": [{"finish_reason": "length"}]}).encode()])
+    stream = (b'data: {"choices": [{"delta": {"content": "a"}, "finish_reason": null}]}\n\n'
+              b'data: {"choices": [{"delta": {}, "finish_reason": "length"}]}\n\n'
+              b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}\n\ndata: [DONE]\n\n')
+    run("/v1/chat/completions", "support", [(b"content-type", b"text/event-stream")], [stream[:30], stream[30:77], stream[77:]])
+    run("/v1/chat/completions", "support", [(b"content-type", b"application/json")], [b'{"error": {}}'], status=404)
+    assert value("sovllm:adapter_requests_total", adapter="support", finished_reason="stop") == before["ad"] + 1
+    assert value("sovllm:adapter_requests_total", adapter="__base__", finished_reason="length") == before["base"] + 1
+    assert value("sovllm:adapter_requests_total", adapter="support", finished_reason="length") == before["sse"] + 1
+    assert value("sovllm:adapter_tokens_total", adapter="support", kind="generation") == tokens + 5 + 2

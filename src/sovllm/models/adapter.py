@@ -109,6 +109,7 @@ class RefusalCalibration:
             logits[self.token_ids[n]] += bias
 
 
+BASE_LABEL = "__base__"  # the base model, in per-adapter metrics
 OTHER_LABEL = "__other__"  # a metric label for client-sent names that are invalid or beyond the bound
 
 

@@ -1,8 +1,8 @@
 """Grafana dashboards as JSON: serving overview, per adapter, pipeline.
 
 The serving overview uses only vLLM's metric names, so it shows vLLM and `sovllm serve` alike; the
-per-adapter view reads `sovllm:adapter_*` (`sovllm serve` exports them; in front of vLLM the
-gateway will, and sovllm's vLLM plugin already counts failed loads); the pipeline view reads the
+per-adapter view reads `sovllm:adapter_*` (`sovllm serve` exports them, and on vLLM sovllm's plugin
+middleware does); the pipeline view reads the
 `sovllm:pipeline_*` series the stages push (`sovllm.monitoring.push`). Every query is written
 against template variables (datasource, namespace, job, model, adapter or project), never a job
 name. `panels()` lists every query, which the tests run on a real Prometheus.

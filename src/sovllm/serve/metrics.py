@@ -34,11 +34,11 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from sovllm.models.adapter import OTHER_LABEL, bounded_label
+from sovllm.models.adapter import BASE_LABEL, OTHER_LABEL, bounded_label
 
 disable_created_metrics()  # no `*_created` series: the exposition matches what vLLM dashboards expect
 
-BASE = "__base__"
+BASE = BASE_LABEL
 OTHER = OTHER_LABEL  # load failures of invalid names, or beyond MAX_FAILURE_LABELS distinct names
 MAX_FAILURE_LABELS = 64
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,

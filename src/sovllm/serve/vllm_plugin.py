@@ -16,9 +16,11 @@ applies it itself; vLLM needs two pieces, both in this module and both enabled b
 - `RefusalBias` (`--logits-processors sovllm.serve.vllm_plugin:RefusalBias`) runs in vLLM's engine
   and adds that bias to the logits, greedy decoding included.
 
-The middleware also counts failed adapter loads (`/v1/load_lora_adapter` answered with 400 or more)
-as `sovllm:adapter_load_failures_total{adapter}` in vLLM's Prometheus registry: vLLM has no such metric,
-and `sovllm serve` exports the same series.
+The middleware also exports sovllm serve's per-adapter series in vLLM's Prometheus registry (vLLM
+counts every LoRA request under the base model's name): `sovllm:adapter_requests_total{adapter,
+finished_reason}` and `sovllm:adapter_tokens_total{adapter, kind}` from each completion's response
+(a stream reports tokens only with `stream_options.include_usage`), and failed adapter loads
+(`/v1/load_lora_adapter` answered with 400 or more) as `sovllm:adapter_load_failures_total{adapter}`.
 
 The cost: one JSON parse and re-serialisation of each chat request body in the API server, the
 support computation (microseconds), and a Python loop over the batch rows that carry a bias at each
@@ -36,13 +38,14 @@ import logging
 import os
 from pathlib import Path
 
-from sovllm.models.adapter import RefusalCalibration, bounded_label
+from sovllm.models.adapter import BASE_LABEL, RefusalCalibration, bounded_label
 
 log = logging.getLogger("sovllm.vllm")
 
 BIAS_KEY = "sovllm_refusal_bias"
 TOKENS_KEY = "sovllm_refusal_tokens"
 CHAT_PATHS = ("/v1/chat/completions",)
+COUNTED_PATHS = ("/v1/chat/completions", "/v1/completions")  # counted per adapter
 MAX_BODY = 64 * 1024 * 1024  # larger bodies pass through untouched (vLLM answers them itself)
 
 MIDDLEWARE = "sovllm.serve.vllm_plugin.RefusalMiddleware"
@@ -90,17 +93,63 @@ def last_user_text(messages) -> str | None:
     return None
 
 
-def _load_failures_counter():
-    """`sovllm:adapter_load_failures_total{adapter}` in vLLM's Prometheus registry (served on its
-    /metrics), created once per process; None without prometheus_client."""
+def _counter(name: str, documentation: str, labels: list[str]):
+    """A counter in vLLM's Prometheus registry (served on its /metrics), created once per process;
+    None without prometheus_client."""
     try:
         from prometheus_client import REGISTRY, Counter
     except ImportError:
         return None
-    existing = getattr(REGISTRY, "_names_to_collectors", {}).get("sovllm:adapter_load_failures")
+    existing = getattr(REGISTRY, "_names_to_collectors", {}).get(name)
     if existing is not None:
         return existing
-    return Counter("sovllm:adapter_load_failures", "Adapter loads that failed.", ["adapter"])
+    return Counter(name, documentation, labels)
+
+
+class _Outcome:
+    """What a completion response says: finish reasons and token usage, from a JSON body or an SSE
+    stream, read as it passes (bounded: a huge body is not parsed)."""
+
+    def __init__(self):
+        self.status, self.stream, self.done = 200, False, False
+        self.body, self.line = bytearray(), b""
+        self.reasons: list[str] = []
+        self.usage: dict = {}
+
+    def _event(self, data: dict) -> None:
+        for choice in data.get("choices") or []:
+            if isinstance(choice, dict) and choice.get("finish_reason"):
+                self.reasons.append(str(choice["finish_reason"]))
+        if isinstance(data.get("usage"), dict):
+            self.usage = data["usage"]
+
+    def feed(self, message: dict) -> None:
+        if message.get("type") == "http.response.start":
+            self.status = message.get("status", 200)
+            headers = {k.lower(): v for k, v in message.get("headers", [])}
+            self.stream = b"text/event-stream" in headers.get(b"content-type", b"")
+            return
+        if message.get("type") != "http.response.body":
+            return
+        chunk = message.get("body", b"")
+        if self.stream:
+            lines = (self.line + chunk).split(b"\n")
+            self.line = lines.pop()[:1 << 20]
+            for line in lines:
+                if line.startswith(b"data: ") and line[6:].strip() != b"[DONE]":
+                    try:
+                        self._event(json.loads(line[6:]))
+                    except ValueError:
+                        pass
+        elif len(self.body) + len(chunk) <= (4 << 20):
+            self.body += chunk
+        if not message.get("more_body", False):
+            self.done = True
+            if not self.stream and self.body:
+                try:
+                    self._event(json.loads(bytes(self.body)))
+                except ValueError:
+                    pass
 
 
 class RefusalMiddleware:
@@ -111,7 +160,41 @@ class RefusalMiddleware:
         self.loaded: dict[str, Path] = {}  # adapters loaded through /v1/load_lora_adapter: name -> folder
         self.cache: dict = {}
         self.failure_labels: set[str] = set()
-        self.load_failures = _load_failures_counter()
+        self.adapter_labels: set[str] = set()
+        # the series sovllm serve exports per adapter (vLLM counts every LoRA request under the base model)
+        self.load_failures = _counter("sovllm:adapter_load_failures", "Adapter loads that failed.", ["adapter"])
+        self.requests = _counter("sovllm:adapter_requests", "Finished requests per adapter.",
+                                 ["adapter", "finished_reason"])
+        self.tokens = _counter("sovllm:adapter_tokens", "Prompt and generated tokens per adapter.", ["adapter", "kind"])
+
+    def _label(self, scope, model) -> str:
+        state = getattr(scope.get("app"), "state", None)
+        models = getattr(state, "openai_serving_models", None)
+        bases = {getattr(b, "name", None) for b in (getattr(models, "base_model_paths", None) or [])}
+        return BASE_LABEL if model in bases else bounded_label(model, self.adapter_labels)
+
+    async def _counting_outcome(self, scope, receive, send, model):
+        """Pass a completion request on and count its outcome per adapter, as sovllm serve does:
+        finished requests by finish reason, and prompt and generated tokens when the response reports
+        usage (a stream reports it only with stream_options.include_usage)."""
+        outcome = _Outcome()
+
+        async def watch(message):
+            try:
+                outcome.feed(message)
+                if outcome.done and outcome.status < 400 and self.requests is not None:
+                    label = self._label(scope, model)
+                    for reason in outcome.reasons:
+                        self.requests.labels(label, reason).inc()
+                    for kind, key in (("prompt", "prompt_tokens"), ("generation", "completion_tokens")):
+                        if isinstance(outcome.usage.get(key), int):
+                            self.tokens.labels(label, kind).inc(outcome.usage[key])
+                    outcome.done = False  # counted once
+            except Exception as exc:  # noqa: BLE001 - counting must never break a response
+                log.warning("per-adapter metrics skipped: %s", exc)
+            await send(message)
+
+        return await self.app(scope, receive, watch)
 
     async def _counting_failures(self, scope, receive, send, name):
         """Pass a load request on; a response of 400 or more counts as a failed load of `name`
@@ -162,7 +245,7 @@ class RefusalMiddleware:
         if scope.get("type") != "http" or scope.get("method") != "POST":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        if path not in CHAT_PATHS and path != "/v1/load_lora_adapter":
+        if path not in CHAT_PATHS and path not in COUNTED_PATHS and path != "/v1/load_lora_adapter":
             return await self.app(scope, receive, send)
         chunks, size, more = [], 0, True
         while more:
@@ -186,7 +269,7 @@ class RefusalMiddleware:
                 self.loaded[name] = Path(body["lora_path"])
             return await self._counting_failures(
                 scope, _replay([{"type": "http.request", "body": raw, "more_body": False}], receive), send, name)
-        if isinstance(body, dict):
+        if isinstance(body, dict) and path in CHAT_PATHS:
             try:
                 new = self.rewrite(scope, body)
             except Exception as exc:  # noqa: BLE001 - never fail a request over the calibration
@@ -196,8 +279,10 @@ class RefusalMiddleware:
                 raw = json.dumps(new).encode("utf-8")
                 headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
                 scope = {**scope, "headers": [*headers, (b"content-length", str(len(raw)).encode())]}
-        return await self.app(scope, _replay([{"type": "http.request", "body": raw, "more_body": False}], receive),
-                              send)
+        replayed = _replay([{"type": "http.request", "body": raw, "more_body": False}], receive)
+        if path in COUNTED_PATHS and isinstance(body, dict) and isinstance(body.get("model"), str):
+            return await self._counting_outcome(scope, replayed, send, body["model"])
+        return await self.app(scope, replayed, send)
 
 
 def _replay(messages: list[dict], receive):
