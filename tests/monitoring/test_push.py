@@ -38,3 +38,53 @@ def test_an_unreachable_or_refused_pushgateway_is_a_warning():
     egress.install([])  # loopback only
     assert not push_stage("http://127.0.0.2:9091", "p", "ingest", seconds=1, failed=False, skipped=False, warn=said.append)
     assert said and "could not push stage ingest" in said[0]
+
+
+def test_a_stage_command_pushes_its_outcome(tmp_path, tiny_model_dir):
+    """`sovllm ingest` (what an Argo step runs) pushes its group to a real HTTP endpoint on loopback;
+    a failed stage pushes failed=1."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from sovllm.cli import main
+    from sovllm.project import init_project
+
+    received = []
+
+    class Gateway(BaseHTTPRequestHandler):
+        def do_PUT(self):  # noqa: N802 - http.server's naming
+            received.append((self.path, self.rfile.read(int(self.headers["Content-Length"])).decode()))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Gateway)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        root = tmp_path / "p"
+        init_project(root)
+        config = root / "sovllm.yaml"
+        config.write_text(config.read_text().replace("base: smollm2-135m-instruct", f"base: {tiny_model_dir}"))
+        (root / "documents" / "a.md").write_text("".join(f"# Part {i}\n\n" + f"Rule {i}: hotels cost 110 EUR. " * 40 + "\n\n"
+                                                         for i in range(4)))
+        url = f"http://127.0.0.1:{server.server_port}"
+
+        def run() -> int:
+            try:
+                main(["ingest", str(root), "--set", f"monitoring.pushgateway={url}"])
+            except SystemExit as exc:
+                return exc.code or 0
+            return 0
+
+        assert run() == 0
+        path, body = received[-1]
+        assert path == "/metrics/job/sovllm-pipeline/project/p/stage/ingest"
+        assert parse(body)[("sovllm:pipeline_stage_failed", ())] == 0
+        (root / "documents" / "a.md").write_bytes(b"\xff\xfe broken")  # the only document unreadable: ingest fails
+        assert run() != 0
+        path, body = received[-1]
+        assert path.endswith("/stage/ingest") and parse(body)[("sovllm:pipeline_stage_failed", ())] == 1
+    finally:
+        server.shutdown()

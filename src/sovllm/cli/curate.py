@@ -74,8 +74,9 @@ def curate(
         return
     check_endpoints(cfg)
     log = lambda msg: err.print(f"[dim]{msg}[/dim]")  # noqa: E731
-    result = stage.run(root, cfg, lambda: open_endpoint(cfg, log=log), quick=quick, force=force,
-                       progress_factory=bar_factory("judge", err), log=log)
+    result = options.pushed(cfg, "curate", "splits", root, lambda: stage.run(
+        root, cfg, lambda: open_endpoint(cfg, log=log), quick=quick, force=force,
+        progress_factory=bar_factory("judge", err), log=log), log)
     print_funnel(result.manifest.extra["funnel"], "curate (up to date, skipped)" if result.skipped else "curate")
 
 

@@ -76,8 +76,9 @@ def evaluate(
     from sovllm.progress import bar_factory
 
     root, cfg, log = options.stage_project(project, set_)
-    result = stage.run(root, cfg, quick=quick, force=force, promote=promote, log=log,
-                       progress_factory=bar_factory("eval", err))
+    result = options.pushed(cfg, "eval", "report", root, lambda: stage.run(
+        root, cfg, quick=quick, force=force, promote=promote, log=log,
+        progress_factory=bar_factory("eval", err)), log)
     out_dir = folder(root, cfg, "report")
     summary = json.loads((out_dir / "summary.json").read_text())
     print_summary(summary, out_dir, "eval (up to date, skipped)" if result.skipped else "eval")

@@ -58,8 +58,9 @@ def ingest(
     root = project_root(directory)
     cfg = load_config(root, tuple(set_))
     egress.install(cfg.egress.allow, proxy=cfg.egress.proxy)
-    result = stage.run(root, cfg, quick=quick, force=force, warn=lambda m: err.print(f"[yellow]warning:[/] {m}"),
-                       progress_factory=bar_factory("ingest", err))
+    warn = lambda m: err.print(f"[yellow]warning:[/] {m}")  # noqa: E731
+    result = options.pushed(cfg, "ingest", "chunks", root, lambda: stage.run(
+        root, cfg, quick=quick, force=force, warn=warn, progress_factory=bar_factory("ingest", err)), warn)
     out_dir = layout.folder(root, cfg, "chunks")
     stats = json.loads((out_dir / "stats.json").read_text(encoding="utf-8"))
     print_stats(stats, "ingest (up to date, skipped)" if result.skipped else "ingest")

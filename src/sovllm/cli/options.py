@@ -50,6 +50,16 @@ def load_project(directory, overrides_: list[str]):
     return root, cfg
 
 
+def pushed(cfg, stage: str, artifact: str, root, call, log, *, folder=None):
+    """Run a stage command's `call()` and push its outcome to `monitoring.pushgateway` (when set),
+    as `sovllm run` does, so the Argo workflow's steps report too."""
+    from sovllm.layout import folder as stage_folder
+    from sovllm.monitoring.push import pushed as push
+
+    return push(cfg.monitoring.pushgateway, cfg.project.name, stage, call, folder or stage_folder(root, cfg, artifact),
+                warn=log)
+
+
 def stage_project(directory, overrides_: list[str]):
     """(root, config, log) for a stage command: the project loaded, its endpoints checked against
     `egress.allow`, and a logger that prints dim lines to stderr."""

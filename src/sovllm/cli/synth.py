@@ -61,7 +61,7 @@ def synth(
     if merging:
         if not shards:
             raise ConfigError("'sovllm synth merge' needs --shards N")
-        result = stage.merge(root, cfg, shards)
+        result = options.pushed(cfg, "synth", "pairs", root, lambda: stage.merge(root, cfg, shards), log)
         console.print(f"merged {result['shards']} shards: {result['pairs']} pairs, {result['failures']} failures "
                       f"→ {result['manifest']}")
         return
@@ -85,9 +85,12 @@ def synth(
         console.print(f"recommended synth.concurrency: {report['recommended_concurrency']} ({report['reason']})")
         write_atomic(layout.folder(root, cfg, "pairs") / "sweep.json", json.dumps(report, indent=2) + "\n")
         return
-    result = stage.run(root, cfg, lambda: open_endpoint(cfg, log=log), quick=quick, force=force,
-                       shard=stage.parse_shard(shard), reuse=not no_reuse,
-                       progress_factory=bar_factory("synth", err), log=log)
+    part = stage.parse_shard(shard)
+    result = options.pushed(
+        cfg, f"synth-shard-{part[0]}" if part else "synth", "pairs", root,
+        lambda: stage.run(root, cfg, lambda: open_endpoint(cfg, log=log), quick=quick, force=force, shard=part,
+                          reuse=not no_reuse, progress_factory=bar_factory("synth", err), log=log), log,
+        folder=layout.folder(root, cfg, "shards") / f"{part[0]}-of-{part[1]}" if part else None)
     print_summary(result.manifest.extra["summary"], "synth (up to date, skipped)" if result.skipped else "synth")
 
 

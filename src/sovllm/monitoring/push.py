@@ -1,6 +1,8 @@
 """Pipeline metrics to a Prometheus Pushgateway (`monitoring.pushgateway` in sovllm.yaml).
 
-After each stage of `sovllm run` (run, skipped or failed) one group is replaced:
+After each stage (run, skipped or failed), in `sovllm run` and in the single-stage commands the Argo
+workflow's steps run (`sovllm ingest`, `synth`, `synth --shard K/N` as stage `synth-shard-K`,
+`synth merge` as `synth`, `curate`, `train`, `eval`), one group is replaced:
 `<pushgateway>/metrics/job/sovllm-pipeline/project/<name>/stage/<stage>`, holding
 
 - `sovllm:pipeline_stage_duration_seconds`, `sovllm:pipeline_stage_failed` (1 or 0),
@@ -83,3 +85,25 @@ def push_stage(url: str | None, project: str, stage: str, *, seconds: float, fai
              f"{response.text[:200]}")
         return False
     return True
+
+
+def pushed(url: str | None, project: str, stage: str, call: Callable, folder, *, warn: Callable[[str], None] = print):
+    """Run the stage `call()` (a StageResult, or anything when `folder` holds the manifest) and push
+    its outcome; a failure is pushed (from the failed manifest in `folder`) and raised again."""
+    from pathlib import Path
+
+    from sovllm.artifacts import load_manifest
+
+    began = time.perf_counter()
+    try:
+        result = call()
+    except BaseException:
+        failed = load_manifest(Path(folder))
+        push_stage(url, project, stage, failed=True, skipped=False, seconds=time.perf_counter() - began,
+                   counts=failed.counts if failed else {}, extra=failed.extra if failed else {}, warn=warn)
+        raise
+    manifest = getattr(result, "manifest", None) or load_manifest(Path(folder))
+    push_stage(url, project, stage, failed=False, skipped=bool(getattr(result, "skipped", False)),
+               seconds=float(getattr(result, "seconds", time.perf_counter() - began)),
+               counts=manifest.counts if manifest else {}, extra=manifest.extra if manifest else {}, warn=warn)
+    return result

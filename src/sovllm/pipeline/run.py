@@ -25,7 +25,6 @@ from sovllm.artifacts import (
     Manifest,
     StageContext,
     StageResult,
-    load_manifest,
     package_versions,
     run_stage,
     write_manifest,
@@ -34,7 +33,7 @@ from sovllm.config import Config, load_config, project_root
 from sovllm.endpoint import open_endpoint
 from sovllm.errors import ConfigError
 from sovllm.ingest import stage as ingest
-from sovllm.monitoring.push import push_stage
+from sovllm.monitoring.push import pushed
 from sovllm.pipeline.graph import stages
 from sovllm.pipeline.memory import PeakMemory, release_memory
 from sovllm.train import stage as train
@@ -179,18 +178,8 @@ def _stages(report: RunReport, cfg: Config, root: Path, out_dir: Path, want: Cal
                 shared.close()
                 held.clear()
                 release_memory()  # free what the stages before training left on the heap
-            began = time.perf_counter()
-            try:
-                result = runners[stage.name](endpoint)
-            except BaseException:
-                failed = load_manifest(report.folders[stage.name])
-                push_stage(cfg.monitoring.pushgateway, cfg.project.name, stage.name, warn=warn, failed=True,
-                           skipped=False, seconds=time.perf_counter() - began,
-                           counts=failed.counts if failed else {}, extra=failed.extra if failed else {})
-                raise
-            push_stage(cfg.monitoring.pushgateway, cfg.project.name, stage.name, warn=warn, failed=False,
-                       skipped=result.skipped, seconds=result.seconds, counts=result.manifest.counts,
-                       extra=result.manifest.extra)
+            result = pushed(cfg.monitoring.pushgateway, cfg.project.name, stage.name,
+                            lambda: runners[stage.name](endpoint), report.folders[stage.name], warn=warn)
             report.stages.append((stage.name, result))
     finally:
         shared.close()
