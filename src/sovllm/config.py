@@ -541,6 +541,10 @@ class ClusterSection(Section):
         description="where the workflow's LLM endpoint (endpoint.base_url) runs")
     mlflow_peer: PeerSection = Field(
         default_factory=lambda: PeerSection(namespace="mlflow", pod_labels={"app": "mlflow"}, port=5000))
+    pushgateway_peer: PeerSection = Field(
+        default_factory=lambda: PeerSection(namespace="monitoring",
+                                            pod_labels={"app.kubernetes.io/name": "prometheus-pushgateway"}, port=9091),
+        description="the Pushgateway the workflow's steps push to (only when monitoring.pushgateway is set)")
     kubernetes_api_cidr: str = Field("10.96.0.1/32", description="the API server's address (for the workflow "
                                                                  "pods' egress policy)")
     kubernetes_api_port: int = 443

@@ -123,6 +123,8 @@ def test_what_the_cluster_needs_is_in_the_objects(tmp_path):
     assert policy["podSelector"]["matchLabels"]["sovllm.io/component"] == "pipeline" and policy["ingress"] == []
     ports = sorted(p["port"] for rule in policy["egress"] for p in rule["ports"])
     assert ports == [53, 53, 443, 5000, 8000, 9000]  # DNS, the Kubernetes API, MLflow, the LLM endpoint, the store
+    pushing = argo.network_policy(load_config(EXAMPLE, (*PINNED, "monitoring.pushgateway=http://pushgateway.monitoring:9091")))
+    assert sorted(p["port"] for rule in pushing["spec"]["egress"] for p in rule["ports"]) == [53, 53, 443, 5000, 8000, 9000, 9091]
 
 
 def test_a_latest_or_unpinned_image_is_refused():

@@ -301,6 +301,18 @@ def objects(cfg: Config) -> dict[str, dict | list[dict]]:
             "network-policies": network_policies(cfg)}
 
 
+def _yaml():
+    """PyYAML's safe dumper with its own, default string representer: another library (hera adds a
+    multi-line string style to SafeDumper when imported) must not change the rendered files."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    Dumper.add_representer(str, yaml.representer.SafeRepresenter.represent_str)
+    return Dumper
+
+
 def render(cfg: Config, out: Path) -> dict[str, Path]:
     """Write each object (a list: several documents) into `out/<stem>.yaml` and a kustomization.yaml."""
     import json
@@ -308,22 +320,24 @@ def render(cfg: Config, out: Path) -> dict[str, Path]:
     import yaml
 
     out.mkdir(parents=True, exist_ok=True)
+    dumper = _yaml()
     files = {}
     for stem, obj in objects(cfg).items():
         docs = obj if isinstance(obj, list) else [obj]
         path = out / f"{stem}.yaml"
-        path.write_text(yaml.safe_dump_all(docs, sort_keys=False, allow_unicode=True, width=120), encoding="utf-8")
+        path.write_text(yaml.dump_all(docs, Dumper=dumper, sort_keys=False, allow_unicode=True, width=120),
+                        encoding="utf-8")
         files[stem] = path
     kustomization = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
                      "namespace": cfg.cluster.namespace, "resources": [p.name for p in files.values()]}
     path = out / "kustomization.yaml"
-    path.write_text(yaml.safe_dump(kustomization, sort_keys=False), encoding="utf-8")
+    path.write_text(yaml.dump(kustomization, Dumper=dumper, sort_keys=False), encoding="utf-8")
     files["kustomization"] = path
     # the same alerts for a Prometheus without the Operator (`rule_files:`); not a Kubernetes object
     path = out / "prometheus" / "sovllm-alerts.rules.yml"
     path.parent.mkdir(exist_ok=True)
-    path.write_text(yaml.safe_dump(alert_rules.rules_file(cfg), sort_keys=False, allow_unicode=True, width=120),
-                    encoding="utf-8")
+    path.write_text(yaml.dump(alert_rules.rules_file(cfg), Dumper=dumper, sort_keys=False, allow_unicode=True,
+                              width=120), encoding="utf-8")
     files["rules"] = path
     for stem, board in dashboards.dashboards().items():  # for Grafana's "Import dashboard"
         path = out / "grafana" / f"{stem}.json"

@@ -189,7 +189,7 @@ def cron_workflow(cfg: Config, schedule: str, *, timezone: str = "UTC"):
 
 def network_policy(cfg: Config) -> dict:
     """The workflow pods' NetworkPolicy: no ingress; egress to DNS, the LLM endpoint, MLflow, the
-    object store and the Kubernetes API only."""
+    object store, the Kubernetes API and (when `monitoring.pushgateway` is set) the Pushgateway only."""
     def peer(section) -> dict:
         return {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": section.namespace}},
                         **({"podSelector": {"matchLabels": dict(section.pod_labels)}} if section.pod_labels else {})}],
@@ -208,6 +208,7 @@ def network_policy(cfg: Config) -> dict:
                          "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
                  "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
                 peer(c.llm_peer), peer(c.mlflow_peer), peer(c.object_store_peer),
+                *([peer(c.pushgateway_peer)] if cfg.monitoring.pushgateway else []),
                 {"to": [{"ipBlock": {"cidr": c.kubernetes_api_cidr}}],
                  "ports": [{"protocol": "TCP", "port": c.kubernetes_api_port}]},
             ],
