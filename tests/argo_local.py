@@ -143,10 +143,10 @@ def _remap(arg: str, mapping: dict) -> str:
 
 
 def _tar(path: Path) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        tar.add(str(path), arcname=path.name)
-    return buffer.getvalue()
+    """Argo's packing: a .tgz holding the folder under its own name."""
+    from sovllm.objectstore import pack
+
+    return pack(path)
 
 
 def _untar(blob: bytes, target: Path) -> None:

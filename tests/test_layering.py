@@ -28,7 +28,7 @@ LAYERS = [
     ["sovllm.monitoring"],
     ["sovllm.serve"],
     ["sovllm.models"],
-    ["sovllm.artifacts", "sovllm.progress", "sovllm.layout"],
+    ["sovllm.artifacts", "sovllm.progress", "sovllm.layout", "sovllm.objectstore"],
     ["sovllm.config"],
     ["sovllm.egress"],
     ["sovllm.egress_spawn", "sovllm.egress_log"],

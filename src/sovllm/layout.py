@@ -3,6 +3,8 @@
 Every stage reads its inputs and writes its output through `folder()`, never through a path of
 its own, so a stage can run on explicit locations (a pod's mounted artifacts, another disk):
 `sovllm curate . --set project.locations.chunks=/in/chunks --set project.locations.splits=/out/splits`.
+A location given as `s3://bucket/key.tgz` is made local around the stage command by
+`sovllm.objectstore.materialised` before `folder()` is asked for it.
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ def evaluate(
     root, cfg, log = options.stage_project(project, set_)
     result = options.pushed(cfg, "eval", "report", root, lambda: stage.run(
         root, cfg, quick=quick, force=force, promote=promote, log=log,
-        progress_factory=bar_factory("eval", err)), log)
+        progress_factory=bar_factory("eval", err)), log, outputs=("report", "mlflow"))
     out_dir = folder(root, cfg, "report")
     summary = json.loads((out_dir / "summary.json").read_text())
     print_summary(summary, out_dir, "eval (up to date, skipped)" if result.skipped else "eval")

@@ -50,14 +50,18 @@ def load_project(directory, overrides_: list[str]):
     return root, cfg
 
 
-def pushed(cfg, stage: str, artifact: str, root, call, log, *, folder=None):
-    """Run a stage command's `call()` and push its outcome to `monitoring.pushgateway` (when set),
-    as `sovllm run` does, so the Argo workflow's steps report too."""
+def pushed(cfg, stage: str, artifact: str, root, call, log, *, folder=None, outputs: tuple[str, ...] = ()):
+    """Run a stage command's `call()`: its `s3://` folders fetched before and its `outputs` (default:
+    `artifact`) uploaded after (`sovllm.objectstore.materialised`), and its outcome pushed to
+    `monitoring.pushgateway` (when set), as `sovllm run` does, so the Argo workflow's steps report too."""
     from sovllm.layout import folder as stage_folder
     from sovllm.monitoring.push import pushed as push
+    from sovllm.objectstore import materialised
 
-    return push(cfg.monitoring.pushgateway, cfg.project.name, stage, call, folder or stage_folder(root, cfg, artifact),
-                warn=log)
+    with materialised(cfg, outputs or (artifact,)):
+        where = folder() if callable(folder) else folder
+        return push(cfg.monitoring.pushgateway, cfg.project.name, stage, call, where or stage_folder(root, cfg, artifact),
+                    warn=log)
 
 
 def stage_project(directory, overrides_: list[str]):

@@ -90,7 +90,8 @@ def synth(
         cfg, f"synth-shard-{part[0]}" if part else "synth", "pairs", root,
         lambda: stage.run(root, cfg, lambda: open_endpoint(cfg, log=log), quick=quick, force=force, shard=part,
                           reuse=not no_reuse, progress_factory=bar_factory("synth", err), log=log), log,
-        folder=layout.folder(root, cfg, "shards") / f"{part[0]}-of-{part[1]}" if part else None)
+        folder=(lambda: layout.folder(root, cfg, "shards") / f"{part[0]}-of-{part[1]}") if part else None,
+        outputs=("shards",) if part else ("pairs",))
     print_summary(result.manifest.extra["summary"], "synth (up to date, skipped)" if result.skipped else "synth")
 
 

@@ -52,7 +52,7 @@ def train(
     root, cfg, log = options.stage_project(project, set_)
     result = options.pushed(cfg, "train", "adapter", root, lambda: stage.run(
         root, cfg, quick=quick, force=force, allow_non_vllm=allow_non_vllm_adapter, log=log,
-        progress_factory=bar_factory("train", err)), log)
+        progress_factory=bar_factory("train", err)), log, outputs=("adapter", "mlflow"))
     print_result(result.manifest.extra, "train (up to date, skipped)" if result.skipped else "train")
 
 

@@ -21,58 +21,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tarfile
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from sovllm.errors import AdapterError, InputError, ModelError
+from sovllm.errors import AdapterError, ModelError
 from sovllm.models.adapter import validate_name, verify_files
 from sovllm.models.registry import weights_sha256
-
-
-@dataclass
-class Store:
-    """Where the archives are: an S3-compatible endpoint (http(s)://host:port) and a bucket."""
-
-    endpoint: str
-    bucket: str
-    region: str = "us-east-1"
-
-    def client(self):
-        try:
-            import boto3
-        except ImportError:
-            raise InputError("sovllm models fetch needs boto3", hint="pip install 'sovllm[cluster]'") from None
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name=self.region)
-
-    def download(self, key: str, target: Path) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            self.client().download_file(self.bucket, key, str(target))
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            raise InputError(f"s3://{self.bucket}/{key} at {self.endpoint}: {code or exc}",
-                             hint="upload the archive there, or fix the key and the credentials Secret") from None
-        except BotoCoreError as exc:
-            raise InputError(f"s3://{self.bucket}/{key} at {self.endpoint}: {exc}",
-                             hint="check the object store's endpoint and that this pod may reach it") from None
-
-
-def _unpack(archive: Path, staging: Path) -> Path:
-    """The archive's one top-level folder, unpacked under `staging`."""
-    try:
-        with tarfile.open(archive, mode="r:*") as tar:
-            tar.extractall(staging, filter="data")  # no absolute paths, links out of the folder, devices
-    except (tarfile.TarError, OSError) as exc:
-        raise InputError(f"{archive.name}: not a readable .tgz ({exc})", hint="create it with 'tar czf NAME.tgz FOLDER'") from None
-    entries = list(staging.iterdir())
-    if len(entries) != 1 or not entries[0].is_dir():
-        raise InputError(f"{archive.name}: must hold one top-level folder, found {sorted(e.name for e in entries)[:5]}",
-                         hint="create it with 'tar czf NAME.tgz -C PARENT FOLDER'")
-    return entries[0]
+from sovllm.objectstore import Store, unpack
 
 
 def _adapter_folder(unpacked: Path) -> Path:
@@ -123,7 +79,7 @@ def fetch(store: Store, *, base_key: str, adapters: dict[str, str], to: Path, ba
         with tempfile.TemporaryDirectory(dir=to, prefix=f".{name}.") as tmp:
             archive = Path(tmp) / "archive.tgz"
             store.download(key, archive)
-            adapter = _adapter_folder(_unpack(archive, Path(tmp) / "unpacked"))
+            adapter = _adapter_folder(unpack(archive, Path(tmp) / "unpacked"))
             files = verify_files(adapter)
             expected.add(_base_id_of(adapter))
             _place(adapter, target)
@@ -142,7 +98,7 @@ def fetch(store: Store, *, base_key: str, adapters: dict[str, str], to: Path, ba
     with tempfile.TemporaryDirectory(dir=to, prefix=".base.") as tmp:
         archive = Path(tmp) / "archive.tgz"
         store.download(base_key, archive)
-        base = _unpack(archive, Path(tmp) / "unpacked")
+        base = unpack(archive, Path(tmp) / "unpacked")
         got = _weights(base)
         if got is None:
             raise ModelError(f"s3://{store.bucket}/{base_key}: no weight files (*.safetensors or *.bin) in the archive",
