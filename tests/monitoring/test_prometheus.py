@@ -22,6 +22,7 @@ import yaml
 
 from sovllm.config import load_config
 from sovllm.monitoring import dashboards, rules
+from sovllm.procs import dies_with_parent
 from tests.conftest import require
 
 pytestmark = pytest.mark.integration
@@ -51,7 +52,8 @@ def _wait(url: str, proc: subprocess.Popen, log: Path, seconds: float = 60) -> N
 
 def _start(argv: list[str], log: Path, ready: str) -> subprocess.Popen:
     handle = open(log, "w")
-    proc = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=dies_with_parent())  # never outlives a killed test run
     _wait(ready, proc, log)
     return proc
 
@@ -76,7 +78,9 @@ def test_alerts_dashboards_and_top_read_series_that_exist_on_both_engines(tmp_pa
     procs = []
     try:
         push_port = _free_port()
-        procs.append(_start([pushgateway, f"--web.listen-address=127.0.0.1:{push_port}"], tmp_path / "push.log",
+        # Debian's build persists to /var/lib/prometheus by default: this test gets its own file
+        procs.append(_start([pushgateway, f"--web.listen-address=127.0.0.1:{push_port}",
+                             f"--persistence.file={tmp_path / 'pushgateway.data'}"], tmp_path / "push.log",
                             f"http://127.0.0.1:{push_port}/-/ready"))
         # the pipeline's stages push while they run: a --quick run of the small example up to synth
         project = tmp_path / "klinik"

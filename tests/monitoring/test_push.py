@@ -27,6 +27,10 @@ def test_each_stage_pushes_its_series():
         "headline": {"context": "gold", "versus": "base", "base": {"f1": 0.4}, "klinik": {"f1": 0.5}},
         "promotion": {"promoted": False, "reason": "not better"}}))
     assert evaluated[("sovllm:pipeline_eval_f1", (("model", "klinik"),))] == 0.5
+    text = exposition("eval", seconds=1, failed=False, skipped=False, counts={},
+                      extra={"headline": {"base": {"f1": 0.4}, "klinik": {"f1": 0.5}}})
+    types = [line for line in text.splitlines() if line.startswith("# TYPE")]
+    assert len(types) == len(set(types))  # the Pushgateway refuses a family typed twice
     assert evaluated[("sovllm:pipeline_eval_gate_refused", ())] == 1 and evaluated[("sovllm:pipeline_eval_promoted", ())] == 0
     quick = parse(exposition("eval", seconds=1, failed=False, skipped=True, counts={}, extra={"promotion": None}))
     assert quick[("sovllm:pipeline_eval_gate_refused", ())] == 0 and quick[("sovllm:pipeline_stage_skipped", ())] == 1

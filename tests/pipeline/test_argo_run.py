@@ -21,6 +21,7 @@ import yaml
 
 from sovllm.config import load_config
 from sovllm.pipeline import argo
+from sovllm.procs import dies_with_parent
 from tests.argo_local import LocalArgo, tar_folder
 from tests.conftest import require
 
@@ -137,8 +138,11 @@ def test_a_new_users_project_runs_here_and_as_the_rendered_workflow_and_redoes_o
     port, client = s3_server
     env = {**{k: v for k, v in os.environ.items() if k != "CI"}, "COLUMNS": "200"}
     push_port = _free_port()
-    gateway = subprocess.Popen([_pushgateway(), f"--web.listen-address=127.0.0.1:{push_port}"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # Debian's build persists to /var/lib/prometheus by default: each test gets its own file
+    gateway = subprocess.Popen([_pushgateway(), f"--web.listen-address=127.0.0.1:{push_port}",
+                                f"--persistence.file={tmp_path / 'pushgateway.data'}"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                               preexec_fn=dies_with_parent())  # never outlives a killed test run
     try:
         _run(tmp_path, port, client, env, f"http://127.0.0.1:{push_port}", bundled_model)
     finally:

@@ -57,10 +57,13 @@ def exposition(stage: str, *, seconds: float, failed: bool, skipped: bool, count
         promotion = extra.get("promotion")  # None without --promote: the gate did not run, so refused nothing
         promoted = bool(promotion and promotion.get("promoted"))
         samples += [("eval_promoted", {}, float(promoted)), ("eval_gate_refused", {}, float(bool(promotion) and not promoted))]
-    lines = []
-    for name, labels, value in samples:
+    lines, typed = [], set()
+    for name, labels, value in samples:  # one TYPE line per metric (a second one is a parse error)
+        if name not in typed:
+            typed.add(name)
+            lines.append(f"# TYPE {PREFIX}{name} gauge")
         shown = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
-        lines += [f"# TYPE {PREFIX}{name} gauge", f"{PREFIX}{name}{{{shown}}} {value!r}"]
+        lines.append(f"{PREFIX}{name}{{{shown}}} {value!r}")
     return "\n".join(lines) + "\n"
 
 
@@ -81,7 +84,7 @@ def push_stage(url: str | None, project: str, stage: str, *, seconds: float, fai
         warn(f"monitoring: could not push stage {stage} to {url} ({type(exc).__name__}: {exc})")
         return False
     if response.status_code >= 300:
-        warn(f"monitoring: the Pushgateway at {url} answered {response.status_code} for stage {stage}: "
+        warn(f"monitoring: could not push stage {stage} to {url}: it answered {response.status_code} "
              f"{response.text[:200]}")
         return False
     return True
