@@ -190,15 +190,14 @@ def s3_server():
     """moto's S3-compatible server on loopback (a real HTTP server from PyPI), and a boto3 client for
     it: (port, client). Credentials: testing / testing."""
     import logging
-    import socket
 
     boto3 = pytest.importorskip("boto3")
     from moto.server import ThreadedMotoServer
 
+    from sovllm.serve.vllm_server import free_port
+
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port("127.0.0.1")
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",

@@ -66,3 +66,9 @@ def shingles(question: str) -> set[str]:
     """A question's content words (a plural -s folded) and their bigrams, for near-duplicate search."""
     words = [w[:-1] if len(w) > 4 and w.endswith("s") and not w.endswith("ss") else w for w in content_words(question)]
     return set(words) | {f"{a} {b}" for a, b in zip(words, words[1:])}
+
+
+def dns_name(text: str) -> str:
+    """`text` as a Kubernetes object name part: lower-case alphanumerics and dashes, at most 40 characters."""
+    out = "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+    return (out or "sovllm")[:40].rstrip("-")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -21,6 +20,7 @@ import pytest
 
 from sovllm.config import load_config
 from sovllm.deploy import k8s
+from sovllm.serve.vllm_server import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -35,10 +35,6 @@ def _tar(folder: Path) -> bytes:
     return buffer.getvalue()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Pod:
@@ -77,7 +73,7 @@ class Pod:
 
 
 def _serve_and_check(pod: Pod, container: dict, extra_env: dict[str, str], adapter: str, base: str) -> None:
-    port = _free_port()
+    port = free_port("127.0.0.1")
     log = open(pod.root / f"{container['name']}.log", "w")
     proc = subprocess.Popen(pod.argv(container, port), env={**pod.env(container), **extra_env}, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import yaml
 from sovllm.config import load_config
 from sovllm.monitoring import dashboards, rules
 from sovllm.procs import dies_with_parent
+from sovllm.serve.vllm_server import free_port
 from tests.conftest import require
 
 pytestmark = pytest.mark.integration
@@ -31,10 +31,6 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "klinik"
 SERVING = {"sovllm-serve", "vllm"}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait(url: str, proc: subprocess.Popen, log: Path, seconds: float = 60) -> None:
@@ -77,7 +73,7 @@ def test_alerts_dashboards_and_top_read_series_that_exist_on_both_engines(tmp_pa
             "Debian's prometheus and prometheus-pushgateway (make monitoring)")
     procs = []
     try:
-        push_port = _free_port()
+        push_port = free_port("127.0.0.1")
         # Debian's build persists to /var/lib/prometheus by default: this test gets its own file
         procs.append(_start([pushgateway, f"--web.listen-address=127.0.0.1:{push_port}",
                              f"--persistence.file={tmp_path / 'pushgateway.data'}"], tmp_path / "push.log",
@@ -105,7 +101,7 @@ def test_alerts_dashboards_and_top_read_series_that_exist_on_both_engines(tmp_pa
                       {"job_name": "pushgateway", "honor_labels": True,
                        "static_configs": [{"targets": [f"127.0.0.1:{push_port}"], "labels": {"namespace": "test"}}]}]}
         (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-        prom_port = _free_port()
+        prom_port = free_port("127.0.0.1")
         procs.append(_start([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
                              f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
                             tmp_path / "prometheus.log", f"http://127.0.0.1:{prom_port}/-/ready"))

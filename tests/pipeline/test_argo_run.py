@@ -22,6 +22,7 @@ import yaml
 from sovllm.config import load_config
 from sovllm.pipeline import argo
 from sovllm.procs import dies_with_parent
+from sovllm.serve.vllm_server import free_port
 from tests.argo_local import LocalArgo, tar_folder
 from tests.conftest import require
 
@@ -137,7 +138,7 @@ def test_a_new_users_project_runs_here_and_as_the_rendered_workflow_and_redoes_o
         tmp_path, s3_server, bundled_model):
     port, client = s3_server
     env = {**{k: v for k, v in os.environ.items() if k != "CI"}, "COLUMNS": "200"}
-    push_port = _free_port()
+    push_port = free_port("127.0.0.1")
     # Debian's build persists to /var/lib/prometheus by default: each test gets its own file
     gateway = subprocess.Popen([_pushgateway(), f"--web.listen-address=127.0.0.1:{push_port}",
                                 f"--persistence.file={tmp_path / 'pushgateway.data'}"],
@@ -156,12 +157,6 @@ def _pushgateway() -> str:
     return path
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _run(tmp_path: Path, port: int, client, env: dict, pushgateway: str, bundled_model) -> None:

@@ -29,20 +29,16 @@ from sovllm.models.adapter import adapter_name
 from sovllm.monitoring import dashboards
 from sovllm.monitoring import rules as alert_rules
 from sovllm.serve.vllm_server import SOVEREIGN_ENV, server_args, server_env
+from sovllm.text import dns_name
 
 MODELS = "/models"  # the pod's models volume: base/ and adapters/<name>/
 TMP = "/tmp"  # the one other writable folder (caches, Python's temp files)
 METRICS_QUERY = 'sum(vllm:num_requests_waiting{{namespace="{ns}", job="{job}"}})'
 
 
-def _dns(text: str) -> str:
-    out = "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
-    return (out or "sovllm")[:40].rstrip("-")
-
-
 def names(cfg: Config) -> dict[str, str]:
     engine = cfg.cluster.serving.engine
-    base = f"{_dns(cfg.project.name)}-{'vllm' if engine == 'vllm' else 'serve'}"
+    base = f"{dns_name(cfg.project.name)}-{'vllm' if engine == 'vllm' else 'serve'}"
     return {"server": base, "pdb": base, "scaler": base, "monitor": base, "rules": f"{base}-alerts",
             "deny": "default-deny", "ingress": f"{base}-ingress", "egress": f"{base}-egress"}
 
@@ -50,12 +46,12 @@ def names(cfg: Config) -> dict[str, str]:
 def server_labels(cfg: Config) -> dict[str, str]:
     """The server pods' labels; `app.kubernetes.io/name: vllm` is what the pipeline's egress policy
     (`cluster.llm_peer`) and the gateway look for, whichever engine serves."""
-    return {"app.kubernetes.io/name": "vllm", "app.kubernetes.io/instance": _dns(cfg.project.name),
+    return {"app.kubernetes.io/name": "vllm", "app.kubernetes.io/instance": dns_name(cfg.project.name),
             "app.kubernetes.io/part-of": "sovllm", "sovllm.io/component": "serving"}
 
 
 def selector(cfg: Config) -> dict[str, str]:
-    return {"app.kubernetes.io/name": "vllm", "app.kubernetes.io/instance": _dns(cfg.project.name)}
+    return {"app.kubernetes.io/name": "vllm", "app.kubernetes.io/instance": dns_name(cfg.project.name)}
 
 
 def served_adapters(cfg: Config) -> dict[str, str]:
@@ -288,7 +284,7 @@ def dashboard_config_map(cfg: Config) -> dict:
     import json
 
     return {"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": f"{_dns(cfg.project.name)}-dashboards", "namespace": cfg.cluster.namespace,
+            "metadata": {"name": f"{dns_name(cfg.project.name)}-dashboards", "namespace": cfg.cluster.namespace,
                          "labels": {"app.kubernetes.io/part-of": "sovllm", "grafana_dashboard": "1"}},
             "data": {f"{stem}.json": json.dumps(board, indent=1) for stem, board in dashboards.dashboards().items()}}
 

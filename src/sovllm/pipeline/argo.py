@@ -30,6 +30,7 @@ from pathlib import Path
 from sovllm import __version__
 from sovllm.config import Config
 from sovllm.pipeline.graph import Stage, artifacts, stages
+from sovllm.text import dns_name
 
 WORKDIR = "/work"
 PROJECT = f"{WORKDIR}/project"  # holds sovllm.yaml (and the judge's gold labels)
@@ -46,19 +47,14 @@ def prefix(cfg: Config) -> str:
 
 
 def names(cfg: Config) -> dict[str, str]:
-    base = _dns_name(cfg.project.name)
+    base = dns_name(cfg.project.name)
     return {"template": f"{base}-pipeline", "workflow": f"{base}-", "cron": f"{base}-scheduled",
             "policy": f"{base}-pipeline-egress"}
 
 
 def labels(cfg: Config) -> dict[str, str]:
     """The labels of the workflow objects and pods (what the serving NetworkPolicy admits)."""
-    return {**POD_LABELS, "sovllm.io/project": _dns_name(cfg.project.name)}
-
-
-def _dns_name(text: str) -> str:
-    out = "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
-    return (out or "sovllm")[:40].rstrip("-")
+    return {**POD_LABELS, "sovllm.io/project": dns_name(cfg.project.name)}
 
 
 def _s3(cfg: Config, name: str, path: str, key: str, *, optional: bool = False):
