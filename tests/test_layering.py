@@ -25,6 +25,7 @@ LAYERS = [
     ["sovllm.synth"],
     ["sovllm.ingest"],
     ["sovllm.endpoint"],
+    ["sovllm.gateway"],
     ["sovllm.monitoring"],
     ["sovllm.serve"],
     ["sovllm.models"],

@@ -554,6 +554,94 @@ class ClusterSection(Section):
     _no_tag = field_validator("image")(lambda cls, value: _repository_only(value, "image_tag"))
 
 
+class KeySource(Section):
+    """One API key or a set of keys: its sha256 (never the key itself), or a file or environment variable
+    holding keys, one per line (a mounted Secret). Files are re-read while the gateway runs, so a key is
+    rotated by adding the new one, moving clients over, then removing the old one."""
+
+    sha256: str | None = Field(None, description="hex sha256 of the key (sovllm gateway hash-key prints it)")
+    file: str | None = Field(None, description="file with one key per line, relative to the project")
+    env: str | None = Field(None, description="environment variable with one key (or several, one per line)")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "KeySource":
+        given = [name for name in ("sha256", "file", "env") if getattr(self, name)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of sha256, file or env")
+        if self.sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
+            raise ValueError("sha256 must be 64 lowercase hex digits (sovllm gateway hash-key prints it)")
+        return self
+
+
+class TenantLimits(Section):
+    requests_per_s: float = Field(0, ge=0, description="sustained requests per second (bursts up to one second's "
+                                                       "worth); 0 = unlimited")
+    tokens_per_min: int = Field(0, ge=0, description="prompt + completion tokens in any 60 s window; 0 = unlimited")
+    concurrency: int = Field(0, ge=0, description="requests in flight at once; 0 = unlimited")
+
+
+class TenantSection(Section):
+    keys: list[KeySource] = Field(..., min_length=1)
+    models: list[str] = Field(..., min_length=1, description="what the tenant may call: aliases, adapter names "
+                                                             "and the base model's served name")
+    limits: TenantLimits = Field(default_factory=TenantLimits)
+
+
+class AliasSection(Section):
+    routes: dict[str, float] = Field(..., min_length=1, description="adapter (or base model) name: weight; "
+                                                                    "several = an A/B split")
+    registered_model: str | None = Field(None, description="MLflow registered model whose champion / challenger "
+                                                           "aliases 'sovllm ab report --apply' moves")
+
+    @field_validator("routes")
+    @classmethod
+    def _weights(cls, routes: dict[str, float]) -> dict[str, float]:
+        if any(w < 0 for w in routes.values()) or sum(routes.values()) <= 0:
+            raise ValueError("weights must be >= 0 and add up to more than 0")
+        return routes
+
+
+class UpstreamSection(Section):
+    url: str = Field(..., description="OpenAI-compatible base URL, e.g. http://vllm:8000/v1")
+    api_key_env: str | None = Field(None, description="environment variable with the upstream's API key")
+    api_key_file: str | None = Field(None, description="file with the upstream's API key")
+
+    _http = field_validator("url")(EndpointSection._http_url.__func__)
+
+
+class GatewaySection(Section):
+    """`sovllm gateway`: one OpenAI-compatible entry point for many tenants in front of vLLM or sovllm serve."""
+
+    upstreams: list[UpstreamSection] = Field(
+        default_factory=lambda: [UpstreamSection(url="http://127.0.0.1:8000/v1")],
+        description="servers requests are spread over (health-checked, round robin)")
+    tenants: dict[str, TenantSection] = Field(default_factory=dict)
+    aliases: dict[str, AliasSection] = Field(default_factory=dict)
+    admin_keys: list[KeySource] = Field(default_factory=list, description="keys that may load and unload adapters "
+                                                                          "and call every model")
+    adapters: dict[str, str] = Field(default_factory=dict, description="adapter name: the path its upstream loads "
+                                                                       "it from, for a runtime load when an upstream "
+                                                                       "lacks a routed adapter")
+    user_header: str = Field("x-sovllm-user", description="header naming the end user: A/B variants stick to it "
+                                                          "(else the request's 'user' field)")
+    usage_database: str | None = Field(None, description="SQLAlchemy URL of the usage and feedback store; default "
+                                                          "sqlite in <output>/gateway/usage.db; postgresql://... "
+                                                          "for a shared one")
+    health_interval_s: float = Field(5.0, gt=0, description="seconds between upstream health checks")
+    timeout_s: float = Field(600.0, gt=0, description="upstream read timeout")
+    max_body_bytes: int = Field(4 * 2**20, ge=1024)
+
+    @model_validator(mode="after")
+    def _names_resolve(self) -> "GatewaySection":
+        for alias, spec in self.aliases.items():
+            if alias in self.adapters:
+                raise ValueError(f"alias '{alias}' is also an adapter name; give it another name")
+        for tenant, spec in self.tenants.items():
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", tenant):
+                raise ValueError(f"tenant name '{tenant}': use letters, digits, '.', '_' or '-' (at most 64)")
+        return self
+
+
 class Config(Section):
     """The whole `sovllm.yaml`."""
 
@@ -570,6 +658,7 @@ class Config(Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     cluster: ClusterSection = Field(default_factory=ClusterSection)
     monitoring: MonitoringSection = Field(default_factory=MonitoringSection)
+    gateway: GatewaySection = Field(default_factory=GatewaySection)
 
     def endpoints(self) -> dict[str, str]:
         """Configured remote endpoints by config key (URLs sovllm will contact)."""
@@ -577,6 +666,11 @@ class Config(Section):
         urls = {"endpoint.base_url": self.endpoint.base_url, "curate.judge.base_url": self.curate.judge.base_url,
                 "train.tracking.uri": tracking if urlsplit(tracking).scheme in ("http", "https") else None,
                 "monitoring.pushgateway": self.monitoring.pushgateway}
+        urls.update({f"gateway.upstreams[{i}].url": u.url for i, u in enumerate(self.gateway.upstreams)
+                     if self.gateway.tenants})
+        database = urlsplit(self.gateway.usage_database or "")
+        if database.hostname:
+            urls["gateway.usage_database"] = f"{database.scheme}://{database.hostname}"
         return {key: url for key, url in urls.items() if url}
 
     def endpoints_outside_allow_list(self) -> dict[str, str]:

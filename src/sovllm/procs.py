@@ -1,4 +1,4 @@
-"""Child processes that do not outlive the process that needs them."""
+"""Child processes that do not outlive the process that needs them, and servers' listening sockets."""
 
 from __future__ import annotations
 
@@ -41,3 +41,20 @@ def dies_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
         prctl(PR_SET_PDEATHSIG, int(sig))
 
     return preexec
+
+
+def listening_socket(host: str, port: int):
+    """A TCP socket bound to (host, port) for uvicorn's `sockets=` (port 0: any free one), or a one-line error."""
+    import socket
+
+    from sovllm.errors import BackendError
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise BackendError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+                           hint="choose another --port, or --port 0 for any free one") from None
+    return sock

@@ -47,6 +47,7 @@ def _register() -> None:
         doctor,
         egress_cmd,
         evaluate,
+        gateway,
         ingest,
         models,
         project,
@@ -67,6 +68,7 @@ def _register() -> None:
     doctor.register(app)
     render.register(app)
     top.register(app)
+    gateway.register(app)
     app.add_typer(models.app, name="models")
     app.add_typer(egress_cmd.app, name="egress")
     app.add_typer(bench.app, name="bench")

@@ -13,16 +13,16 @@ import json
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
 
 from sovllm.artifacts import write_atomic
-from sovllm.errors import AdapterError, BackendError, ConfigError
+from sovllm.errors import AdapterError, ConfigError
 from sovllm.models.tokenizer import load_tokenizer
 from sovllm.serve.engine import Engine
 from sovllm.serve.protocol import APIError
+from sovllm.procs import listening_socket
 from sovllm.serve.service import Service
 
 log = logging.getLogger("sovllm.serve")
@@ -118,14 +118,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, ready_file: 
     import uvicorn
 
     started = time.perf_counter()
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        raise BackendError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
-                           hint="choose another --port, or --port 0 for any free one") from None
+    sock = listening_socket(host, port)
     bound_port = sock.getsockname()[1]
 
     async def warm(service) -> None:  # runs in uvicorn's loop once the socket accepts connections
