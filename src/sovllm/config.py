@@ -627,6 +627,8 @@ class GatewaySection(Section):
     usage_database: str | None = Field(None, description="SQLAlchemy URL of the usage and feedback store; default "
                                                           "sqlite in <output>/gateway/usage.db; postgresql://... "
                                                           "for a shared one")
+    usage_database_env: str | None = Field(None, description="environment variable holding the database URL "
+                                                              "instead (a Secret: the URL carries the password)")
     health_interval_s: float = Field(5.0, gt=0, description="seconds between upstream health checks")
     timeout_s: float = Field(600.0, gt=0, description="upstream read timeout")
     max_body_bytes: int = Field(4 * 2**20, ge=1024)

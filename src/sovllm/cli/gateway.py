@@ -21,7 +21,8 @@ ab_app = typer.Typer(help="A/B splits of gateway aliases: reports, recommendatio
 def _store(root, cfg):
     from sovllm.gateway.usage import database_url, open_engine
 
-    return open_engine(database_url(cfg.gateway.usage_database, Path(root) / cfg.project.output_dir))
+    return open_engine(database_url(cfg.gateway.usage_database, Path(root) / cfg.project.output_dir,
+                                   cfg.gateway.usage_database_env))
 
 
 @app.command("serve")

@@ -55,6 +55,35 @@ async def _json_object(request: Request, limit: int) -> dict:
     return payload
 
 
+class CountResponses:
+    """ASGI middleware counting responses by route, method and status class (`http_requests_total`).
+
+    Plain ASGI, not `@app.middleware("http")`: Starlette's HTTP middleware re-wraps every streamed
+    body chunk in a task and a queue, which costs each proxied token."""
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def sending(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            path = scope.get("path", "")
+            handler = path if path in HANDLERS else "none"  # never the raw path: label values stay bounded
+            if handler != "/metrics":
+                self.metrics.http_requests.labels(handler, scope.get("method", ""), f"{status // 100}xx").inc()
+
+
 def create_app(gateway: Gateway) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -81,18 +110,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         log.exception("gateway request failed")
         return _error(APIError(f"internal error: {type(exc).__name__}", 500, "InternalServerError"))
 
-    @app.middleware("http")
-    async def count_responses(request: Request, call_next):
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            path = request.url.path
-            handler = path if path in HANDLERS else "none"  # never the raw path: label values stay bounded
-            if handler != "/metrics":
-                gateway.metrics.http_requests.labels(handler, request.method, f"{status // 100}xx").inc()
+    app.add_middleware(CountResponses, metrics=gateway.metrics)
 
     @app.get("/health")
     async def health():

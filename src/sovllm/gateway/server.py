@@ -38,7 +38,8 @@ def build(root: Path, cfg: Config):
     from sovllm.gateway.service import Gateway
 
     check(cfg)
-    engine = open_engine(database_url(cfg.gateway.usage_database, Path(root) / cfg.project.output_dir))
+    engine = open_engine(database_url(cfg.gateway.usage_database, Path(root) / cfg.project.output_dir,
+                                   cfg.gateway.usage_database_env))
     gateway = Gateway(cfg.gateway, root, engine)
     return create_app(gateway), gateway
 

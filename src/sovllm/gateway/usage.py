@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -78,8 +79,13 @@ splits_table = Table(
 )
 
 
-def database_url(url: str | None, output_dir: Path) -> str:
-    """The configured URL, or SQLite in <output>/gateway/usage.db."""
+def database_url(url: str | None, output_dir: Path, env: str | None = None) -> str:
+    """The configured URL (or the one in environment variable `env`), else SQLite in <output>/gateway/usage.db."""
+    if env:
+        url = os.environ.get(env, "").strip()
+        if not url:
+            raise ConfigError(f"gateway.usage_database_env: environment variable {env} is empty or unset",
+                              hint="set it to the database URL, e.g. from a Secret")
     if url:
         try:
             make_url(url)
