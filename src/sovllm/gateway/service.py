@@ -187,14 +187,15 @@ class Gateway:
             self.pool.mark_down(upstream, f"{type(exc).__name__}: {exc}")
             raise Gone(str(exc)) from None
 
-    async def _missing_adapter(self, upstream: Upstream, call: Call, response: httpx.Response) -> bool:
+    async def _missing_adapter(self, upstream: Upstream, call: Call, response: httpx.Response,
+                               seen: int | None) -> bool:
         """A 404 for a routed adapter the gateway can load: load it once on this upstream. True = loaded."""
         path = self.cfg.adapters.get(call.route.target)
         if response.status_code != 404 or path is None:
             return False
         await response.aread()
         await response.aclose()
-        problem = await self.pool.ensure_loaded(upstream, call.route.target, path)
+        problem = await self.pool.ensure_loaded(upstream, call.route.target, path, seen)
         if problem:
             self.metrics.adapter_load_failures.labels(call.route.target, call.tenant).inc()
             log.error("gateway: loading %s on %s failed: %s", call.route.target, upstream.url, problem)
@@ -206,12 +207,13 @@ class Gateway:
         last = "no upstream is configured"
         for upstream in self.pool.order():
             for _ in range(2):  # the second time after a runtime load
+                seen = upstream.loaded.get(call.route.target)
                 try:
                     response = await self._send(upstream, path, payload)
                 except Gone as exc:
                     last = f"{upstream.url}: {exc}"
                     break
-                if await self._missing_adapter(upstream, call, response):
+                if await self._missing_adapter(upstream, call, response, seen):
                     continue
                 if response.status_code in _RETRY_STATUS:
                     await response.aclose()
@@ -410,7 +412,11 @@ class Gateway:
                 results.append((upstream.url, response.status_code, response.text[:300]))
                 name = payload.get("lora_name")
                 if response.status_code == 200 and isinstance(name, str):
-                    (upstream.loaded.add if path.endswith("/load_lora_adapter") else upstream.loaded.discard)(name)
+                    if path.endswith("/load_lora_adapter"):
+                        upstream.loads += 1
+                        upstream.loaded[name] = upstream.loads
+                    else:
+                        upstream.loaded.pop(name, None)
             except httpx.HTTPError as exc:
                 results.append((upstream.url, 502, f"{type(exc).__name__}: {exc}"))
         status = 200 if all(code == 200 for _, code, _ in results) else 502

@@ -29,7 +29,7 @@ class Upstream:
     url: str                      # base URL ending in /v1
     key: str | None = None
     healthy: bool = True
-    loaded: set[str] = field(default_factory=set)
+    loaded: dict[str, int] = field(default_factory=dict)  # adapter → number of the load that made it available
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     loads: int = 0                # runtime loads sent (for metrics and tests)
 
@@ -92,11 +92,15 @@ class Pool:
     async def check_all(self) -> None:
         await asyncio.gather(*(self.check(u) for u in self.upstreams))
 
-    async def ensure_loaded(self, upstream: Upstream, adapter: str, path: str) -> str | None:
-        """Load `adapter` on `upstream` unless a concurrent request already did; None = loaded, else why not."""
+    async def ensure_loaded(self, upstream: Upstream, adapter: str, path: str, seen: int | None) -> str | None:
+        """Load `adapter` on `upstream` after a 404 for it; None = available now, else why not.
+
+        `seen` is the load the failed request was sent after (`loaded.get(adapter)` at send time). When a
+        load finished since, the 404 predates it and the request is just resent; otherwise the upstream
+        lost the adapter (or never had it) and it is loaded, by one request while the others wait."""
         lock = upstream.locks.setdefault(adapter, asyncio.Lock())
         async with lock:
-            if adapter in upstream.loaded:
+            if upstream.loaded.get(adapter) != seen and adapter in upstream.loaded:
                 return None
             upstream.loads += 1
             try:
@@ -106,7 +110,7 @@ class Pool:
                 return f"{type(exc).__name__}: {exc}"
             text = response.text
             if response.status_code == 200 or "already been loaded" in text:
-                upstream.loaded.add(adapter)
+                upstream.loaded[adapter] = upstream.loads
                 log.info("loaded adapter %s on %s", adapter, upstream.url)
                 return None
             return f"HTTP {response.status_code}: {text[:300]}"
