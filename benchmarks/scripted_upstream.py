@@ -154,6 +154,7 @@ def main() -> None:
                 args.tokens, args.interval, args.api_key)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((args.host, args.port))
     if args.ready_file:
         tmp = args.ready_file + ".tmp"

@@ -34,7 +34,7 @@ class Postgres:
             self.as_user = ["runuser", "-u", "postgres", "--"]
         subprocess.run([*self.as_user, f"{bindir}/initdb", "-D", self.data, "-A", "trust", "-U", "sovllm", "-N",
                         "--no-instructions"], check=True, capture_output=True)
-        self.port = free_port()
+        self.port = free_port("127.0.0.1")
         self.proc = subprocess.Popen(
             [*self.as_user, f"{bindir}/postgres", "-D", self.data, "-p", str(self.port), "-k", self.data,
              "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off"],

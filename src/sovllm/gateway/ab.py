@@ -96,7 +96,7 @@ def report(engine, alias: str, routes: dict[str, float], since: float = 0.0, *, 
         s = scores[name]
         variants[name] = Variant(
             adapter=name, weight=routes.get(name, 0.0), requests=len(mine), errors=errors,
-            latency_p50=percentile(ok, 50) if ok else None, latency_p95=percentile(ok, 95) if ok else None,
+            latency_p50=percentile(ok, 0.5) if ok else None, latency_p95=percentile(ok, 0.95) if ok else None,
             feedback=len(s), feedback_rate=len(s) / len(mine) if mine else 0.0,
             score=statistics.fmean(s) if s else None, score_ci=_mean_ci(s),
             error_rate=errors / len(mine) if mine else 0.0)

@@ -26,8 +26,8 @@ def usage_rows(engine, since: float) -> list[dict]:
                     "errors": sum(1 for r in group if r.status >= 400),
                     "prompt_tokens": sum(r.prompt_tokens for r in group),
                     "completion_tokens": sum(r.completion_tokens for r in group),
-                    "latency_p50_s": percentile(ok, 50) if ok else None,
-                    "latency_p95_s": percentile(ok, 95) if ok else None})
+                    "latency_p50_s": percentile(ok, 0.5) if ok else None,
+                    "latency_p95_s": percentile(ok, 0.95) if ok else None})
     return out
 
 
