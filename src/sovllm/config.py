@@ -433,6 +433,14 @@ class EvalSection(Section):
     resamples: int = Field(10_000, ge=100, description="paired bootstrap resamples")
     seed: int = 0
     quick_limit: int = Field(8, ge=1, description="eval items under --quick")
+    gate: Literal["champion", "challenger"] = Field(
+        "champion", description="--promote: a better candidate becomes 'champion' at once, or 'challenger' (MLflow "
+                                "alias) that gets a small share of live traffic through the gateway first")
+    gateway_alias: str | None = Field(None, description="with gate: challenger, the gateway alias (gateway.aliases) "
+                                                        "whose split the challenger joins")
+    challenger_weight: float = Field(0.1, gt=0.0, lt=1.0, description="share of the alias's traffic the challenger "
+                                                                      "gets at first ('sovllm ab report' decides "
+                                                                      "the rest)")
     judge: EvalJudgeSection = Field(default_factory=EvalJudgeSection)
 
 
@@ -519,6 +527,48 @@ class ServingSection(Section):
     _no_tag = field_validator("vllm_image")(lambda cls, value: _repository_only(value, "vllm_image_tag"))
 
 
+class GatewayClientSection(Section):
+    """Pods that may call the gateway (its NetworkPolicy): the pods with `pod_labels` in the namespaces with
+    `namespace_labels`; namespace labels alone admit every pod there, pod labels alone mean the gateway's own
+    namespace."""
+
+    namespace_labels: dict[str, str] = Field(default_factory=dict)
+    pod_labels: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _some_labels(self) -> "GatewayClientSection":
+        if not self.namespace_labels and not self.pod_labels:
+            raise ValueError("give namespace_labels, pod_labels or both: an empty client would admit every pod")
+        return self
+
+
+class GatewayDeploySection(Section):
+    """How `sovllm gateway serve` runs on the cluster (`sovllm render k8s`, when gateway.tenants is set)."""
+
+    replicas: int = Field(2, ge=1, le=100, description="with a shared usage database (gateway.usage_database_env "
+                                                       "or usage_database); the default SQLite store always gets 1")
+    cpu: str = "1"
+    memory: str = "1Gi"
+    port: int = Field(8080, ge=1, le=65535)
+    keys_secret: str = Field("sovllm-gateway-keys", description="Secret with the tenants' keys: item "
+                                                                "tenant.<tenant> (one key per line) for a tenant's "
+                                                                "file keys, admin.keys for file admin_keys, and an "
+                                                                "item named like the variable for each env key")
+    database_secret: str = Field("sovllm-gateway-database", description="Secret with the usage database URL (for "
+                                                                        "gateway.usage_database_env)")
+    database_key: str = "url"
+    storage: str = Field("1Gi", description="the SQLite usage store's volume (PVC), without a database URL")
+    storage_class: str | None = None
+    clients: list[GatewayClientSection] = Field(
+        default_factory=lambda: [GatewayClientSection(namespace_labels={"sovllm.io/gateway-client": "true"})],
+        min_length=1, description="who may call the gateway; default: every pod in namespaces labelled "
+                                  "sovllm.io/gateway-client=true")
+    database_peer: PeerSection = Field(
+        default_factory=lambda: PeerSection(namespace="postgres", port=5432),
+        description="where the usage database runs (egress, only with a database URL); its Services' names "
+                    "*.<namespace>.svc are added to the gateway's egress.allow")
+
+
 class ClusterSection(Section):
     """How the pipeline and the server render for a Kubernetes cluster (`sovllm render argo|k8s`)."""
 
@@ -549,6 +599,7 @@ class ClusterSection(Section):
                                                                  "pods' egress policy)")
     kubernetes_api_port: int = 443
     serving: ServingSection = Field(default_factory=ServingSection)
+    gateway: GatewayDeploySection = Field(default_factory=GatewayDeploySection)
 
     _pinned = field_validator("image_tag")(lambda cls, value: _pinned_tag(value))
     _no_tag = field_validator("image")(lambda cls, value: _repository_only(value, "image_tag"))

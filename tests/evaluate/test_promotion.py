@@ -97,3 +97,32 @@ def test_without_champion_the_candidate_must_beat_the_base(promo):
     decision = json.loads((root / "out" / "eval" / "summary.json").read_text())["promotion"]
     assert decision["versus"] == "base" and decision["promoted"] is True
     assert alias_version(root, "champion") == "1"
+
+
+@pytest.mark.parametrize("promo", ["bad"], indirect=True)
+def test_challenger_gate_starts_a_small_split_and_the_ab_decision_settles_the_aliases(promo):
+    from sovllm.evaluate.promotion import settle_challenger
+    from sovllm.gateway.report import current_routes
+    from sovllm.gateway.usage import database_url, latest_splits, open_engine
+    from sovllm.models.adapter import adapter_name
+
+    root, _ = promo
+    register(root, "champion")
+    candidate_manifest(root, register(root, "candidate"))
+    cfg = load_config(root, ("eval.judge.enabled=false", "eval.gate=challenger", "eval.gateway_alias=support",
+                             "eval.challenger_weight=0.2", "gateway.aliases={support: {routes: {stable: 1.0}}}"))
+    stage.run(root, cfg, promote=True, log=lambda _: None)
+    decision = json.loads((root / "out" / "eval" / "summary.json").read_text())["promotion"]
+    served = f"{adapter_name(cfg)}-v2"
+    assert decision["promoted"] is True and decision["alias"] == "challenger"
+    assert decision["split"]["routes"] == {"stable": 0.8, served: 0.2}
+    assert alias_version(root, "challenger") == "2" and alias_version(root, "champion") == "1"  # not yet
+    engine = open_engine(database_url(None, root / "out"))
+    assert current_routes(engine, cfg, "support") == {"stable": 0.8, served: 0.2}
+    assert latest_splits(engine, with_adapters=True)[1] == {served: str(root / "out" / "train" / "adapter")}
+    # the A/B test found the challenger better: it becomes champion and loses the challenger alias
+    message = settle_challenger(root, cfg, "t-adapter", True, lambda _: None)
+    assert "v2 is now 'champion'" in message
+    assert alias_version(root, "champion") == "2"
+    with pytest.raises(Exception):
+        alias_version(root, "challenger")

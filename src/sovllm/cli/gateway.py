@@ -137,6 +137,11 @@ def ab_report(
             return
         for line in apply_split(cfg, engine, alias, *change):
             console.print(line)
+        registered = cfg.gateway.aliases[alias].registered_model
+        if registered:
+            from sovllm.evaluate.promotion import settle_challenger
+
+            console.print(settle_challenger(root, cfg, registered, change[1].startswith("promote"), console.print))
 
 
 @ab_app.command("set")

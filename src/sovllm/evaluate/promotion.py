@@ -106,11 +106,14 @@ def decide(root: Path, cfg: Config, summary: dict, champion: Champion | None, ro
                 "champion_version": champion.version if champion else None, "f1": comparison,
                 "promoted": comparison["verdict"] == "better"}
     if decision["promoted"]:
-        _client(uri).set_registered_model_alias(name, "champion", str(cand["version"]))
+        alias = decision["alias"] = cfg.eval.gate  # "champion", or "challenger" (live A/B first)
+        _client(uri).set_registered_model_alias(name, alias, str(cand["version"]))
         decision["reason"] = (f"token F1 {comparison['mean_b']:.3f} vs {comparison['mean_a']:.3f} ({versus}), "
                               f"difference {comparison['diff']:+.3f} with 95% interval [{comparison['low']:+.3f}, "
                               f"{comparison['high']:+.3f}] above 0")
-        log(f"promote: {name} v{cand['version']} is now 'champion' ({decision['reason']})")
+        log(f"promote: {name} v{cand['version']} is now '{alias}' ({decision['reason']})")
+        if alias == "challenger" and cfg.eval.gateway_alias:
+            decision["split"] = start_split(root, cfg, str(cand["version"]), log)
     else:
         decision["reason"] = (f"not promoted: token F1 difference {comparison['diff']:+.3f} vs {versus}, 95% "
                               f"interval [{comparison['low']:+.3f}, {comparison['high']:+.3f}] does not lie above 0")
@@ -148,3 +151,40 @@ def log_to_mlflow(root: Path, cfg: Config, eval_dir: Path, summary: dict, log: C
         tracker.end()
     log(f"eval results logged to MLflow run {run_id}")
     return {"run_id": run_id, "tracking_uri": tracker.uri}
+
+
+def start_split(root: Path, cfg: Config, version: str, log: Callable[[str], None]) -> dict:
+    """The challenger joins the gateway alias's split with `eval.challenger_weight` of its traffic.
+
+    It is routed as `<adapter>-v<version>`, loaded at run time from this project's adapter folder (the
+    path must be one the gateway's upstreams can read: a shared volume, or the embedded server's disk)."""
+    from sovllm.gateway.report import start_challenger
+    from sovllm.gateway.usage import database_url, open_engine
+
+    alias = cfg.eval.gateway_alias
+    if alias not in cfg.gateway.aliases:
+        raise ConfigError(f"eval.gateway_alias: '{alias}' is not in gateway.aliases",
+                          hint="name an alias of this project's gateway, or leave eval.gateway_alias empty")
+    engine = open_engine(database_url(cfg.gateway.usage_database, Path(root) / cfg.project.output_dir,
+                                      cfg.gateway.usage_database_env))
+    served = f"{adapter_name(cfg)}-v{version}"
+    split = start_challenger(cfg, engine, alias, served, str(folder(root, cfg, "adapter") / "adapter"),
+                             cfg.eval.challenger_weight, f"eval gate: v{version} is the challenger")
+    log(f"promote: gateway alias {alias} now routes {split['routes']} (sovllm ab report {alias} decides the rest)")
+    return split
+
+
+def settle_challenger(root: Path, cfg: Config, registered_model: str, promote: bool,
+                      log: Callable[[str], None]) -> str:
+    """After an A/B decision: the challenger version becomes champion (promote) or loses its alias (rollback)."""
+    _, uri, _ = _registry(root, cfg, log)
+    client = _client(uri)
+    try:
+        version = client.get_model_version_by_alias(registered_model, "challenger")
+    except Exception:  # noqa: BLE001 - MLflow raises its own error types for a missing alias
+        return f"MLflow: {registered_model} has no 'challenger' version; aliases unchanged"
+    if promote:
+        client.set_registered_model_alias(registered_model, "champion", str(version.version))
+    client.delete_registered_model_alias(registered_model, "challenger")
+    what = "is now 'champion'" if promote else "is no longer 'challenger' (rolled back)"
+    return f"MLflow: {registered_model} v{version.version} {what}"

@@ -281,10 +281,11 @@ def run(root: Path, cfg: Config, endpoint_factory: Callable | None = None, *, qu
                              for m in models]
         if promote:
             summary["promotion"] = promotion.decide(root, cfg, summary, champion, rows, log)
-            if summary["promotion"].get("promoted") and not embedded:  # the endpoint's "champion" follows the alias
+            if summary["promotion"].get("promoted") and not embedded:  # the endpoint's champion/challenger follows
                 from sovllm.serve.publish import publish
 
-                publish(cfg.endpoint, {"champion": str(folder(root, cfg, "adapter") / "adapter")}, api_key=endpoint.api_key, log=log)
+                publish(cfg.endpoint, {cfg.eval.gate: str(folder(root, cfg, "adapter") / "adapter")},
+                        api_key=endpoint.api_key, log=log)
         write_jsonl(ctx.out_dir / "predictions.jsonl", rows)
         write_atomic(ctx.out_dir / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
         from sovllm.evaluate.report import write_report

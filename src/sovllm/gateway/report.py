@@ -52,18 +52,20 @@ def parse_routes(pairs: list[str]) -> dict[str, float]:
     return routes
 
 
-def set_routes(cfg: Config, engine, alias: str, routes: dict[str, float], reason: str) -> str:
+def set_routes(cfg: Config, engine, alias: str, routes: dict[str, float], reason: str,
+               adapters: dict[str, str] | None = None) -> str:
     """Record a new split after checking the alias exists and every route is a routable name."""
     if alias not in cfg.gateway.aliases:
         raise ConfigError(f"gateway.aliases has no '{alias}'", hint="add it to sovllm.yaml first")
-    known = set(cfg.gateway.adapters) | set(cfg.gateway.aliases[alias].routes)
+    known = set(cfg.gateway.adapters) | set(cfg.gateway.aliases[alias].routes) | set(adapters or {})
+    known |= set(latest_splits(engine, with_adapters=True)[1]) | set(current_routes(engine, cfg, alias))
     for tenant in cfg.gateway.tenants.values():
         known |= set(tenant.models)
     unknown = [name for name in routes if name not in known or name in cfg.gateway.aliases]
     if unknown:
         raise ConfigError(f"{alias}: cannot route to {', '.join(unknown)}",
                           hint="route to a name in gateway.adapters, the alias's configured routes or a tenant's models")
-    set_split(engine, alias, routes, reason)
+    set_split(engine, alias, routes, reason, adapters)
     total = sum(routes.values())
     shares = ", ".join(f"{name} {weight / total:.0%}" for name, weight in routes.items())
     return f"{alias}: {shares} (gateways pick it up within gateway.health_interval_s)"
@@ -93,3 +95,16 @@ def render_ab(console, result: dict) -> None:
     console.print(table)
     if result.get("apply"):
         console.print(f"--apply would set {result['apply']['routes']} ({result['apply']['reason']})")
+
+
+def start_challenger(cfg: Config, engine, alias: str, name: str, path: str, weight: float, reason: str) -> dict:
+    """Give `name` (the adapter at `path`) `weight` of the alias's traffic; the control keeps the rest.
+
+    The control is the alias's heaviest route now; other routes drop out of the split."""
+    current = current_routes(engine, cfg, alias)
+    control = max(current, key=lambda route: current[route])
+    if control == name:
+        raise ConfigError(f"{alias}: '{name}' already is the control of the split")
+    routes = {control: round(1.0 - weight, 6), name: weight}
+    set_routes(cfg, engine, alias, routes, reason, adapters={name: path})
+    return {"alias": alias, "routes": routes, "control": control, "challenger": name}

@@ -84,6 +84,7 @@ class Gateway:
         self.usage_engine = usage_engine
         self.usage = UsageWriter(usage_engine)
         self.recent: OrderedDict[str, tuple[str, str | None, str]] = OrderedDict()
+        self.split_adapters: dict[str, str] = {}  # paths of adapters that live splits route to
         self._tasks: list[asyncio.Task] = []
 
     # --- lifecycle -----------------------------------------------------------------------------------
@@ -98,7 +99,7 @@ class Gateway:
         if self.keys.refresh():
             log.info("gateway: key files changed; keys reloaded")
         try:
-            self.policy.splits = await asyncio.to_thread(latest_splits, self.usage_engine)
+            self.policy.splits, self.split_adapters = await asyncio.to_thread(latest_splits, self.usage_engine, True)
         except Exception as exc:  # noqa: BLE001 - the store being briefly away keeps the last splits
             log.warning("gateway: cannot read alias splits (%s); keeping the last ones", exc)
 
@@ -190,7 +191,7 @@ class Gateway:
     async def _missing_adapter(self, upstream: Upstream, call: Call, response: httpx.Response,
                                seen: int | None) -> bool:
         """A 404 for a routed adapter the gateway can load: load it once on this upstream. True = loaded."""
-        path = self.cfg.adapters.get(call.route.target)
+        path = self.cfg.adapters.get(call.route.target) or self.split_adapters.get(call.route.target)
         if response.status_code != 404 or path is None:
             return False
         await response.aread()

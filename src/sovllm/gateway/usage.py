@@ -75,6 +75,7 @@ splits_table = Table(
     Column("time", Float, nullable=False),
     Column("alias", String(256), nullable=False, index=True),
     Column("routes", Text, nullable=False),  # JSON {adapter: weight}
+    Column("adapters", Text),  # JSON {adapter: path} for routes the gateway may have to load at run time
     Column("reason", Text),
 )
 
@@ -181,21 +182,29 @@ class UsageWriter:
         self._thread.join(timeout=30)
 
 
-def latest_splits(engine) -> dict[str, dict[str, float]]:
-    """The newest split of every alias that has one."""
+def latest_splits(engine, with_adapters: bool = False):
+    """The newest split of every alias that has one ({alias: {adapter: weight}}); `with_adapters`: also
+    the adapter paths those splits brought ({adapter: path})."""
     with engine.connect() as conn:
         newest = select(splits_table.c.alias, func.max(splits_table.c.id).label("id")).group_by(
             splits_table.c.alias).subquery()
-        rows = conn.execute(select(splits_table.c.alias, splits_table.c.routes)
+        rows = conn.execute(select(splits_table.c.alias, splits_table.c.routes, splits_table.c.adapters)
                             .join(newest, splits_table.c.id == newest.c.id)).all()
-    return {alias: json.loads(routes) for alias, routes in rows}
+    splits = {alias: json.loads(routes) for alias, routes, _ in rows}
+    if not with_adapters:
+        return splits
+    paths: dict[str, str] = {}
+    for _, _, adapters in rows:
+        paths.update(json.loads(adapters or "{}"))
+    return splits, paths
 
 
-def set_split(engine, alias: str, routes: dict[str, float], reason: str) -> None:
-    """Record a new split for `alias`; running gateways pick it up within a health interval."""
+def set_split(engine, alias: str, routes: dict[str, float], reason: str, adapters: dict[str, str] | None = None):
+    """Record a new split for `alias`; running gateways pick it up within a health interval. `adapters`
+    names where a new route's adapter lies, for the runtime load."""
     with engine.begin() as conn:
         conn.execute(insert(splits_table), [{"time": time.time(), "alias": alias, "routes": json.dumps(routes),
-                                             "reason": reason}])
+                                             "adapters": json.dumps(adapters or {}), "reason": reason}])
 
 
 def split_history(engine, alias: str) -> list[dict]:
