@@ -86,7 +86,9 @@ def hashed(key: str) -> dict:
     return {"sha256": digest(key)}
 
 
-def gateway(root: Path, name: str = "gateway", env: dict | None = None) -> Proc:
+def gateway(root: Path, name: str = "gateway", env: dict | None = None, overrides: list[str] = ()) -> Proc:
     args = [sys.executable, "-m", "sovllm", "gateway", "serve", str(root), "--port", "0", "--ready-file",
             str(root / f"{name}.ready"), "--log-level", "warning"]
+    for override in overrides:
+        args += ["--set", override]
     return Proc(args, root / f"{name}.ready", name, env=env)
