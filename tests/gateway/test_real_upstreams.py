@@ -64,10 +64,9 @@ def test_the_readme_example_two_teams_and_an_ab_split_on_the_embedded_server(tmp
                 legal.chat.completions.create(model=forbidden, messages=QUESTION, max_tokens=4)
         with pytest.raises(openai.NotFoundError):
             support.chat.completions.create(model="smollm2-135m-instruct", messages=QUESTION, max_tokens=4)
-        for response_id in answers:
-            reply = httpx.post(gateway.url + "/v1/feedback", headers={"authorization": f"Bearer {key('support')}"},
-                               json={"response_id": response_id, "rating": 1})
-            assert reply.status_code == 200
+        for response_id in answers:  # as the README does it, with the openai client
+            reply = support.post("/feedback", cast_to=object, body={"response_id": response_id, "rating": 1})
+            assert reply == {"object": "feedback", "response_id": response_id, "recorded": True}
         time.sleep(1.0)
         report = json.loads(_sovllm("ab", "report", "support-bot", "-p", str(root), "--json"))
         variants = {v["adapter"]: v for v in report["variants"]}
