@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -44,15 +45,16 @@ def test_the_readme_example_two_teams_and_an_ab_split_on_the_embedded_server(tmp
         support = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key("support"), max_retries=0)
         legal = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key("legal"), max_retries=0)
         assert [m.id for m in support.models.list()] == ["support-bot"]
-        answers = {}
-        for i in range(8):
-            user = f"kunde-{i}"
+        def ask(user):
             raw = support.chat.completions.with_raw_response.create(
                 model="support-bot", messages=QUESTION, max_tokens=12, temperature=0,
                 extra_headers={"x-sovllm-user": user})
             answer = raw.parse()
-            answers[answer.id] = raw.headers["x-sovllm-model"]
             assert answer.choices[0].message.content and answer.usage.completion_tokens > 0
+            return answer.id, raw.headers["x-sovllm-model"]
+
+        with ThreadPoolExecutor(8) as pool:  # eight end users at once
+            answers = dict(pool.map(ask, [f"kunde-{i}" for i in range(8)]))
         assert set(answers.values()) == {"acme", "smollm2-135m-instruct"}  # both variants serve
         stream = support.chat.completions.create(model="support-bot", messages=QUESTION, max_tokens=8, stream=True,
                                                  extra_headers={"x-sovllm-user": "kunde-0"})
