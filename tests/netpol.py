@@ -8,9 +8,10 @@ destination (a pod, or an outside address) on a port. Kubernetes allows it when 
 - ingress at the destination pod: likewise with Ingress policies and the source.
 
 A rule peer is a podSelector (pods of the policy's own namespace), a namespaceSelector (all pods of
-the matching namespaces), both (matching pods in matching namespaces), or an ipBlock (addresses;
-pods are matched by their pod IP). An empty selector matches everything; a rule without `to`/`from`
-matches every peer; a rule without `ports` matches every port. Outside addresses have no policies.
+the matching namespaces, by the labels a Pod's `namespace_labels` give its namespace), both
+(matching pods in matching namespaces), or an ipBlock (addresses; pods are matched by their pod IP).
+An empty selector matches everything; a rule without `to`/`from` matches every peer; a rule without
+`ports` matches every port. Outside addresses have no policies.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class Pod:
     namespace: str
     labels: dict = field(default_factory=dict, hash=False)
     ip: str = "10.0.0.1"
+    namespace_labels: dict = field(default_factory=dict, hash=False)  # besides kubernetes.io/metadata.name
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,8 @@ def _matches(selector: dict | None, labels: dict) -> bool:
     return True
 
 
-def _namespace_labels(namespace: str) -> dict:
-    return {"kubernetes.io/metadata.name": namespace}  # set by Kubernetes on every namespace
+def _namespace_labels(pod: Pod) -> dict:
+    return {**pod.namespace_labels, "kubernetes.io/metadata.name": pod.namespace}  # the latter: on every namespace
 
 
 def _peer_matches(peer: dict, policy_ns: str, other) -> bool:
@@ -66,7 +68,7 @@ def _peer_matches(peer: dict, policy_ns: str, other) -> bool:
     if isinstance(other, Outside):
         return False  # selectors only ever match pods
     if "namespaceSelector" in peer:
-        if not _matches(peer["namespaceSelector"], _namespace_labels(other.namespace)):
+        if not _matches(peer["namespaceSelector"], _namespace_labels(other)):
             return False
     elif other.namespace != policy_ns:
         return False  # a podSelector alone means the policy's own namespace

@@ -65,17 +65,22 @@ def k8s_command(
 ) -> None:
     """Render serving on Kubernetes: the server Deployment (models fetched from the object store and
     verified), Service, PodDisruptionBudget, KEDA autoscaler, ServiceMonitor, PrometheusRule and
-    NetworkPolicies, as a kustomize-ready folder."""
-    from sovllm.deploy import k8s
+    NetworkPolicies, and with gateway tenants the multi-tenant gateway in front of it, as a
+    kustomize-ready folder."""
+    from sovllm.deploy import k8s, k8s_gateway
 
     overrides = [*set_, f"cluster.serving.engine={engine}"] if engine else set_
     _, cfg = options.load_project(directory, overrides)
     files = k8s.render(cfg, out)
     for stem, path in files.items():
         console.print(f"{stem}: {path}")
+    secrets = [cfg.cluster.serving.api_key_secret, cfg.cluster.object_store.credentials_secret]
+    if cfg.gateway.tenants and (k8s_gateway.key_items(cfg) or k8s_gateway.env_keys(cfg)):
+        secrets.append(cfg.cluster.gateway.keys_secret)
+    if cfg.gateway.tenants and cfg.gateway.usage_database_env:
+        secrets.append(cfg.cluster.gateway.database_secret)
     console.print(f"Apply: kubectl apply -k {out}  (first: the namespace {cfg.cluster.namespace}, the Secrets "
-                  f"{cfg.cluster.serving.api_key_secret} and {cfg.cluster.object_store.credentials_secret}, and the "
-                  f"model archives in the object store; docs/operations.md)")
+                  f"{', '.join(secrets)}, and the model archives in the object store; docs/operations.md)")
 
 
 def register(root_app: typer.Typer) -> None:

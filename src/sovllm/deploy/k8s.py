@@ -16,14 +16,17 @@ From `sovllm.yaml` (`cluster`, `cluster.serving`):
 - NetworkPolicies: default-deny ingress and egress for the namespace; the server admits only its
   clients (the gateway, the pipeline's workflow pods) and Prometheus, and reaches only DNS and the
   object store; each client may reach the server (and DNS).
+- with gateway tenants (`gateway.tenants`), the multi-tenant gateway in front of the server
+  (`sovllm.deploy.k8s_gateway`): its config, Deployment, Service, ServiceMonitor and policies.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from sovllm import __version__
 from sovllm.config import Config
+from sovllm.deploy import k8s_gateway, workload
+from sovllm.deploy.workload import TMP, env, secret_env
 from sovllm.egress import PRIVACY_ENV
 from sovllm.models.adapter import adapter_name
 from sovllm.monitoring import dashboards
@@ -32,7 +35,6 @@ from sovllm.serve.vllm_server import SOVEREIGN_ENV, server_args, server_env
 from sovllm.text import dns_name
 
 MODELS = "/models"  # the pod's models volume: base/ and adapters/<name>/
-TMP = "/tmp"  # the one other writable folder (caches, Python's temp files)
 METRICS_QUERY = 'sum(vllm:num_requests_waiting{{namespace="{ns}", job="{job}"}})'
 
 
@@ -71,19 +73,6 @@ def served_name(cfg: Config) -> str:
     return Path(cfg.model.base).name
 
 
-def _restricted(read_only: bool = True) -> dict:
-    return {"allowPrivilegeEscalation": False, "runAsNonRoot": True, "readOnlyRootFilesystem": read_only,
-            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
-
-
-def _secret_env(name: str, secret: str, key: str) -> dict:
-    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
-
-
-def _env(values: dict[str, str]) -> list[dict]:
-    return [{"name": k, "value": v} for k, v in sorted(values.items())]
-
-
 def fetch_container(cfg: Config) -> dict:
     """The init container: base model and adapters from the object store, sha256-verified."""
     store = cfg.cluster.object_store
@@ -93,24 +82,14 @@ def fetch_container(cfg: Config) -> dict:
     for name, key in served_adapters(cfg).items():
         args += ["--adapter", f"{name}={key}"]
     return {
-        "name": "fetch-models", "image": f"{cfg.cluster.image}:{cfg.cluster.image_tag or __version__}",
+        "name": "fetch-models", "image": workload.image(cfg),
         "command": ["sovllm"], "args": args,
-        "env": [_secret_env("AWS_ACCESS_KEY_ID", store.credentials_secret, store.access_key_key),
-                _secret_env("AWS_SECRET_ACCESS_KEY", store.credentials_secret, store.secret_key_key),
-                *_env({**PRIVACY_ENV, "HOME": TMP})],
+        "env": [secret_env("AWS_ACCESS_KEY_ID", store.credentials_secret, store.access_key_key),
+                secret_env("AWS_SECRET_ACCESS_KEY", store.credentials_secret, store.secret_key_key),
+                *env({**PRIVACY_ENV, "HOME": TMP})],
         "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
-        "securityContext": _restricted(),
+        "securityContext": workload.restricted(),
         "volumeMounts": [{"name": "models", "mountPath": MODELS}, {"name": "tmp", "mountPath": TMP}],
-    }
-
-
-def _probes(port: int) -> dict:
-    http = {"path": "/health", "port": "http"}
-    return {
-        # loading a large base model onto the GPU takes minutes: up to 20 before liveness counts
-        "startupProbe": {"httpGet": http, "periodSeconds": 10, "failureThreshold": 120, "timeoutSeconds": 5},
-        "readinessProbe": {"httpGet": http, "periodSeconds": 5, "failureThreshold": 3, "timeoutSeconds": 5},
-        "livenessProbe": {"httpGet": http, "periodSeconds": 15, "failureThreshold": 4, "timeoutSeconds": 10},
     }
 
 
@@ -123,24 +102,18 @@ def vllm_container(cfg: Config) -> dict:
                        log_stats=True)
     if serving.gpus > 1:
         args += ["--tensor-parallel-size", str(serving.gpus)]
-    env = {**server_env(runtime_lora=True, resolver_dir=f"{MODELS}/adapters"),
-           # only the filesystem resolver: never the Hugging Face Hub resolver
-           "VLLM_PLUGINS": "lora_filesystem_resolver",
-           "HOME": TMP, "XDG_CACHE_HOME": f"{TMP}/cache", "VLLM_CACHE_ROOT": f"{TMP}/vllm", "HF_HOME": f"{TMP}/hf",
-           "TRITON_CACHE_DIR": f"{TMP}/triton"}
+    variables = {**server_env(runtime_lora=True, resolver_dir=f"{MODELS}/adapters"),
+                 # only the filesystem resolver: never the Hugging Face Hub resolver
+                 "VLLM_PLUGINS": "lora_filesystem_resolver",
+                 "HOME": TMP, "XDG_CACHE_HOME": f"{TMP}/cache", "VLLM_CACHE_ROOT": f"{TMP}/vllm",
+                 "HF_HOME": f"{TMP}/hf", "TRITON_CACHE_DIR": f"{TMP}/triton"}
     limits = {"memory": serving.memory, **({"nvidia.com/gpu": str(serving.gpus)} if serving.gpus else {})}
-    return {
-        "name": "vllm", "image": f"{serving.vllm_image}:{serving.vllm_image_tag}",
-        "command": ["python3"], "args": args,
-        "env": [_secret_env("VLLM_API_KEY", serving.api_key_secret, serving.api_key_key), *_env(env)],
-        "ports": [{"name": "http", "containerPort": serving.port, "protocol": "TCP"}],
-        **_probes(serving.port),
-        "lifecycle": {"preStop": {"sleep": {"seconds": 5}}},  # let the Service stop routing before shutdown
-        "resources": {"requests": {"cpu": serving.cpu, "memory": serving.memory}, "limits": limits},
-        "securityContext": _restricted(),
-        "volumeMounts": [{"name": "models", "mountPath": MODELS, "readOnly": True},
-                         {"name": "tmp", "mountPath": TMP}, {"name": "shm", "mountPath": "/dev/shm"}],
-    }
+    return workload.server_container(
+        "vllm", f"{serving.vllm_image}:{serving.vllm_image_tag}", ["python3"], args,
+        [secret_env("VLLM_API_KEY", serving.api_key_secret, serving.api_key_key), *env(variables)], serving.port,
+        {"requests": {"cpu": serving.cpu, "memory": serving.memory}, "limits": limits},
+        [{"name": "models", "mountPath": MODELS, "readOnly": True}, {"name": "tmp", "mountPath": TMP},
+         {"name": "shm", "mountPath": "/dev/shm"}])
 
 
 def sovllm_container(cfg: Config) -> dict:
@@ -152,18 +125,12 @@ def sovllm_container(cfg: Config) -> dict:
             "--adapter-root", f"{MODELS}/adapters"]
     for name in served_adapters(cfg):
         args += ["--adapter", f"{name}={MODELS}/adapters/{name}"]
-    return {
-        "name": "sovllm", "image": f"{cfg.cluster.image}:{cfg.cluster.image_tag or __version__}",
-        "command": ["sovllm"], "args": args,
-        "env": [_secret_env("SOVLLM_API_KEY", serving.api_key_secret, serving.api_key_key),
-                *_env({**SOVEREIGN_ENV, "HOME": TMP, "SOVLLM_HOME": f"{TMP}/sovllm"})],
-        "ports": [{"name": "http", "containerPort": serving.port, "protocol": "TCP"}],
-        **_probes(serving.port),
-        "lifecycle": {"preStop": {"sleep": {"seconds": 5}}},
-        "resources": {"requests": {"cpu": serving.cpu, "memory": serving.memory}, "limits": {"memory": serving.memory}},
-        "securityContext": _restricted(),
-        "volumeMounts": [{"name": "models", "mountPath": MODELS, "readOnly": True}, {"name": "tmp", "mountPath": TMP}],
-    }
+    return workload.server_container(
+        "sovllm", workload.image(cfg), ["sovllm"], args,
+        [secret_env("SOVLLM_API_KEY", serving.api_key_secret, serving.api_key_key),
+         *env({**SOVEREIGN_ENV, "HOME": TMP, "SOVLLM_HOME": f"{TMP}/sovllm"})], serving.port,
+        {"requests": {"cpu": serving.cpu, "memory": serving.memory}, "limits": {"memory": serving.memory}},
+        [{"name": "models", "mountPath": MODELS, "readOnly": True}, {"name": "tmp", "mountPath": TMP}])
 
 
 def deployment(cfg: Config) -> dict:
@@ -177,16 +144,8 @@ def deployment(cfg: Config) -> dict:
                {"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}}]
     if serving.engine == "vllm":
         volumes.append({"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}})
-    pod = {
-        "automountServiceAccountToken": False,  # the server never calls the Kubernetes API
-        "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": 60,  # running requests finish after SIGTERM (sovllm serve: --grace-period 30)
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
-                            "seccompProfile": {"type": "RuntimeDefault"}},
-        "initContainers": [fetch_container(cfg)],
-        "containers": [vllm_container(cfg) if serving.engine == "vllm" else sovllm_container(cfg)],
-        "volumes": volumes,
-    }
+    pod = workload.pod_spec([vllm_container(cfg) if serving.engine == "vllm" else sovllm_container(cfg)], volumes,
+                            [fetch_container(cfg)])
     if gpu:
         pod["nodeSelector"] = dict(cluster.gpu_node_selector)
         pod["tolerations"] = [dict(t) for t in cluster.gpu_tolerations]
@@ -200,17 +159,12 @@ def deployment(cfg: Config) -> dict:
 
 
 def service(cfg: Config) -> dict:
-    return {"apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": names(cfg)["server"], "namespace": cfg.cluster.namespace, "labels": server_labels(cfg)},
-            "spec": {"type": "ClusterIP", "selector": selector(cfg),
-                     "ports": [{"name": "http", "port": cfg.cluster.serving.port, "targetPort": "http",
-                                "protocol": "TCP"}]}}
+    return workload.service(names(cfg)["server"], cfg.cluster.namespace, server_labels(cfg), selector(cfg),
+                            cfg.cluster.serving.port)
 
 
 def disruption_budget(cfg: Config) -> dict:
-    return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
-            "metadata": {"name": names(cfg)["pdb"], "namespace": cfg.cluster.namespace, "labels": server_labels(cfg)},
-            "spec": {"minAvailable": 1, "selector": {"matchLabels": selector(cfg)}}}
+    return workload.disruption_budget(names(cfg)["pdb"], cfg.cluster.namespace, server_labels(cfg), selector(cfg))
 
 
 def scaled_object(cfg: Config) -> dict:
@@ -220,7 +174,8 @@ def scaled_object(cfg: Config) -> dict:
     return {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject",
             "metadata": {"name": names(cfg)["scaler"], "namespace": ns, "labels": server_labels(cfg)},
             "spec": {"scaleTargetRef": {"name": names(cfg)["server"]},
-                     "minReplicaCount": serving.replicas, "maxReplicaCount": max(serving.max_replicas, serving.replicas),
+                     "minReplicaCount": serving.replicas,
+                     "maxReplicaCount": max(serving.max_replicas, serving.replicas),
                      "pollingInterval": 15, "cooldownPeriod": 600,
                      "triggers": [{"type": "prometheus", "metadata": {
                          "serverAddress": f"http://prometheus-operated.{prometheus.namespace}.svc:9090",
@@ -229,10 +184,7 @@ def scaled_object(cfg: Config) -> dict:
 
 
 def service_monitor(cfg: Config) -> dict:
-    return {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor",
-            "metadata": {"name": names(cfg)["monitor"], "namespace": cfg.cluster.namespace, "labels": server_labels(cfg)},
-            "spec": {"selector": {"matchLabels": selector(cfg)}, "namespaceSelector": {"matchNames": [cfg.cluster.namespace]},
-                     "endpoints": [{"port": "http", "path": "/metrics", "interval": "15s"}]}}
+    return workload.service_monitor(names(cfg)["monitor"], cfg.cluster.namespace, server_labels(cfg), selector(cfg))
 
 
 def prometheus_rule(cfg: Config) -> dict:
@@ -242,41 +194,23 @@ def prometheus_rule(cfg: Config) -> dict:
             "spec": {"groups": [alert_rules.group(cfg)]}}
 
 
-def _peer(section, *, port: int | None = None) -> dict:
-    to = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": section.namespace}}}
-    if section.pod_labels:
-        to["podSelector"] = {"matchLabels": dict(section.pod_labels)}
-    return {"to": [to], "ports": [{"protocol": "TCP", "port": port or section.port}]}
-
-
 def network_policies(cfg: Config) -> list[dict]:
-    ns, serving = cfg.cluster.namespace, cfg.cluster.serving
-    meta = lambda name: {"name": name, "namespace": ns, "labels": {"app.kubernetes.io/part-of": "sovllm"}}  # noqa: E731
-    deny = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": meta(names(cfg)["deny"]),
-            "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}}
+    """Default deny for the namespace; the server's ingress (its clients, Prometheus) and egress (DNS, the
+    object store); each client's egress to the server; with gateway tenants, the gateway's policies."""
+    serving, policy = cfg.cluster.serving, workload.policy
     port = [{"protocol": "TCP", "port": serving.port}]
-    prometheus = serving.prometheus_peer
     sources = [{"podSelector": {"matchLabels": dict(labels)}} for labels in serving.clients]
-    sources.append({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": prometheus.namespace}},
-                    "podSelector": {"matchLabels": dict(prometheus.pod_labels)}})
-    ingress = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": meta(names(cfg)["ingress"]),
-               "spec": {"podSelector": {"matchLabels": selector(cfg)}, "policyTypes": ["Ingress"],
-                        "ingress": [{"from": sources, "ports": port}]}}
-    egress = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": meta(names(cfg)["egress"]),
-              "spec": {"podSelector": {"matchLabels": selector(cfg)}, "policyTypes": ["Egress"],
-                       "egress": [
-                           {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
-                                    "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
-                            "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
-                           _peer(cfg.cluster.object_store_peer)]}}
-    dns = egress["spec"]["egress"][0]
-    # the default deny also stops the clients' egress: each client may reach the server (and DNS for its name)
-    clients = [{"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-                "metadata": meta(f"{names(cfg)['server']}-client-{k}"),
-                "spec": {"podSelector": {"matchLabels": dict(labels)}, "policyTypes": ["Egress"],
-                         "egress": [dns, {"to": [{"podSelector": {"matchLabels": selector(cfg)}}], "ports": port}]}}
+    deny = policy(cfg, names(cfg)["deny"], {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]})
+    ingress = policy(cfg, names(cfg)["ingress"], {
+        "podSelector": {"matchLabels": selector(cfg)}, "policyTypes": ["Ingress"],
+        "ingress": [{"from": [*sources, workload.prometheus_source(cfg)], "ports": port}]})
+    egress = policy(cfg, names(cfg)["egress"], {
+        "podSelector": {"matchLabels": selector(cfg)}, "policyTypes": ["Egress"],
+        "egress": [workload.dns(), workload.peer(cfg.cluster.object_store_peer)]})
+    clients = [workload.client_egress(cfg, f"{names(cfg)['server']}-client-{k}", labels, selector(cfg), serving.port)
                for k, labels in enumerate(serving.clients, 1)]
-    return [deny, ingress, egress, *clients]
+    gateway = k8s_gateway.network_policies(cfg, upstream(cfg)) if cfg.gateway.tenants else []
+    return [deny, ingress, egress, *clients, *gateway]
 
 
 def dashboard_config_map(cfg: Config) -> dict:
@@ -289,23 +223,36 @@ def dashboard_config_map(cfg: Config) -> dict:
             "data": {f"{stem}.json": json.dumps(board, indent=1) for stem, board in dashboards.dashboards().items()}}
 
 
+def upstream(cfg: Config) -> k8s_gateway.Upstream:
+    """The serving Service as the gateway's upstream."""
+    return k8s_gateway.Upstream(names(cfg)["server"], selector(cfg), cfg.cluster.serving.port,
+                                (*served_adapters(cfg), served_name(cfg)))
+
+
 def objects(cfg: Config) -> dict[str, dict | list[dict]]:
-    """file stem → object(s), in the order kustomize lists them."""
-    return {"deployment": deployment(cfg), "service": service(cfg), "pod-disruption-budget": disruption_budget(cfg),
-            "scaled-object": scaled_object(cfg), "service-monitor": service_monitor(cfg),
-            "prometheus-rule": prometheus_rule(cfg), "grafana-dashboards": dashboard_config_map(cfg),
-            "network-policies": network_policies(cfg)}
+    """file stem → object(s), in the order kustomize lists them; the gateway's with gateway tenants."""
+    found = {"deployment": deployment(cfg), "service": service(cfg), "pod-disruption-budget": disruption_budget(cfg),
+             "scaled-object": scaled_object(cfg), "service-monitor": service_monitor(cfg),
+             "prometheus-rule": prometheus_rule(cfg), "grafana-dashboards": dashboard_config_map(cfg),
+             "network-policies": network_policies(cfg)}
+    if cfg.gateway.tenants:
+        found.update(k8s_gateway.objects(cfg, upstream(cfg)))
+    return found
 
 
 def _yaml():
     """PyYAML's safe dumper with its own, default string representer: another library (hera adds a
-    multi-line string style to SafeDumper when imported) must not change the rendered files."""
+    multi-line string style to SafeDumper when imported) must not change the rendered files. Block
+    strings (a config file) are literal blocks; repeated pieces are written out, never as aliases."""
     import yaml
 
     class Dumper(yaml.SafeDumper):
         pass
 
     Dumper.add_representer(str, yaml.representer.SafeRepresenter.represent_str)
+    Dumper.add_representer(workload.Block, lambda dumper, text: dumper.represent_scalar("tag:yaml.org,2002:str",
+                                                                                        str(text), style="|"))
+    Dumper.ignore_aliases = lambda self, data: True  # plain YAML: no &id001 anchors for repeated pieces
     return Dumper
 
 
