@@ -25,7 +25,7 @@ def test_three_dashboards_with_the_variables_and_no_job_names():
     assert set(boards) == {"sovllm-serving", "sovllm-adapters", "sovllm-pipeline"}
     variables = {stem: [v["name"] for v in board["templating"]["list"]] for stem, board in boards.items()}
     assert variables["sovllm-serving"] == ["datasource", "namespace", "job", "model"]
-    assert variables["sovllm-adapters"] == ["datasource", "namespace", "job", "adapter"]
+    assert variables["sovllm-adapters"] == ["datasource", "namespace", "job", "adapter", "tenant"]
     assert variables["sovllm-pipeline"] == ["datasource", "project"]
     for stem, board in boards.items():
         json.dumps(board)  # plain JSON

@@ -89,9 +89,18 @@ def test_alerts_dashboards_and_top_read_series_that_exist_on_both_engines(tmp_pa
         assert done.returncode == 0, done.stderr[-3000:]
         assert "could not push" not in done.stdout + done.stderr
 
+        # the gateway in front of sovllm serve: the per-adapter view per tenant
+        from tests.gateway import procs as gateway_procs
+
+        gw_key = "sk-monitoring-" + "7" * 20
+        gw_root = gateway_procs.project(tmp_path, {"upstreams": [{"url": bundled_server.base_url}], "tenants": {
+            "team-a": {"keys": [gateway_procs.hashed(gw_key)], "models": [bundled_model.name, "acme-a"]}}})
+        gateway = gateway_procs.gateway(gw_root)
+        procs.append(gateway.proc)
+
         rule_file = tmp_path / "sovllm-alerts.rules.yml"
         rule_file.write_text(yaml.safe_dump(rules.rules_file(load_config(EXAMPLE)), sort_keys=False))
-        targets = {"sovllm-serve": bundled_server.base_url, "vllm": vllm_server.base_url}
+        targets = {"sovllm-serve": bundled_server.base_url, "vllm": vllm_server.base_url, "gateway": gateway.url}
         config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
                   "rule_files": [str(rule_file)],
                   "scrape_configs": [
@@ -110,6 +119,12 @@ def test_alerts_dashboards_and_top_read_series_that_exist_on_both_engines(tmp_pa
         time.sleep(3)  # a few scrapes before the load, so rates have a start
         _load(bundled_server.base_url, bundled_model.name, "acme-a")
         _load(vllm_server.base_url, bundled_model.name, "acme-a")
+        for target in (bundled_model.name, "acme-a"):
+            reply = httpx.post(f"{gateway.url}/v1/chat/completions", timeout=300,
+                               headers={"authorization": f"Bearer {gw_key}"},
+                               json={"model": target, "max_tokens": 4,
+                                     "messages": [{"role": "user", "content": "Wann endet die Besuchszeit?"}]})
+            assert reply.status_code == 200, reply.text
         time.sleep(6)  # and a few after it
 
         loaded = httpx.get(f"{api}/rules", timeout=30).json()["data"]["groups"]
@@ -144,6 +159,14 @@ def test_alerts_dashboards_and_top_read_series_that_exist_on_both_engines(tmp_pa
                     assert series, (board, panel.title, query)
                     if "by (job)" in query:
                         assert SERVING <= {s["metric"].get("job") for s in series}, (panel.title, query, series)
+                    if 'tenant!=""' in query:  # per tenant: only the gateway has tenants
+                        assert {s["metric"]["tenant"] for s in series} == {"team-a"}, series
+                        assert {s["metric"]["adapter"] for s in series} == {bundled_model.name, "acme-a"}, series
+                        continue
+                    if board == "sovllm-adapters" and "load_failures" not in query:  # behind the gateway too
+                        one = dashboards.concrete(expr, {"job": "gateway", "tenant": "team-a"})
+                        got = httpx.get(f"{api}/query", params={"query": one}, timeout=30).json()["data"]["result"]
+                        assert got, (panel.title, "gateway", one)
                     if board in ("sovllm-serving", "sovllm-adapters"):  # the same query, one engine at a time
                         for job in SERVING:
                             one = dashboards.concrete(expr, {"job": job})

@@ -1,10 +1,11 @@
 """Grafana dashboards as JSON: serving overview, per adapter, pipeline.
 
 The serving overview uses only vLLM's metric names, so it shows vLLM and `sovllm serve` alike; the
-per-adapter view reads `sovllm:adapter_*` (`sovllm serve` exports them, and on vLLM sovllm's plugin
-middleware does); the pipeline view reads the
+per-adapter view reads `sovllm:adapter_*` (`sovllm serve` exports them, on vLLM sovllm's plugin
+middleware does, and `sovllm gateway` exports them with a `tenant` label, so the view works for any
+engine behind the gateway, per tenant); the pipeline view reads the
 `sovllm:pipeline_*` series the stages push (`sovllm.monitoring.push`). Every query is written
-against template variables (datasource, namespace, job, model, adapter or project), never a job
+against template variables (datasource, namespace, job, model, adapter, tenant or project), never a job
 name. `panels()` lists every query, which the tests run on a real Prometheus.
 """
 
@@ -15,7 +16,8 @@ from dataclasses import dataclass
 RATE = "$__rate_interval"
 SERVING = 'namespace=~"$namespace", job=~"$job", model_name=~"$model"'
 HTTP = 'namespace=~"$namespace", job=~"$job"'
-ADAPTER = 'namespace=~"$namespace", job=~"$job", adapter=~"$adapter"'
+# series without a tenant (the servers' own) match tenant=~".*" too: "All" shows every job
+ADAPTER = 'namespace=~"$namespace", job=~"$job", adapter=~"$adapter", tenant=~"$tenant"'
 PIPELINE = 'project=~"$project"'
 
 
@@ -79,6 +81,10 @@ def adapter_panels() -> list[Panel]:
               ((f"sum by (adapter, finished_reason) (rate(sovllm:adapter_requests_total{{{ADAPTER}}}[{RATE}]))",
                 "{{adapter}} {{finished_reason}}"),),
               "An adapter that often hits length may not have learnt to stop."),
+        Panel("Requests / s per tenant", "reqps",
+              ((f'sum by (tenant, adapter) (rate(sovllm:adapter_requests_total{{{ADAPTER}, tenant!=""}}[{RATE}]))',
+                "{{tenant}} {{adapter}}"),),
+              "Through sovllm gateway: which team uses which adapter (an alias's A/B variants show separately)."),
         Panel("Failed adapter loads", "short",
               ((f"sum by (adapter) (increase(sovllm:adapter_load_failures_total{{{ADAPTER}}}[1h]))", "{{adapter}}"),),
               "In the last hour; the server log says why."),
@@ -143,14 +149,18 @@ def dashboards() -> dict[str, dict]:
     job = _variable("job", 'label_values(vllm:num_requests_running{namespace=~"$namespace"}, job)', "Job")
     model = _variable("model", 'label_values(vllm:num_requests_running{namespace=~"$namespace", job=~"$job"}, '
                                'model_name)', "Model")
+    adapter_job = _variable("job", 'label_values(sovllm:adapter_requests_total{namespace=~"$namespace"}, job)', "Job")
     adapter = _variable("adapter", 'label_values(sovllm:adapter_requests_total{namespace=~"$namespace", '
                                    'job=~"$job"}, adapter)', "Adapter")
+    tenant = _variable("tenant", 'label_values(sovllm:adapter_requests_total{namespace=~"$namespace", '
+                                 'job=~"$job"}, tenant)', "Tenant (gateway)")
     project = _variable("project", "label_values(sovllm:pipeline_stage_duration_seconds, project)", "Project")
     return {
         "sovllm-serving": _dashboard("sovllm-serving", "sovllm / serving", serving_panels(), [namespace, job, model],
                                      "vLLM and sovllm serve on vLLM's metric names."),
         "sovllm-adapters": _dashboard("sovllm-adapters", "sovllm / adapters", adapter_panels(),
-                                      [namespace, job, adapter], "Per adapter: sovllm:adapter_* series."),
+                                      [namespace, adapter_job, adapter, tenant],
+                                      "Per adapter (and per tenant behind sovllm gateway): sovllm:adapter_* series."),
         "sovllm-pipeline": _dashboard("sovllm-pipeline", "sovllm / pipeline", pipeline_panels(), [project],
                                       "What each stage pushed to the Pushgateway."),
     }
@@ -163,7 +173,7 @@ def panels() -> dict[str, list[Panel]]:
 def concrete(expr: str, values: dict[str, str] | None = None) -> str:
     """A dashboard query with its template variables filled in (all values by default), as Grafana
     sends it to Prometheus."""
-    values = {"namespace": ".*", "job": ".*", "model": ".*", "adapter": ".*", "project": ".*",
+    values = {"namespace": ".*", "job": ".*", "model": ".*", "adapter": ".*", "tenant": ".*", "project": ".*",
               "__rate_interval": "1m", **(values or {})}
     for name in sorted(values, key=len, reverse=True):
         expr = expr.replace(f"${name}", values[name])
