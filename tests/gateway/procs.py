@@ -18,7 +18,8 @@ from sovllm.procs import dies_with_parent
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _wait_ready(proc: subprocess.Popen, ready: Path, what: str, timeout: float = 60.0) -> dict:
+def _wait_ready(proc: subprocess.Popen, ready: Path, what: str, timeout: float = 60.0,
+                host: str = "127.0.0.1") -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -26,7 +27,7 @@ def _wait_ready(proc: subprocess.Popen, ready: Path, what: str, timeout: float =
         if ready.is_file():
             info = json.loads(ready.read_text())
             try:
-                if httpx.get(f"http://127.0.0.1:{info['port']}/health", timeout=2).status_code in (200, 503):
+                if httpx.get(f"http://{host}:{info['port']}/health", timeout=2).status_code in (200, 503):
                     return info
             except httpx.HTTPError:
                 pass
@@ -36,18 +37,19 @@ def _wait_ready(proc: subprocess.Popen, ready: Path, what: str, timeout: float =
 
 
 class Proc:
-    def __init__(self, args: list[str], ready: Path, what: str, env: dict | None = None):
+    def __init__(self, args: list[str], ready: Path, what: str, env: dict | None = None,
+                 check_host: str = "127.0.0.1"):
         ready.unlink(missing_ok=True)
         self.args, self.ready, self.what = args, ready, what
         self.log = ready.with_suffix(".log")
         self.proc = subprocess.Popen(args, cwd=REPO, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})}, preexec_fn=dies_with_parent())
         try:
-            info = _wait_ready(self.proc, ready, what)
+            info = _wait_ready(self.proc, ready, what, host=check_host)
         except RuntimeError as exc:
             raise RuntimeError(f"{exc}\n{self.log.read_text()[-3000:]}") from None
         self.port = info["port"]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{check_host}:{self.port}"
 
     def stop(self, kill: bool = False) -> None:
         if self.proc.poll() is None:

@@ -25,6 +25,11 @@ def check(cfg: Config) -> None:
     if not gw.tenants:
         raise ConfigError("gateway.tenants is empty: nobody could call the gateway",
                           hint="add a tenant with keys and models (docs/gateway.md)")
+    outside = {key: url for key, url in cfg.endpoints_outside_allow_list().items() if key.startswith("gateway.")}
+    if outside:
+        raise ConfigError("the gateway would send requests off this machine",
+                          problems=[f"{key}: {url} is outside the egress allow-list; add its host to egress.allow "
+                                    "if you run it yourself" for key, url in outside.items()])
     for alias, spec in gw.aliases.items():
         for target in spec.routes:
             if target in gw.aliases:
