@@ -42,10 +42,12 @@ $(VLLM_STAMP): pyproject.toml Makefile
 	touch $(VLLM_STAMP)
 
 # LiteLLM's proxy, in its own environment (it pins its own httpx, openai and pydantic ranges): the peer
-# benchmarks/gateway.py measures sovllm's gateway against. Not part of `make test`.
+# benchmarks/gateway.py measures sovllm's gateway against. Not part of `make test`. 1.108.7 is the newest
+# release whose [proxy] extra resolves from the package index this machine reaches (1.108.8 and later pin
+# litellm-enterprise, litellm-proxy-extras or litellm-proxy releases that index does not have).
 LITELLM_VENV  ?= .venv-litellm
 LITELLM_STAMP := $(LITELLM_VENV)/.litellm-installed
-LITELLM_PIN   := litellm[proxy]==1.110.2
+LITELLM_PIN   := litellm[proxy]==1.108.7
 
 litellm: $(LITELLM_STAMP)
 
