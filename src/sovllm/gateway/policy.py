@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import math
+import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from sovllm.config import AliasSection, GatewaySection, TenantLimits
+from sovllm.config import GatewaySection, TenantLimits
 
 ADMIN = "__admin__"  # the owner of admin keys; never a tenant name (tenant names cannot start with '_')
 
@@ -70,21 +71,9 @@ class Policy:
             return None
         if name in self.cfg.aliases:
             routes = self.routes(name)
-            point = bucket(name, user) if user else _random()
+            point = bucket(name, user) if user else random.random()
             return Route(name, pick(routes, point), alias=name)
         return Route(name, name)
-
-    def variants(self, alias: str) -> dict[str, float]:
-        return dict(self.routes(alias))
-
-    def alias_spec(self, alias: str) -> AliasSection:
-        return self.cfg.aliases[alias]
-
-
-def _random() -> float:
-    import random
-
-    return random.random()
 
 
 @dataclass

@@ -338,10 +338,10 @@ class Gateway:
                     call.response_id = call.response_id or message.get("id")
                     for choice in message.get("choices") or []:
                         call.finish_reason = choice.get("finish_reason") or call.finish_reason
-                    if isinstance(message.get("error"), dict):
+                    if isinstance(message.get("error"), dict):  # an upstream's in-band error
                         call.error = str(message["error"].get("message"))[:300]
-                        call.status = int(message["error"].get("code") or 500) if str(
-                            message["error"].get("code", "")).isdigit() else 500
+                        code = message["error"].get("code")
+                        call.status = code if isinstance(code, int) and code >= 400 else 500
                     usage = message.get("usage")
                     if isinstance(usage, dict):
                         call.prompt_tokens = int(usage.get("prompt_tokens") or 0)

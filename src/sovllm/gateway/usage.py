@@ -170,13 +170,6 @@ class UsageWriter:
             if stopping:
                 return
 
-    def flush(self, timeout: float = 10.0) -> None:
-        """Wait until everything queued so far is written (for tests and shutdown)."""
-        deadline = time.monotonic() + timeout
-        while not self._queue.empty() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(self.interval + 0.05)
-
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
