@@ -126,3 +126,20 @@ def test_challenger_gate_starts_a_small_split_and_the_ab_decision_settles_the_al
     assert alias_version(root, "champion") == "2"
     with pytest.raises(Exception):
         alias_version(root, "challenger")
+
+
+@pytest.mark.parametrize("promo", ["good"], indirect=True)
+def test_an_unregistered_adapter_fails_promote_except_under_quick(promo):
+    """A full run's adapter without a registered version cannot be promoted; a --quick run (whose
+    training reports a failed stop check instead of failing) says so and evaluates without the gate."""
+    from sovllm.errors import ConfigError
+
+    root, _ = promo
+    candidate_manifest(root, None)
+    cfg = load_config(root, ("eval.judge.enabled=false",))
+    with pytest.raises(ConfigError, match="no registered version"):
+        stage.run(root, cfg, promote=True, log=lambda _: None)
+    said: list[str] = []
+    stage.run(root, cfg, promote=True, quick=True, log=said.append)
+    assert any("nothing to promote" in line for line in said)
+    assert "promotion" not in json.loads((root / "out" / "eval" / "summary.json").read_text())

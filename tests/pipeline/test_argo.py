@@ -41,6 +41,15 @@ def test_the_graph_orders_the_stages_and_fans_synth_out():
         order([Stage("a", (), (), (), after=("b",)), Stage("b", (), (), (), after=("a",))])
 
 
+def test_eval_runs_the_gate_in_full_runs_and_under_quick_only_when_asked():
+    cfg = load_config(EXAMPLE)
+    evaluation = lambda **kw: {s.name: s for s in stages(cfg, 1, **kw)}["eval"].argv("/p")  # noqa: E731
+    assert evaluation() == ["sovllm", "eval", "/p", "--promote"]
+    assert evaluation(quick=True) == ["sovllm", "eval", "/p", "--quick"]
+    assert evaluation(quick=True, promote=True) == ["sovllm", "eval", "/p", "--promote", "--quick"]
+    assert evaluation(promote=False) == ["sovllm", "eval", "/p"]
+
+
 def test_rendered_objects_validate_against_independently_published_schemas(tmp_path):
     objects, _ = _render(tmp_path)
     results = validate(list(objects.values()))

@@ -4,7 +4,8 @@ The README's path: `sovllm init`, the small example's documents (all but one), `
 (with a Pushgateway receiving the stages' metrics). Then the rendered workflow: every DAG task's
 container command as a subprocess in dependency order, artifacts through a real S3-compatible
 server on loopback (moto's server); it must produce what `sovllm run --quick` produced. Then one
-new document, here and through the workflow: only its work is redone."""
+new document, here and through the workflow: only its work is redone, and the eval gate decides
+whether the retrained adapter replaces the champion."""
 
 from __future__ import annotations
 
@@ -103,7 +104,49 @@ def _same_outputs(got: dict[str, Path], want: dict[str, Path]) -> None:
 
 def _local(root: Path) -> dict[str, Path]:
     return {name: root / "out" / stage for name, stage in
-            (("chunks", "ingest"), ("pairs", "synth"), ("splits", "curate"), ("adapter", "train"), ("report", "eval"))}
+            (("chunks", "ingest"), ("pairs", "synth"), ("splits", "curate"), ("adapter", "train"), ("report", "eval"),
+             ("mlflow", "mlflow"))}
+
+
+def _registry(folders: dict[str, Path]):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{folders['mlflow'] / 'mlflow.db'}")
+    return client, _manifest(folders["adapter"])["extra"]["mlflow"]["registered_model"]
+
+
+def _champion(folders: dict[str, Path]) -> str | None:
+    """The registered model's `champion` version in the project's MLflow store (None: no champion)."""
+    client, name = _registry(folders)
+    try:
+        return str(client.get_model_version_by_alias(name, "champion").version)
+    except Exception:  # noqa: BLE001 - no champion alias
+        return None
+
+
+def _champion_after(folders: dict[str, Path], decision: dict) -> str:
+    """The champion the next run competes with: the first adapter, promoted by the gate or else by hand
+    (as an operator accepts a first adapter in the MLflow UI), so that the gate's candidate-versus-champion
+    path runs whatever the first decision was."""
+    if not decision["promoted"]:
+        client, name = _registry(folders)
+        client.set_registered_model_alias(name, "champion", decision["candidate_version"])
+    assert _champion(folders) == decision["candidate_version"]
+    return decision["candidate_version"]
+
+
+def _gate_decided(folders: dict[str, Path], champion_before: str | None, how: str) -> dict:
+    """The eval gate ran on the new candidate (registered by training) against the champion, or the base
+    model without one, and the MLflow `champion` alias is what its decision says."""
+    version = _manifest(folders["adapter"])["extra"]["mlflow"]["version"]
+    assert version, (how, "the --quick adapter passed the stop check, so training registered it")
+    decision = json.loads((folders["report"] / "summary.json").read_text())["promotion"]
+    assert decision["candidate_version"] == version and decision["champion_version"] == champion_before, (how, decision)
+    assert decision["versus"] == ("champion" if champion_before else "base"), (how, decision)
+    assert decision["f1"]["verdict"] in ("better", "worse", "no difference"), (how, decision)
+    assert decision["promoted"] == (decision["f1"]["verdict"] == "better"), (how, decision)
+    assert _champion(folders) == (version if decision["promoted"] else champion_before), (how, decision)
+    return decision
 
 
 def _synth_counts(folders: dict[str, Path]) -> dict[str, int]:
@@ -128,7 +171,7 @@ def _only_the_new_document_was_redone(before: dict[str, Path], after: dict[str, 
     assert any(p["chunk_id"] in added for p in _pairs(after["pairs"])), how
     old_split, new_split = (json.loads((d["splits"] / "splits.json").read_text())["chunks"] for d in (before, after))
     assert {c: new_split[c] for c in old_split} == old_split, how  # no old chunk moved between splits
-    for folder in ("adapter", "report"):  # retrained on the new splits, evaluated again
+    for folder in ("adapter", "report"):  # retrained on the new splits, evaluated again (and gated)
         assert _manifest(after[folder])["created_at"] >= _manifest(before[folder])["created_at"], (how, folder)
         assert _manifest(after[folder])["key"] != _manifest(before[folder])["key"], (how, folder)
     assert any(new_split[c] == "train" for c in added), how  # (so training had new data)
@@ -161,7 +204,8 @@ def _pushgateway() -> str:
 
 def _run(tmp_path: Path, port: int, client, env: dict, pushgateway: str, bundled_model) -> None:
     def run_here(project: Path) -> subprocess.CompletedProcess:
-        done = sovllm("run", project, "--quick", "--set", f"monitoring.pushgateway={pushgateway}", env=env)
+        done = sovllm("run", project, "--quick", "--promote", "--set", f"monitoring.pushgateway={pushgateway}",
+                      env=env)
         assert done.returncode == 0, done.stderr[-3000:]
         assert "could not push" not in done.stdout + done.stderr
         return done
@@ -183,10 +227,12 @@ def _run(tmp_path: Path, port: int, client, env: dict, pushgateway: str, bundled
     assert doctor.returncode == 0 and "prepared at" in doctor.stdout
     first_local = tmp_path / "first-local"
     shutil.copytree(local / "out", first_local / "out")
+    gated = {"local": _gate_decided(_local(local), None, "sovllm run")}
+    champions = {"local": _champion_after(_local(local), gated["local"])}
 
     cfg = load_config(cluster, (f"cluster.object_store.endpoint=127.0.0.1:{port}", "cluster.object_store.insecure=true"))
     files = argo.render(cfg, (cluster / "sovllm.yaml").read_text(encoding="utf-8"), tmp_path / "rendered",
-                        shards=2, quick=True)
+                        shards=2, quick=True, promote=True)
     template = yaml.safe_load(files["WorkflowTemplate"].read_text(encoding="utf-8"))
     bucket, prefix = cfg.cluster.object_store.bucket, argo.prefix(cfg)
     client.create_bucket(Bucket=bucket)
@@ -205,10 +251,11 @@ def _run(tmp_path: Path, port: int, client, env: dict, pushgateway: str, bundled
 
     def fetch(root: Path) -> dict[str, Path]:
         return {name: _download(client, bucket, f"{prefix}/{name}.tgz", root / name)
-                for name in ("chunks", "synth-shard-1", "synth-shard-2", "pairs", "splits", "adapter", "report")}
+                for name in ("chunks", "synth-shard-1", "synth-shard-2", "pairs", "splits", "adapter", "report", "mlflow")}
 
     first_cluster = fetch(tmp_path / "got-1")
     _same_outputs(first_cluster, _local(local))
+    gated["cluster"] = _gate_decided(first_cluster, None, "the workflow")
 
     again = runner.run()  # a second run finds every stage's previous output and skips it
     for step in again:
@@ -216,15 +263,20 @@ def _run(tmp_path: Path, port: int, client, env: dict, pushgateway: str, bundled
         if step.name != "synth-merge":  # merging is cheap and always redone
             assert "(up to date, skipped)" in step.output, (step.name, step.output[-800:])
 
+    champions["cluster"] = _champion_after(first_cluster, gated["cluster"])
+    client.put_object(Bucket=bucket, Key=f"{prefix}/mlflow.tgz", Body=tar_folder(first_cluster["mlflow"]))
+
     # one new document: here and through the workflow, only its work is redone
     for project in (local, cluster):
         shutil.copy(EXAMPLE / "documents" / NEW, project / "documents" / NEW)
     run_here(local)
     _only_the_new_document_was_redone(_local(first_local), _local(local), "sovllm run")
+    again_local = _gate_decided(_local(local), champions["local"], "sovllm run, new document")
     pushed = httpx.get(f"{pushgateway}/metrics", timeout=30).text  # every stage of the runs pushed its group
     for stage in ("ingest", "synth", "curate", "train", "eval"):
         assert f'sovllm:pipeline_stage_failed{{instance="",job="sovllm-pipeline",project="local",stage="{stage}"}} 0' in pushed, stage
-    assert 'sovllm:pipeline_eval_gate_refused{instance="",job="sovllm-pipeline",project="local",stage="eval"} 0' in pushed
+    refused = int(not again_local["promoted"])  # the last run's gate decision, as pushed
+    assert f'sovllm:pipeline_eval_gate_refused{{instance="",job="sovllm-pipeline",project="local",stage="eval"}} {refused}' in pushed
     from sovllm.monitoring import dashboards
 
     for panel in dashboards.pipeline_panels():  # every series the pipeline dashboard reads was pushed by a real run
@@ -236,4 +288,5 @@ def _run(tmp_path: Path, port: int, client, env: dict, pushgateway: str, bundled
     assert "(up to date, skipped)" not in third["synth-1"].output + third["synth-2"].output
     second_cluster = fetch(tmp_path / "got-2")
     _only_the_new_document_was_redone(first_cluster, second_cluster, "the workflow")
+    _gate_decided(second_cluster, champions["cluster"], "the workflow, new document")
     _same_outputs(second_cluster, _local(local))

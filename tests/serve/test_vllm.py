@@ -161,14 +161,46 @@ def test_publish_copies_an_adapter_for_the_resolver(vllm_server, vllm_adapters, 
     assert steps(chat(vllm_server.base_url, "published", CHATS[2], max_tokens=4))
 
 
-def test_a_quick_run_against_vllm(tmp_path, vllm_server, bundled_model):
-    """synth, the judge and eval on vLLM; the trained adapter loaded into it at runtime for eval."""
+def _champion(project: Path, registered: str) -> str | None:
+    from mlflow import MlflowClient
+
+    from sovllm.train.tracking import default_uri
+
+    try:
+        client = MlflowClient(default_uri(project / "out" / "mlflow"))
+        return str(client.get_model_version_by_alias(registered, "champion").version)
+    except Exception:  # noqa: BLE001 - no champion alias
+        return None
+
+
+def _register_champion(project: Path, adapter: Path, registered: str) -> str:
+    """Register `adapter` as a new version of the project's model and make it the champion."""
+    from sovllm.train.tracking import Tracker, default_uri
+
+    store = project / "out" / "mlflow"
+    tracker = Tracker(default_uri(store), "klinik", store)
+    tracker.start("a damaged champion")
+    tracker.artifacts(adapter, "adapter")
+    version = tracker.register(registered, "adapter", alias="champion")
+    tracker.end()
+    return version
+
+
+def test_a_quick_run_against_vllm_and_the_eval_gate_updates_the_endpoint(tmp_path, vllm_server, bundled_model):
+    """synth, the judge and eval on vLLM; the trained adapter loaded into it at runtime for eval; the
+    eval gate (--promote) against the base model, then against a champion fetched from MLflow and
+    served by vLLM, and the promoted adapter published to vLLM under the gate's alias."""
+    from sovllm.models.tiny import make_random_adapter
+
     project = tmp_path / "klinik"
     shutil.copytree(Path(__file__).resolve().parents[2] / "examples" / "klinik", project,
                     ignore=shutil.ignore_patterns("out"))
     exe = shutil.which("sovllm", path=str(Path(sys.executable).parent)) or "sovllm"
-    proc = subprocess.run([exe, "run", str(project), "--quick", "--set", f"endpoint.base_url={vllm_server.base_url}",
-                           "--set", f"endpoint.model={bundled_model.name}"],
+    on_vllm = ("--set", f"endpoint.base_url={vllm_server.base_url}", "--set", f"endpoint.model={bundled_model.name}")
+    # 4 --quick steps teach stopping only partly (adapter 60 % against the base's 40 % here); the gate needs a
+    # registered candidate, so this project accepts an adapter that stops at least as often as the base
+    accept = ("--set", "train.stop_min_rate=0")
+    proc = subprocess.run([exe, "run", str(project), "--quick", "--promote", *on_vllm, *accept],
                           capture_output=True, text=True, timeout=1800, env={**os.environ, "COLUMNS": "200"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "starting the embedded server" not in proc.stdout + proc.stderr
@@ -178,6 +210,32 @@ def test_a_quick_run_against_vllm(tmp_path, vllm_server, bundled_model):
     summary = json.loads((project / "out" / "eval" / "summary.json").read_text())
     assert [m["served_as"] for m in summary["models"]] == [bundled_model.name, "klinik"]
     assert summary["table"]["gold"]["klinik"]["items"] > 0
+    train = json.loads((project / "out" / "train" / "manifest.json").read_text())["extra"]["mlflow"]
+    assert train["version"], "the adapter passed its stop check and was registered"
+    decision = summary["promotion"]  # the gate against the base model (no champion yet)
+    assert decision["versus"] == "base" and decision["candidate_version"] == train["version"]
+    assert _champion(project, train["registered_model"]) == (train["version"] if decision["promoted"] else None)
+
+    # a champion that answers badly (a random adapter with large weights), registered in the project's MLflow:
+    # eval fetches it, loads it into vLLM next to the candidate, and the candidate must take the alias
+    damaged = make_random_adapter(bundled_model.path, tmp_path / "damaged", rank=8, seed=7, scale=4.0,
+                                  target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+                                  base_id=bundled_model.base_id)
+    champion = _register_champion(project, damaged, train["registered_model"])
+    # 16 eval items (about 10 answerable), so the paired test has enough items to call the candidate better
+    gate = subprocess.run([exe, "eval", str(project), "--quick", "--promote", "--force", *on_vllm, *accept,
+                           "--set", "eval.quick_limit=16"],
+                          capture_output=True, text=True, timeout=1800, env={**os.environ, "COLUMNS": "200"})
+    assert gate.returncode == 0, gate.stderr[-3000:]
+    said = " ".join((gate.stdout + gate.stderr).split())
+    assert f"adapter champion: loaded into {vllm_server.base_url}" in said
+    decision = json.loads((project / "out" / "eval" / "summary.json").read_text())["promotion"]
+    assert decision["versus"] == "champion" and decision["champion_version"] == champion, decision
+    assert decision["promoted"] and decision["alias"] == "champion", decision
+    assert _champion(project, train["registered_model"]) == train["version"]
+    # vLLM now serves the promoted adapter under the alias: the same greedy tokens as the candidate
+    tokens = lambda model: [s["token"] for s in steps(chat(vllm_server.base_url, model, CHATS[0]))]  # noqa: E731
+    assert tokens("champion") == tokens("klinik") != tokens("acme-a")
 
 
 def test_a_killed_parent_leaves_no_vllm_server_behind(vllm_python, bundled_model):

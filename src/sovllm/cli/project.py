@@ -34,7 +34,8 @@ def run(
     until: str = typer.Option(None, "--until", help="Stop after this stage (model, ingest, synth, curate, train, "
                                                     "eval)."),
     promote: bool = typer.Option(False, "--promote", help="After eval, move the MLflow 'champion' alias to the new "
-                                                          "adapter when it is better by the paired test."),
+                                                          "adapter when it is better by the paired test (with "
+                                                          "--target argo: also under --quick)."),
     target: str = typer.Option("local", "--target", help="local: run here; argo: the Argo Workflow of the same "
                                                          "stage graph (with --dry-run: print it)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="With --target argo: print what would be submitted."),
@@ -44,7 +45,7 @@ def run(
     from sovllm.progress import bar_factory
 
     if target != "local" or dry_run:
-        _run_elsewhere(directory, set_, target=target, dry_run=dry_run, quick=quick)
+        _run_elsewhere(directory, set_, target=target, dry_run=dry_run, quick=quick, promote=promote or None)
         return
 
     err = make_console(stderr=True)
@@ -70,7 +71,8 @@ def run(
     _print_final(report)
 
 
-def _run_elsewhere(directory, set_: list[str], *, target: str, dry_run: bool, quick: bool) -> None:
+def _run_elsewhere(directory, set_: list[str], *, target: str, dry_run: bool, quick: bool,
+                   promote: bool | None) -> None:
     """`--target argo --dry-run`: the WorkflowTemplate and the Workflow that would be submitted."""
     import tempfile
 
@@ -85,7 +87,7 @@ def _run_elsewhere(directory, set_: list[str], *, target: str, dry_run: bool, qu
                           hint="use --dry-run to see the objects, or 'sovllm render argo DIR -o OUT' and "
                                "kubectl apply / argo submit them (docs/operations.md)")
     with tempfile.TemporaryDirectory() as tmp:
-        files = render_argo(directory, Path(tmp), set_, schedule=None, shards=None, quick=quick)
+        files = render_argo(directory, Path(tmp), set_, schedule=None, shards=None, quick=quick, promote=promote)
         console.print("# would be submitted (kubectl apply -f -, then argo submit):", markup=False)
         for kind in ("WorkflowTemplate", "NetworkPolicy", "Workflow"):
             console.print(f"---\n{files[kind].read_text(encoding='utf-8')}", markup=False, highlight=False,

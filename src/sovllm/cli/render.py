@@ -29,11 +29,12 @@ def config_text(root: Path, overrides: list[str]) -> str:
 
 
 def render_argo(directory, out: Path, set_: list[str], *, schedule: str | None, shards: int | None,
-                quick: bool) -> dict[str, Path]:
+                quick: bool, promote: bool | None = None) -> dict[str, Path]:
     from sovllm.pipeline import argo
 
     root, cfg = options.load_project(directory, set_)
-    return argo.render(cfg, config_text(root, set_), out, schedule=schedule, shards=shards, quick=quick)
+    return argo.render(cfg, config_text(root, set_), out, schedule=schedule, shards=shards, quick=quick,
+                       promote=promote)
 
 
 @app.command("argo")
@@ -44,10 +45,13 @@ def argo_command(
                                                           "(e.g. '0 3 * * *'); runs never overlap."),
     shards: int = typer.Option(None, "--shards", help="synth steps side by side (default: cluster.synth_shards)."),
     quick: bool = options.quick("Every step runs with --quick (a smoke run of the cluster setup)."),
+    promote: bool = typer.Option(None, "--promote/--no-promote", help="eval runs the eval gate (--promote: the "
+                                 "MLflow 'champion' alias moves when the new adapter is better). Default: on, "
+                                 "off with --quick."),
     set_: list[str] = options.overrides(),
 ) -> None:
     """Render the pipeline as an Argo WorkflowTemplate, a Workflow (and a CronWorkflow) plus a NetworkPolicy."""
-    files = render_argo(directory, out, set_, schedule=schedule, shards=shards, quick=quick)
+    files = render_argo(directory, out, set_, schedule=schedule, shards=shards, quick=quick, promote=promote)
     for kind, path in files.items():
         console.print(f"{kind}: {path}")
     console.print(f"Apply: kubectl apply -f {out}/workflow-template.yaml -f {out}/network-policy.yaml"

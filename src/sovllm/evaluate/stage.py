@@ -216,6 +216,10 @@ def run(root: Path, cfg: Config, endpoint_factory: Callable | None = None, *, qu
         return StageResult(Manifest(stage="eval", key="", created_at="", status="empty"), skipped=True, seconds=0.0)
     items_all = load_items(eval_path)
     section = cfg.eval
+    if promote and quick and not promotion.candidate(root, cfg).get("version"):
+        # --quick reports a failed stop check instead of failing, and registers nothing
+        log("promote: the --quick adapter was not registered (its stop check did not pass); nothing to promote")
+        promote = False
     champion = promotion.fetch_champion(root, cfg, log) if promote else None
     adapters = plan_adapters(root, cfg, champion.path if champion else None)
     gold_path = root / section.judge.gold

@@ -131,13 +131,14 @@ def _template(cfg: Config, stage: Stage, found: dict):
     )
 
 
-def workflow_template(cfg: Config, config_text: str, *, shards: int | None = None, quick: bool = False):
+def workflow_template(cfg: Config, config_text: str, *, shards: int | None = None, quick: bool = False,
+                      promote: bool | None = None):
     """The WorkflowTemplate: parameters, one template per stage, the DAG."""
     from hera.workflows import DAG, Parameter, Task, WorkflowTemplate
     from hera.workflows.models import Metadata, PodSecurityContext
 
     shards = shards or cfg.cluster.synth_shards
-    graph = stages(cfg, shards, quick=quick)
+    graph = stages(cfg, shards, quick=quick, promote=promote)
     found = artifacts(cfg, shards)
     n = names(cfg)
     with WorkflowTemplate(
@@ -213,12 +214,13 @@ def network_policy(cfg: Config) -> dict:
 
 
 def render(cfg: Config, config_text: str, out: Path, *, schedule: str | None = None, shards: int | None = None,
-           quick: bool = False) -> dict[str, Path]:
+           quick: bool = False, promote: bool | None = None) -> dict[str, Path]:
     """Write the objects as YAML files into `out`; returns kind → file."""
     import yaml
 
     out.mkdir(parents=True, exist_ok=True)
-    objects = {"WorkflowTemplate": workflow_template(cfg, config_text, shards=shards, quick=quick).to_dict(),
+    objects = {"WorkflowTemplate": workflow_template(cfg, config_text, shards=shards, quick=quick,
+                                                       promote=promote).to_dict(),
                "Workflow": workflow(cfg).to_dict(), "NetworkPolicy": network_policy(cfg)}
     if schedule:
         objects["CronWorkflow"] = cron_workflow(cfg, schedule).to_dict()

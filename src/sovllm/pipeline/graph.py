@@ -72,8 +72,9 @@ def artifacts(cfg: Config, shards: int = 1) -> dict[str, Artifact]:
     return found
 
 
-def stages(cfg: Config, shards: int = 1, *, quick: bool = False) -> list[Stage]:
-    """The pipeline's stages in an order that respects their dependencies."""
+def stages(cfg: Config, shards: int = 1, *, quick: bool = False, promote: bool | None = None) -> list[Stage]:
+    """The pipeline's stages in an order that respects their dependencies. eval runs with `--promote`
+    (the eval gate) unless `promote` is False; by default a full run promotes and a `--quick` one does not."""
     if shards < 1:
         raise ConfigError(f"synth shards must be at least 1 (got {shards})")
     flags = ("--quick",) if quick else ()
@@ -98,8 +99,8 @@ def stages(cfg: Config, shards: int = 1, *, quick: bool = False) -> list[Stage]:
     graph.append(Stage("train", ("train", "{project}", *flags), ("splits", "adapter", "mlflow"), ("adapter", "mlflow"),
                        needs_gpu=cfg.train.device != "cpu", resources=Resources("4", "32Gi", max(1, cfg.train.num_processes))
                        if cfg.train.device != "cpu" else train_cpu, after=("curate",)))
-    promote = () if quick else ("--promote",)  # a --quick adapter is never registered, so never promoted
-    graph.append(Stage("eval", ("eval", "{project}", *promote, *flags),
+    gate = ("--promote",) if (not quick if promote is None else promote) else ()
+    graph.append(Stage("eval", ("eval", "{project}", *gate, *flags),
                        ("chunks", "splits", "adapter", "mlflow", "report"), ("report", "mlflow"),
                        needs_endpoint=True, resources=llm, after=("train",)))
     return graph

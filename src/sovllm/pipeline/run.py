@@ -145,7 +145,7 @@ def _stages(report: RunReport, cfg: Config, root: Path, out_dir: Path, want: Cal
     report.stages.append(("model", result))
 
 
-    graph = stages(cfg, 1, quick=quick)
+    graph = stages(cfg, 1, quick=quick, promote=promote)
     runners = {
         "ingest": lambda endpoint: ingest.run(root, cfg, quick=quick, force=force, warn=warn,
                                               progress_factory=progress("ingest") if progress else None),
