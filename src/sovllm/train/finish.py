@@ -26,14 +26,16 @@ from sovllm.train.steps import QUICK_VAL, Datasets
 from sovllm.train.tracking import ui_command
 
 
-def measure_stop_rate(model, tokenizer, val: list, eot: int, section: TrainSection, *, quick: bool):
-    """Base vs adapter: the share of val answers that end with the end-of-turn token (None without val)."""
+def measure_stop_rate(model, tokenizer, val: list, eot: int, section: TrainSection, *, quick: bool,
+                      base_id: str | None = None, cache: Path | None = None):
+    """Base vs adapter: the share of val answers that end with the end-of-turn token (None without val);
+    the base's share is kept in `cache` for the next training on the same val prompts."""
     from sovllm.train.stopcheck import check_stopping
 
     if not val:
         return None
     return check_stopping(model, val, eot_id=eot, pad_id=tokenizer.pad_token_id, min_rate=section.stop_min_rate,
-                          limit=QUICK_VAL if quick else section.stop_prompts)
+                          limit=QUICK_VAL if quick else section.stop_prompts, base_id=base_id, cache=cache)
 
 
 def calibrate_refusal(model, tokenizer, cfg: Config, val: list, val_records: list[dict], train_records: list[dict],

@@ -124,7 +124,8 @@ def train(plan: dict, events: Events) -> None:
         if not main:
             status = "FINISHED"
             return
-        stop = finish.measure_stop_rate(model, tokenizer, data.val, eot, section, quick=quick)
+        stop = finish.measure_stop_rate(model, tokenizer, data.val, eot, section, quick=quick, base_id=base.base_id,
+                                        cache=out_dir / "stop-check-base.json")
         refusal = finish.calibrate_refusal(model, tokenizer, cfg, data.val, val_records, train_records, log)
         adapter_dir = out_dir / "adapter"
         manifest = finish.adapter_manifest(name, base, lora, data, fit, stop, refusal, hardware=hardware,
