@@ -101,7 +101,7 @@ $(SCHEMAS_STAMP): tools/k8s-validate/package.json tools/k8s-validate/package-loc
 	touch $(SCHEMAS_STAMP)
 
 test: install vllm browser schemas monitoring postgres
-	$(PY) -m pytest --durations=20
+	$(PY) -m pytest --durations=40
 
 test-unit: install
 	$(PY) -m pytest -m "not integration and not gpu"
