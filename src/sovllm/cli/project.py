@@ -34,8 +34,9 @@ def run(
     until: str = typer.Option(None, "--until", help="Stop after this stage (model, ingest, synth, curate, train, "
                                                     "eval)."),
     promote: bool = typer.Option(False, "--promote", help="After eval, move the MLflow 'champion' alias to the new "
-                                                          "adapter when it is better by the paired test (with "
-                                                          "--target argo: also under --quick)."),
+                                                          "adapter when it is better by the paired test. A "
+                                                          "--target argo render has the gate in full runs "
+                                                          "anyway; --promote adds it under --quick."),
     target: str = typer.Option("local", "--target", help="local: run here; argo: the Argo Workflow of the same "
                                                          "stage graph (with --dry-run: print it)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="With --target argo: print what would be submitted."),
