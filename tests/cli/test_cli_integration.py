@@ -67,6 +67,8 @@ def test_quick_run_of_the_example_project(tmp_path, bundled_model):
                                  {"label": "acme", "served_as": "acme",
                                   "refusal_bias": calibration["bias"] if calibration else None,
                                   "refusal_support_weight": (calibration["support"] or {"weight": 0.0})["weight"]
+                                  if calibration else None,
+                                  "refusal_line_weight": (calibration["support"] or {"line_weight": 0.0})["line_weight"]
                                   if calibration else None}]
     gold = summary["table"]["gold"]
     assert gold["base"]["items"] == gold["acme"]["items"] == 8 and gold["acme"]["unanswerable"] >= 1

@@ -82,6 +82,30 @@ def test_an_overview_pair_takes_its_whole_section_with_it():
     assert "extension 2200" in left
 
 
+FAQ = """Restores
+How fast will the restore be done?
+Enterprise tenants get a point-in-time restore into the restore lab within 8 hours, around the clock.
+Do customers pay for restores?
+Enterprise customers get unlimited restores at no charge.
+Core and Plus customers get one free restore per calendar year, every further one is billed.
+Restores caused by an Acme fault are never billed, regardless of edition.
+How much data can be lost?
+At most 5 minutes of database contents, because write-ahead logs are archived all the time."""
+
+
+def test_an_faq_pair_takes_its_whole_entry_with_it():
+    question = "Do customers pay for restores?"
+    answer = "Enterprise customers get unlimited restores at no charge."  # the entry's first statement
+    # its answer alone would leave the entry's other lines, which still answer the question
+    partly = on_topic_context(FAQ, question, answer, 0.5)
+    assert partly is not None and "never billed" in partly
+    left = on_topic_context(FAQ, question, answer, 0.5, kind="faq")
+    assert left is not None and question not in left
+    assert "billed" not in left and "free restore" not in left
+    # the entries before and after stay, the heading above them too
+    assert left.startswith("Restores\nHow fast will the restore be done?") and "How much data can be lost?" in left
+
+
 def test_the_last_section_of_a_chunk_goes_to_its_end():
     left = remove_answer(TWO_SECTIONS + "\nThe desk is staffed around the clock by two guards on duty.",
                          "A lost badge must be reported at once to the security desk on extension 2200.",

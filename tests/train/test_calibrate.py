@@ -10,7 +10,7 @@ from sovllm.errors import AdapterError
 from sovllm.models.adapter import RefusalCalibration, inspect_adapter
 from sovllm.models.grounding import Vocabulary
 from sovllm.models.prompt import split_user_message
-from sovllm.train.calibrate import choose_bias, choose_weight, margins, rates
+from sovllm.train.calibrate import choose_bias, choose_weight, choose_weights, margins, rates
 
 
 def test_the_bias_refuses_the_most_unanswerable_items_within_the_false_refusal_allowance():
@@ -68,6 +68,20 @@ def test_lexical_support_weighs_the_questions_words_by_their_rarity_in_the_train
     assert vocabulary.support("Die Reiserichtlinie gilt für Züge.", "Gilt die Reiserichtlinie für Züge?") == 1.0
 
 
+def test_line_support_is_the_share_within_the_best_line():
+    contexts = ["Canteen\nThe canteen opens at 7:00.\nLunch costs 4.20 euro.", "VPN needs a FIDO2 key.",
+                "Travel by train is covered."]
+    vocabulary = Vocabulary.from_contexts(contexts)
+    # every word of the question is in the context, but no line holds both "canteen" and "lunch"
+    spread = "Canteen\nThe canteen opens at 7:00.\nLunch is served."
+    question = "When does canteen lunch start?"
+    assert vocabulary.support(spread, question) > vocabulary.line_support(spread, question) > 0
+    together = "Canteen\nCanteen lunch starts at 11:30."
+    assert vocabulary.line_support(together, question) == pytest.approx(vocabulary.support(together, question))
+    assert vocabulary.line_support("", question) == 0.0
+    assert vocabulary.line_support(spread, "The a?") == 1.0  # nothing informative to check
+
+
 def test_the_training_user_turn_is_read_back_and_other_turns_get_no_bias():
     from sovllm.models.prompt import user_message
 
@@ -80,6 +94,15 @@ def test_the_training_user_turn_is_read_back_and_other_turns_get_no_bias():
     for other in ("Hello", "Question: only a question", None):
         assert calibration.bias_for(other) is None
     assert RefusalCalibration([4, 9], 1.5).bias_for(turn) == 1.5
+    both = RefusalCalibration([4, 9], 1.5, 0.1, {}, 2.0, calibration.vocabulary, 3.0)
+    line = both.vocabulary.line_support(*split_user_message(turn))
+    assert both.bias_for(turn) == pytest.approx(1.5 - 2.0 * support - 3.0 * line)
+    again = RefusalCalibration.from_dict(both.as_dict())
+    assert again.line_weight == 3.0 and again.bias_for(turn) == pytest.approx(both.bias_for(turn))
+    assert again.describe() == "+1.50 - 2 x lexical support - 3 x line support"
+    old = both.as_dict()
+    del old["support"]["line_weight"]  # a manifest written before line support: no line term
+    assert RefusalCalibration.from_dict(old).bias_for(turn) == pytest.approx(1.5 - 2.0 * support)
 
 
 def test_the_support_weight_is_chosen_where_val_separates_best():
@@ -93,6 +116,18 @@ def test_the_support_weight_is_chosen_where_val_separates_best():
     assert min(scored_u) > max(scored_a)
     assert rates(scored_u, scored_a, choose_bias(scored_u, scored_a, 0.0))["refused_unanswerable"] == 2
     assert choose_weight([1.0], [0.0], [0.5], [0.5], 0.0) == 0.0  # the support adds nothing: no weight
+
+
+def test_the_line_weight_is_chosen_where_whole_context_support_cannot_separate():
+    # two on-topic items keep all their words in the context (support 1.0, as the answerable ones),
+    # but no line holds most of them; only the line support separates them
+    margins_u, features_u = [0.0, -0.5], [(1.0, 0.3), (1.0, 0.4)]
+    margins_a, features_a = [0.5, -1.0, 0.2], [(1.0, 0.9), (1.0, 1.0), (0.9, 0.8)]
+    weights = choose_weights(margins_u, margins_a, features_u, features_a, 0.0)
+    assert weights[1] > 0
+    scored_u = [m - sum(w * f for w, f in zip(weights, fs)) for m, fs in zip(margins_u, features_u)]
+    scored_a = [m - sum(w * f for w, f in zip(weights, fs)) for m, fs in zip(margins_a, features_a)]
+    assert min(scored_u) > max(scored_a)
 
 
 def test_a_malformed_calibration_in_the_manifest_is_an_adapter_error(tiny_model_dir, tmp_path):

@@ -33,6 +33,7 @@ import re
 
 from sovllm.retrieval import BM25
 from sovllm.synth.headings import is_heading
+from sovllm.synth.structure import is_question
 from sovllm.synth.validate import LIST_MARK, split_sentences
 from sovllm.text import content_words, coverage
 
@@ -151,32 +152,38 @@ def _answer_spans(text: str, answer: str) -> list[str] | None:
     return spans
 
 
-def _section_lines(lines: list[str], first: int, last: int) -> range:
+def _section_lines(lines: list[str], first: int, last: int, *, questions: bool = False) -> range:
     """The lines of the section holding lines `first`..`last`: from the heading above them (the
-    chunk's start when there is none) up to the next heading."""
+    chunk's start when there is none) up to the next heading. With `questions` a question line
+    (an FAQ entry's question) bounds a section as a heading does."""
     def heading(i: int) -> bool:
-        return is_heading(lines[i].strip().lstrip("#").strip())
+        line = lines[i].strip().lstrip("#").strip()
+        return is_heading(line) or (questions and is_question(line))
     start = next((i for i in range(first, -1, -1) if heading(i)), 0)
     end = next((i for i in range(last + 1, len(lines)) if heading(i)), len(lines))
     return range(start, end)
 
 
-def remove_answer(text: str, answer: str, *, whole_section: bool = False) -> str | None:
+def remove_answer(text: str, answer: str, *, whole_section: bool = False, faq: bool = False) -> str | None:
     """`text` without the sentences that state `answer` (lines left empty or a bare list marker
     dropped); None when they cannot be found or too little text would remain.
 
     With `whole_section` (an overview pair: "What does <document> say about <heading>?") the whole
     section the answer opens goes, heading and all: with only its first sentences gone the rest of
-    the section would still answer the question."""
+    the section would still answer the question. With `faq` (an FAQ pair: a question line of the
+    document and the statements below it) the whole entry goes, from its question line to the next
+    heading or question: the answer is only the entry's first statements, and the rest of the entry
+    still answers its question ("Do customers pay for restores?" — "… never billed when Acme caused
+    the restore")."""
     spans = _answer_spans(text, answer)
     if not spans:
         return None
-    if whole_section:
+    if whole_section or faq:
         lines = text.splitlines()
         hits = [i for i, line in enumerate(lines) for span in spans if span in line]
         if not hits:
             return None
-        gone = _section_lines(lines, min(hits), max(hits))
+        gone = _section_lines(lines, min(hits), max(hits), questions=faq)
         left = "\n".join(line for i, line in enumerate(lines) if i not in gone)
         left = re.sub(r"\n{3,}", "\n\n", left).strip()
         return left if len(left.split()) >= MIN_LEFT_WORDS else None
@@ -211,8 +218,9 @@ def answer_absent(context: str, question: str, answer: str, max_overlap: float) 
 def on_topic_context(text: str, question: str, answer: str, max_overlap: float, *,
                      kind: str | None = None) -> str | None:
     """`text` with `answer` removed, if the answer is then really absent (else None). `kind` is the
-    pair's type: an overview pair loses its whole section (`remove_answer`)."""
-    left = remove_answer(text, answer, whole_section=kind == "overview")
+    pair's type: an overview pair loses its whole section, an FAQ pair its whole entry
+    (`remove_answer`)."""
+    left = remove_answer(text, answer, whole_section=kind == "overview", faq=kind == "faq")
     if left is None or not answer_absent(left, question, answer, max_overlap):
         return None
     return left

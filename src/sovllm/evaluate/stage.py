@@ -103,11 +103,12 @@ def fingerprint_file(path: Path) -> str:
 
 
 def refusal_summary(path) -> dict:
-    """The adapter's refusal calibration as summary.json states it: bias and support weight (None without one)."""
+    """The adapter's refusal calibration as summary.json states it: bias and support weights (None without one)."""
     refusal = inspect_adapter(path).refusal
     if refusal is None:
-        return {"refusal_bias": None, "refusal_support_weight": None}
-    return {"refusal_bias": round(refusal.bias, 4), "refusal_support_weight": round(refusal.support_weight, 4)}
+        return {"refusal_bias": None, "refusal_support_weight": None, "refusal_line_weight": None}
+    return {"refusal_bias": round(refusal.bias, 4), "refusal_support_weight": round(refusal.support_weight, 4),
+            "refusal_line_weight": round(refusal.line_weight, 4)}
 
 
 def adapter_fingerprint(path: Path, base_id: str | None) -> str:
@@ -117,9 +118,10 @@ def adapter_fingerprint(path: Path, base_id: str | None) -> str:
     if refusal is None:
         return fp
     fp = f"{fp}:refusal{refusal.token_ids}{refusal.bias:+.4f}"
-    if refusal.support_weight and refusal.vocabulary is not None:
+    if (refusal.support_weight or refusal.line_weight) and refusal.vocabulary is not None:
         table = json.dumps([refusal.vocabulary.documents, refusal.vocabulary.df], sort_keys=True)
         fp += f"-{refusal.support_weight:.4f}xsupport:{hashlib.sha256(table.encode()).hexdigest()[:16]}"
+        fp += f"-{refusal.line_weight:.4f}xline" if refusal.line_weight else ""
     return fp
 
 

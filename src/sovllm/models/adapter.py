@@ -49,9 +49,10 @@ class AdapterInfo:
 class RefusalCalibration:
     """A bias on the refusal sentence's first tokens, added while an answer so far is its beginning.
 
-    Per request the bias is `bias - support_weight * support`, where support is the question's
-    lexical support in its context (`sovllm.models.grounding`); it applies to requests whose last
-    user turn has the training prompt format (`sovllm.models.prompt`) and to no others."""
+    Per request the bias is `bias - support_weight * support - line_weight * line support`, where
+    support is the question's lexical support in its context and line support the same within the
+    context's best line (`sovllm.models.grounding`); it applies to requests whose last user turn has
+    the training prompt format (`sovllm.models.prompt`) and to no others."""
 
     token_ids: list[int]
     bias: float
@@ -59,12 +60,13 @@ class RefusalCalibration:
     val: dict = field(default_factory=dict)  # how it was chosen: counts and rates on val before and after
     support_weight: float = 0.0
     vocabulary: Vocabulary | None = None  # document frequencies of the training contexts
+    line_weight: float = 0.0
 
     def as_dict(self) -> dict:
         support = None
         if self.vocabulary is not None:
-            support = {"weight": round(self.support_weight, 4), "documents": self.vocabulary.documents,
-                       "df": self.vocabulary.df}
+            support = {"weight": round(self.support_weight, 4), "line_weight": round(self.line_weight, 4),
+                       "documents": self.vocabulary.documents, "df": self.vocabulary.df}
         return {"token_ids": self.token_ids, "bias": round(self.bias, 4), "max_false_refusals": self.max_false_refusals,
                 "val": self.val, "support": support}
 
@@ -78,29 +80,41 @@ class RefusalCalibration:
             bias = float(data["bias"])
         except (KeyError, TypeError, ValueError):
             raise AdapterError(f"{where}: bias must be a number", hint=hint) from None
-        weight, vocabulary = 0.0, None
+        weight, line_weight, vocabulary = 0.0, 0.0, None
         support = data.get("support")
         if support is not None:
+            def number(value) -> bool:
+                return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
             df = support.get("df") if isinstance(support, dict) else None
             documents = support.get("documents") if isinstance(support, dict) else None
             raw_weight = support.get("weight") if isinstance(support, dict) else None
-            if not isinstance(raw_weight, (int, float)) or isinstance(raw_weight, bool) or raw_weight < 0 \
+            raw_line = support.get("line_weight", 0.0) if isinstance(support, dict) else None  # absent in older manifests: none
+            if not number(raw_weight) or not number(raw_line) \
                     or not isinstance(documents, int) or documents < 1 or not isinstance(df, dict) \
                     or not all(isinstance(k, str) and isinstance(v, int) and 0 <= v <= documents for k, v in df.items()):
-                raise AdapterError(f"{where}: support must hold a weight >= 0, documents >= 1 and df "
-                                   "(word -> number of training contexts that contain it)", hint=hint)
-            weight, vocabulary = float(raw_weight), Vocabulary(documents, dict(df))
+                raise AdapterError(f"{where}: support must hold a weight >= 0, a line_weight >= 0, documents >= 1 "
+                                   "and df (word -> number of training contexts that contain it)", hint=hint)
+            weight, line_weight, vocabulary = float(raw_weight), float(raw_line), Vocabulary(documents, dict(df))
         return cls(list(ids), bias, float(data.get("max_false_refusals") or 0.0), dict(data.get("val") or {}),
-                   weight, vocabulary)
+                   weight, vocabulary, line_weight)
+
+    def describe(self) -> str:
+        """The per-request bias as a formula, for logs: "+8.83 - 14 x lexical support - 13 x line support"."""
+        text = f"{self.bias:+.2f}"
+        if self.vocabulary is not None:
+            text += f" - {self.support_weight:g} x lexical support" if self.support_weight else ""
+            text += f" - {self.line_weight:g} x line support" if self.line_weight else ""
+        return text
 
     def bias_for(self, user_turn: str | None) -> float | None:
         """The bias for a request whose last user turn is `user_turn`; None outside the training format."""
         parts = split_user_message(user_turn)
         if parts is None:
             return None
-        if self.vocabulary is None or not self.support_weight:
+        if self.vocabulary is None or not (self.support_weight or self.line_weight):
             return self.bias
-        return self.bias - self.support_weight * self.vocabulary.support(*parts)
+        bias = self.bias - self.support_weight * self.vocabulary.support(*parts) if self.support_weight else self.bias
+        return bias - self.line_weight * self.vocabulary.line_support(*parts) if self.line_weight else bias
 
     def apply(self, logits, generated: list[int], bias: float) -> None:
         """Add `bias` (in place) to the next refusal token while `generated` is the refusal's beginning."""

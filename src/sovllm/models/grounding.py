@@ -6,7 +6,8 @@ key words ("What is a Tenant Admin?" about an incident runbook) is the typical u
 and that is cheap to measure: the share of the question's words that occur in the context, each word
 weighted by its inverse document frequency in the training contexts (a word in every chunk -
 "the", "Acme" - carries no evidence; a rare name or number carries much). The refusal calibration
-(`sovllm.models.adapter.RefusalCalibration`) combines this support with the adapter's own margin.
+(`sovllm.models.adapter.RefusalCalibration`) combines this support, and the same share within the
+context's best single line (`line_support`), with the adapter's own margin.
 
 Questions and contexts come from user turns in the training prompt format (`sovllm.models.prompt`);
 words are `sovllm.text.support_words`.
@@ -49,3 +50,21 @@ class Vocabulary:
             return 1.0
         present = support_words(context)
         return sum(v for w, v in weights.items() if w in present) / total
+
+    def line_support(self, context: str, question: str) -> float:
+        """The same share within the context's best single line, in [0, 1].
+
+        An answerable question's words tend to meet in the line that answers it; an on-topic
+        unanswerable one ("Which coffee brand?" next to the canteen's opening hours) finds its words
+        spread over the section, with no line holding most of them. 1.0 when the question has no
+        informative word, 0.0 for an empty context."""
+        weights = {w: self.idf(w) for w in support_words(question)}
+        total = sum(weights.values())
+        if total <= 0:
+            return 1.0
+        best = 0.0
+        for line in context.splitlines():
+            if line.strip():
+                present = support_words(line)
+                best = max(best, sum(v for w, v in weights.items() if w in present) / total)
+        return best

@@ -124,10 +124,8 @@ class Service:
             log.warning("adapter %s has no sovllm manifest; its base model could not be verified", name)
         refusal = info.refusal if self.refusal_calibration else None
         if refusal is not None:
-            log.info("adapter %s: refusal bias %+.2f%s on its first %d refusal tokens, for requests in the training "
-                     "format (manifest refusal_calibration)", name, refusal.bias,
-                     f" - {refusal.support_weight:g} x lexical support" if refusal.support_weight else "",
-                     len(refusal.token_ids))
+            log.info("adapter %s: refusal bias %s on its first %d refusal tokens, for requests in the training "
+                     "format (manifest refusal_calibration)", name, refusal.describe(), len(refusal.token_ids))
         self.adapters[name] = {"path": str(adapter_path.resolve()), "rank": info.rank, "created": int(time.time()),
                                "base_id": info.base_id, "refusal": refusal}
 

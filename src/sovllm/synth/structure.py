@@ -46,7 +46,8 @@ KINDS = ("faq", "overview", "field", "table")
 TYPE = {"faq": "faq", "overview": "overview", "field": "factual", "table": "factual"}
 
 
-def _is_question(line: str) -> bool:
+def is_question(line: str) -> bool:
+    """A line that asks a question: capitalised, ends with "?", three or more words, not a table row or quote."""
     return line.endswith("?") and len(line.split()) >= 3 and line[:1].isupper() and line.count("|") < 2 \
         and '"' not in line
 
@@ -69,7 +70,7 @@ def _following_statements(found: list[str], start: int, max_chars: int, *, short
         return None  # a list: its first item alone would be a partial answer
     out: list[str] = []
     for line in found[start:]:
-        if is_heading(line) or _is_question(line) or line.count("|") >= 2:
+        if is_heading(line) or is_question(line) or line.count("|") >= 2:
             break
         for sentence in split_sentences(_LIST_MARK.sub("", line)):
             ok = _statement(sentence) or (short_first and not out and sentence.endswith(".")
@@ -94,7 +95,7 @@ def faq_pairs(chunk: dict, answer_max: int) -> list[dict]:
     """Every question line of the chunk that is followed by a quotable answer."""
     found, pairs = lines(chunk["text"]), []
     for i, line in enumerate(found):
-        if _is_question(line):
+        if is_question(line):
             answer = _following_statements(found, i + 1, answer_max, short_first=True)
             if answer:
                 pairs.append({"question": line, "answer": answer})

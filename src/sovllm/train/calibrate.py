@@ -18,15 +18,21 @@ The margin separates unanswerable from answerable items only partly (on the exam
 best threshold refuses 25 of 36 unanswerable eval items at 7 of 72 false refusals); a question
 asked about a context that lacks its key words is the typical unanswerable case, and the
 question's lexical support in the context (`sovllm.models.grounding`: the IDF-weighted share of
-its words that occur there) measures exactly that. With `train.refusal_support` the decision score is
-margin - w * support, so the bias per request is b - w * support; w is chosen on val too (the most
-unanswerable items refused within the allowance, then the best AUC, then the smallest w). The
+its words that occur there) measures that. An on-topic unanswerable question (same section, the
+asked fact missing) keeps most of its words in the context, but spread over several lines: no line
+holds most of them, as the answering line of an answerable question does, so the same share within
+the context's best line (line support) adds what the whole-context share cannot see. With
+`train.refusal_support` the decision score is margin - w * support - v * line support, so the bias
+per request is b - w * support - v * line support; w and v are chosen on val too (the most
+unanswerable items refused within the allowance, then the best AUC, then the smallest weights). The
 result is stored in the adapter's `manifest.json` (`refusal_calibration`, with the training
 contexts' document frequencies) and applied by sovllm's engine to every request for that adapter
 whose user turn has the training format; other servers (vLLM) ignore it.
 """
 
 from __future__ import annotations
+
+import itertools
 
 from sovllm.curate.negatives import on_topic_context, overlap
 from sovllm.models.adapter import RefusalCalibration
@@ -162,40 +168,51 @@ def choose_weight(margins_u: list[float], margins_a: list[float], support_u: lis
     """The support weight w (from WEIGHTS) for the score margin - w * support that refuses the most
     unanswerable val items within the false-refusal allowance; ties go to the better ROC AUC, then
     to the smaller weight."""
-    best, chosen = None, 0.0
-    for w in WEIGHTS:
-        u = [m - w * s for m, s in zip(margins_u, support_u)]
-        a = [m - w * s for m, s in zip(margins_a, support_a)]
+    return choose_weights(margins_u, margins_a, [(s,) for s in support_u], [(s,) for s in support_a],
+                          max_false_refusals)[0]
+
+
+def choose_weights(margins_u: list[float], margins_a: list[float], features_u: list[tuple[float, ...]],
+                   features_a: list[tuple[float, ...]], max_false_refusals: float) -> tuple[float, ...]:
+    """Weights (each from WEIGHTS) for the score margin - sum(w_i * feature_i) that refuse the most
+    unanswerable val items within the false-refusal allowance; ties go to the better ROC AUC, then
+    to the smaller weights (the first feature's first)."""
+    k = len(features_u[0]) if features_u else 0
+    best, chosen = None, (0.0,) * k
+    for ws in itertools.product(WEIGHTS, repeat=k):
+        u = [m - sum(w * f for w, f in zip(ws, fs)) for m, fs in zip(margins_u, features_u)]
+        a = [m - sum(w * f for w, f in zip(ws, fs)) for m, fs in zip(margins_a, features_a)]
         key = (rates(u, a, choose_bias(u, a, max_false_refusals))["refused_unanswerable"], roc_auc(u, a))
         if best is None or key > best:
-            best, chosen = key, w
+            best, chosen = key, ws
     return chosen
 
 
 def calibrate(model, examples, unanswerable_flags: list[bool], token_ids: list[int], *, pad_id: int,
-              max_false_refusals: float, support: list[float] | None = None,
+              max_false_refusals: float, support: list[tuple[float, float]] | None = None,
               vocabulary: Vocabulary | None = None) -> RefusalCalibration | None:
     """Margins on the val examples and the bias chosen on them; None without both kinds of item.
 
-    With `support` (each example's lexical support, computed with `vocabulary`) the decision score
-    is margin - w * support, w chosen on val as well (`choose_weight`)."""
+    With `support` (each example's (lexical support, line support), computed with `vocabulary`)
+    the decision score is margin - w * support - v * line support, w and v chosen on val as well
+    (`choose_weights`)."""
     if not any(unanswerable_flags) or all(unanswerable_flags) or len(token_ids) < 1:
         return None
     values = margins(model, [e.prompt_ids for e in examples], token_ids, pad_id=pad_id,
                      share_keys=[e.share_key for e in examples])
     u = [m for m, flag in zip(values, unanswerable_flags) if flag]
     a = [m for m, flag in zip(values, unanswerable_flags) if not flag]
-    weight = 0.0
+    weights = (0.0, 0.0)
     if support is not None and vocabulary is not None:
-        s_u = [s for s, flag in zip(support, unanswerable_flags) if flag]
-        s_a = [s for s, flag in zip(support, unanswerable_flags) if not flag]
-        weight = choose_weight(u, a, s_u, s_a, max_false_refusals)
-        scored_u = [m - weight * s for m, s in zip(u, s_u)]
-        scored_a = [m - weight * s for m, s in zip(a, s_a)]
+        f_u = [s for s, flag in zip(support, unanswerable_flags) if flag]
+        f_a = [s for s, flag in zip(support, unanswerable_flags) if not flag]
+        weights = choose_weights(u, a, f_u, f_a, max_false_refusals)
+        scored_u = [m - sum(w * f for w, f in zip(weights, fs)) for m, fs in zip(u, f_u)]
+        scored_a = [m - sum(w * f for w, f in zip(weights, fs)) for m, fs in zip(a, f_a)]
     else:
         scored_u, scored_a = u, a
     bias = choose_bias(scored_u, scored_a, max_false_refusals)
     return RefusalCalibration(token_ids, bias, max_false_refusals,
                               {"unanswerable": len(u), "answerable": len(a), "before": rates(u, a, 0.0),
                                "after": rates(scored_u, scored_a, bias)},
-                              weight, vocabulary if weight else None)
+                              weights[0], vocabulary if any(weights) else None, weights[1])

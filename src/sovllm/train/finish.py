@@ -75,19 +75,18 @@ def calibrate_refusal(model, tokenizer, cfg: Config, val: list, val_records: lis
     vocabulary, support = None, None
     if cfg.train.refusal_support:
         vocabulary = Vocabulary.from_contexts(p[0] for p in map(record_turn, train_records) if p)
-        support = [vocabulary.support(*parts) if (parts := record_turn(records.get(e.id, {}))) else 1.0
-                   for e in examples]
+        support = [(vocabulary.support(*parts), vocabulary.line_support(*parts))
+                   if (parts := record_turn(records.get(e.id, {}))) else (1.0, 1.0) for e in examples]
     result = calibrate(model, examples, flags, tokens, pad_id=tokenizer.pad_token_id,
                        max_false_refusals=cfg.train.refusal_max_false, support=support, vocabulary=vocabulary)
     result.val["foreign_questions"] = added.get("foreign", 0)
     result.val["on_topic_questions"] = added.get("on_topic", 0)
     before, after = result.val["before"], result.val["after"]
     n_u, n_a = result.val["unanswerable"], result.val["answerable"]
-    weight = f" - {result.support_weight:g} x lexical support" if result.support_weight else ""
     made = [f"{n} val questions asked about another val document's context" if kind == "foreign" else
             f"{n} about their own context with the answer removed" for kind, n in added.items() if n]
     note = f" (of them {' and '.join(made)})" if made else ""
-    log(f"refusal calibration on val: bias {result.bias:+.2f}{weight} on the refusal's first {len(tokens)} tokens; refused "
+    log(f"refusal calibration on val: bias {result.describe()} on the refusal's first {len(tokens)} tokens; refused "
         f"{before['refused_unanswerable']}/{n_u} unanswerable{note} and {before['refused_answerable']}/{n_a} answerable "
         f"before, {after['refused_unanswerable']}/{n_u} and {after['refused_answerable']}/{n_a} after "
         f"(train.refusal_max_false {cfg.train.refusal_max_false:g})")
@@ -132,6 +131,7 @@ def track_results(tracker, root: Path, cfg: Config, result, stop, refusal, adapt
                      **({"eval/stop_rate_base": stop.base_rate, "eval/stop_rate_adapter": stop.adapter_rate}
                         if stop else {}),
                      **({"refusal/bias": refusal.bias, "refusal/support_weight": refusal.support_weight,
+                         "refusal/line_weight": refusal.line_weight,
                          **{f"refusal/val_{k}_{when}": refusal.val[when][k] for when in ("before", "after")
                             for k in ("refusal_accuracy", "false_refusals")}} if refusal else {})}, step=result.steps)
     tracker.artifacts(adapter_dir, "adapter")
