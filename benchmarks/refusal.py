@@ -22,7 +22,7 @@ any threshold on it would give with ≤ 10 % false refusals. Greedy answers show
 *is* on that curve; the separation shows whether any amount of refusal bias could reach the targets.
 `--score margin` uses the refusal calibration's margin instead (docs/train.md: margin + bias ≥ 0 is
 exactly the greedy refusal under a bias), `--score support` the question's lexical support in its
-context alone, `--score calibrated` the adapter's calibrated score margin − w × support (w from its
+context alone, `--score calibrated` the adapter's calibrated score margin − w × support − v × line support (w, v from its
 manifest) and also counts the items its bias refuses. `--adapter DIR` scores a trained adapter (e.g. `out/train/adapter`) instead of training one,
 `--base` scores the base model too, `--no-generate` skips the greedy answers (about 2 × faster).
 `--top-layers N` puts LoRA on the top N layers only (faster steps: backward stops at the lowest
@@ -181,10 +181,14 @@ def main(argv=None) -> int:
                 calibration = inspect_adapter(args.adapter).refusal if args.adapter else None
                 if calibration is None:
                     parser.error("--score calibrated needs --adapter with a refusal_calibration in its manifest")
-                weight = calibration.support_weight
-                scores = [m - weight * s for m, s in zip(scores, support())]
+                from sovllm.models.prompt import last_user_turn
+
+                # the per-request bias minus the constant: - w * support - v * line support
+                turns = [calibration.bias_for(last_user_turn(r.get("messages"))) for r in items]
+                scores = [m + (b - calibration.bias if b is not None else 0.0) for m, b in zip(scores, turns)]
                 refused = [m + calibration.bias >= 0 for m in scores]
-                extra = {"support_weight": weight, "bias": calibration.bias,
+                extra = {"support_weight": calibration.support_weight, "line_weight": calibration.line_weight,
+                         "bias": calibration.bias,
                          "refused_unanswerable": sum(refused[i] for i in unanswerable),
                          "refused_answerable": sum(refused[i] for i in answerable)}
         else:
