@@ -17,7 +17,7 @@ from sovllm.models.prompt import user_turn
 from sovllm.serve.vllm_plugin import BIAS_KEY, TOKENS_KEY, RefusalBias, RefusalMiddleware, vllm_args
 
 CALIBRATION = RefusalCalibration([504, 2711], 2.5, 0.1, {}, 4.0,
-                                 Vocabulary(4, {"canteen": 1, "opens": 2, "at": 4, "the": 4}))
+                                 Vocabulary(4, {"canteen": 1, "opens": 2, "at": 4, "the": 4}), 3.0)  # both terms
 
 
 @pytest.fixture
