@@ -113,8 +113,8 @@ class RefusalCalibration:
             return None
         if self.vocabulary is None or not (self.support_weight or self.line_weight):
             return self.bias
-        bias = self.bias - self.support_weight * self.vocabulary.support(*parts) if self.support_weight else self.bias
-        return bias - self.line_weight * self.vocabulary.line_support(*parts) if self.line_weight else bias
+        support, line = self.vocabulary.supports(*parts)
+        return self.bias - self.support_weight * support - self.line_weight * line
 
     def apply(self, logits, generated: list[int], bias: float) -> None:
         """Add `bias` (in place) to the next refusal token while `generated` is the refusal's beginning."""

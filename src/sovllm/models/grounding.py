@@ -44,12 +44,7 @@ class Vocabulary:
         """IDF-weighted share of the question's words found in the context, in [0, 1].
 
         1.0 when the question has no informative word (nothing to check: no evidence either way)."""
-        weights = {w: self.idf(w) for w in support_words(question)}
-        total = sum(weights.values())
-        if total <= 0:
-            return 1.0
-        present = support_words(context)
-        return sum(v for w, v in weights.items() if w in present) / total
+        return self.supports(context, question)[0]
 
     def line_support(self, context: str, question: str) -> float:
         """The same share within the context's best single line, in [0, 1].
@@ -58,13 +53,17 @@ class Vocabulary:
         unanswerable one ("Which coffee brand?" next to the canteen's opening hours) finds its words
         spread over the section, with no line holding most of them. 1.0 when the question has no
         informative word, 0.0 for an empty context."""
+        return self.supports(context, question)[1]
+
+    def supports(self, context: str, question: str) -> tuple[float, float]:
+        """(support, line support) of the question in the context, the question's words weighed once."""
         weights = {w: self.idf(w) for w in support_words(question)}
         total = sum(weights.values())
         if total <= 0:
-            return 1.0
-        best = 0.0
-        for line in context.splitlines():
-            if line.strip():
-                present = support_words(line)
-                best = max(best, sum(v for w, v in weights.items() if w in present) / total)
-        return best
+            return 1.0, 1.0
+
+        def share(text: str) -> float:
+            present = support_words(text)
+            return sum(v for w, v in weights.items() if w in present) / total
+
+        return share(context), max((share(line) for line in context.splitlines() if line.strip()), default=0.0)

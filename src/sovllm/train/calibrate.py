@@ -27,7 +27,7 @@ per request is b - w * support - v * line support; w and v are chosen on val too
 unanswerable items refused within the allowance, then the best AUC, then the smallest weights). The
 result is stored in the adapter's `manifest.json` (`refusal_calibration`, with the training
 contexts' document frequencies) and applied by sovllm's engine to every request for that adapter
-whose user turn has the training format; other servers (vLLM) ignore it.
+whose user turn has the training format, and by vLLM with sovllm's plugin; other servers ignore it.
 """
 
 from __future__ import annotations

@@ -75,8 +75,8 @@ def calibrate_refusal(model, tokenizer, cfg: Config, val: list, val_records: lis
     vocabulary, support = None, None
     if cfg.train.refusal_support:
         vocabulary = Vocabulary.from_contexts(p[0] for p in map(record_turn, train_records) if p)
-        support = [(vocabulary.support(*parts), vocabulary.line_support(*parts))
-                   if (parts := record_turn(records.get(e.id, {}))) else (1.0, 1.0) for e in examples]
+        support = [vocabulary.supports(*parts) if (parts := record_turn(records.get(e.id, {}))) else (1.0, 1.0)
+                   for e in examples]
     result = calibrate(model, examples, flags, tokens, pad_id=tokenizer.pad_token_id,
                        max_false_refusals=cfg.train.refusal_max_false, support=support, vocabulary=vocabulary)
     result.val["foreign_questions"] = added.get("foreign", 0)
